@@ -1,0 +1,118 @@
+"""The set of bucket servers the API server knows, and which of them are live.
+
+Buckets announce themselves through heartbeats (see :mod:`karma8.rpc.membership`); a
+bucket is live while its last heartbeat is younger than ``bucket_timeout``. Buckets known
+from the registry but not heard from since this process started are not live.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import trio
+
+from karma8.config import ApiConfig
+from karma8.core.placement import Candidate
+from karma8.core.records import Heartbeat, Usage
+from karma8.errors import BucketUnavailable
+from karma8.registry import Registry
+from karma8.rpc.bridge import Portal
+from karma8.rpc.buckets import BucketClient, connect_bucket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BucketState:
+    """What the API server knows of one bucket."""
+
+    bucket_id: str
+    address: str
+    usage: Usage
+    last_seen: float  # trio clock; -inf: not heard from since start
+    client: BucketClient | None = None
+
+
+class Cluster:
+    """Bucket membership and the gRPC clients of the buckets."""
+
+    def __init__(self, registry: Registry, portal: Portal, config: ApiConfig) -> None:
+        self._registry = registry
+        self._portal = portal
+        self._config = config
+        self._buckets: dict[str, BucketState] = {}
+
+    async def load(self) -> None:
+        """Learn the buckets the registry knows (not live until they heartbeat)."""
+        for row in await self._registry.buckets():
+            usage = Usage(row.used, row.free, row.capacity, row.fragments)
+            self._buckets[row.bucket_id] = BucketState(row.bucket_id, row.address, usage, -math.inf)
+
+    async def on_heartbeat(self, beat: Heartbeat) -> float:
+        """Record a heartbeat; return the interval the bucket should use next."""
+        state = self._buckets.get(beat.bucket_id)
+        if state is None or state.address != beat.address or state.client is None:
+            client = await connect_bucket(
+                self._portal, beat.bucket_id, beat.address, close_timeout=self._config.connect_timeout
+            )
+            old = state.client if state is not None else None
+            state = BucketState(beat.bucket_id, beat.address, beat.usage, trio.current_time(), client)
+            self._buckets[beat.bucket_id] = state
+            if old is not None:
+                await old.aclose()
+            log.info(
+                "bucket=%s joined at %s (%d fragments, %d bytes free)",
+                beat.bucket_id,
+                beat.address,
+                beat.usage.fragments,
+                beat.usage.free,
+            )
+        elif not self._is_live(state):
+            log.info("bucket=%s is live again at %s", beat.bucket_id, beat.address)
+        state.usage = beat.usage
+        state.last_seen = trio.current_time()
+        await self._registry.upsert_bucket(beat)
+        return self._config.heartbeat_interval
+
+    def _is_live(self, state: BucketState) -> bool:
+        return trio.current_time() - state.last_seen < self._config.bucket_timeout
+
+    def is_live(self, bucket_id: str) -> bool:
+        """True while the bucket heartbeats in time."""
+        state = self._buckets.get(bucket_id)
+        return state is not None and state.client is not None and self._is_live(state)
+
+    def candidates(self) -> list[Candidate]:
+        """Live buckets, for placement."""
+        return [
+            Candidate(s.bucket_id, s.usage.free) for s in self._buckets.values() if self.is_live(s.bucket_id)
+        ]
+
+    def client(self, bucket_id: str) -> BucketClient:
+        """The client of a live bucket.
+
+        Raises:
+            BucketUnavailable: the bucket is unknown or not live.
+        """
+        state = self._buckets.get(bucket_id)
+        if state is None or state.client is None or not self._is_live(state):
+            raise BucketUnavailable(bucket_id, "not live")
+        return state.client
+
+    def address(self, bucket_id: str) -> str:
+        """Last known address of a bucket ("" if unknown)."""
+        state = self._buckets.get(bucket_id)
+        return state.address if state is not None else ""
+
+    def states(self) -> list[BucketState]:
+        """Every known bucket, by id."""
+        return sorted(self._buckets.values(), key=lambda s: s.bucket_id)
+
+    async def aclose(self) -> None:
+        """Close every bucket client."""
+        for state in self._buckets.values():
+            if state.client is not None:
+                await state.client.aclose()
+                state.client = None

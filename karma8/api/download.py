@@ -1,0 +1,122 @@
+"""Download sessions: six gRPC Get streams in, WebSocket frames out, in stripe order.
+
+One task per part pulls its fragment into a bounded channel; the session task takes
+stripe units round-robin from the parts, hashes them and sends them to the client. The
+file's sha256 is checked before the final empty frame, so a client never receives the
+end-of-file marker for data that does not match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import trio
+
+from karma8.api.errors import first_error
+from karma8.api.session import Session
+from karma8.core.fragments import fragment_id
+from karma8.core.layout import Layout
+from karma8.core.protocol import encode_ok
+from karma8.errors import BucketUnavailable, ChecksumMismatch, NotFound
+from karma8.registry import FileRow, FragmentRow
+from karma8.rpc.buckets import BucketClient
+
+
+class PartStream:
+    """Reads exact byte counts from one part's chunk channel."""
+
+    def __init__(self, bucket_id: str, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._bucket_id = bucket_id
+        self._receive = receive
+        self._buffer = b""
+
+    async def read_exactly(self, n: int) -> bytes:
+        """The next ``n`` bytes of the part."""
+        if len(self._buffer) == n:  # the common case: chunks are stripe units
+            out, self._buffer = self._buffer, b""
+            return out
+        while len(self._buffer) < n:
+            try:
+                chunk = await self._receive.receive()
+            except trio.EndOfChannel:
+                raise BucketUnavailable(self._bucket_id, "fragment ended early") from None
+            if not self._buffer and len(chunk) == n:
+                return chunk
+            self._buffer += chunk
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+
+async def handle_download(session: Session, name: str) -> None:
+    """Serve ``/download/{name}``."""
+    services = session.services
+    found = await services.registry.lookup(name)
+    if found is None:
+        raise NotFound(name)
+    file: FileRow = found
+    upload = file.upload
+    layout = Layout(file.size, upload.parts, upload.unit)
+    clients = [services.cluster.client(f.bucket_id) for f in file.fragments if f.size]
+    with services.leases.hold(upload.upload_id):
+        session.log.info("download name=%r upload=%s size=%d", name, upload.upload_id, file.size)
+        await session.send(encode_ok(name=name, size=file.size, sha256=file.sha256))
+        started = trio.current_time()
+        try:
+            digest = await _stream(session, layout, file.fragments, clients)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+    if digest != file.sha256:
+        raise ChecksumMismatch(f"{name!r}: data read back has sha256 {digest}, expected {file.sha256}")
+    await session.send(b"")
+    elapsed = max(trio.current_time() - started, 1e-9)
+    session.log.info(
+        "download name=%r done: %d bytes in %.2f s (%.1f MB/s)",
+        name,
+        file.size,
+        elapsed,
+        file.size / elapsed / 1e6,
+    )
+
+
+async def _stream(
+    session: Session,
+    layout: Layout,
+    fragments: tuple[FragmentRow, ...],
+    clients: list[BucketClient],
+) -> str:
+    config = session.config
+    hasher = hashlib.sha256()
+    async with trio.open_nursery() as nursery:
+        parts: dict[int, PartStream] = {}
+        nonempty = [f for f in fragments if f.size]
+        for fragment, client in zip(nonempty, clients, strict=True):
+            send, receive = trio.open_memory_channel[bytes](config.queue_depth)
+            parts[fragment.part] = PartStream(client.bucket_id, receive)
+            nursery.start_soon(_get_part, session, client, fragment, layout.unit, send)
+        for k in range(layout.unit_count):
+            unit = await parts[layout.part_of(k)].read_exactly(layout.unit_length(k))
+            hasher.update(unit)
+            for i in range(0, len(unit), config.max_frame):
+                await session.send(unit[i : i + config.max_frame])
+    return hasher.hexdigest()
+
+
+async def _get_part(
+    session: Session,
+    client: BucketClient,
+    fragment: FragmentRow,
+    unit: int,
+    send: trio.MemorySendChannel[bytes],
+) -> None:
+    fid = fragment_id(fragment.upload_id, fragment.part)
+    received = 0
+    async with send, contextlib.AsyncExitStack() as stack:
+        reader = await session.open_stream(stack, client, client.open_get(fid, unit))
+        while (chunk := await session.bucket_step(client, reader.receive())) is not None:
+            received += len(chunk)
+            if received > fragment.size:
+                raise BucketUnavailable(client.bucket_id, f"{fid} is longer than recorded")
+            await send.send(chunk)
+    if received != fragment.size:
+        raise BucketUnavailable(client.bucket_id, f"{fid}: {received} of {fragment.size} bytes")

@@ -1,0 +1,100 @@
+"""Deleting fragments that no longer belong to a live file.
+
+Failed uploads, replaced versions and deleted files leave fragment rows whose upload is
+``failed`` or ``deleting``; the janitor deletes those fragments on their buckets and
+forgets each row once its bucket confirmed. Deletion that cannot happen now (bucket not
+live) stays pending and is retried every ``janitor_interval`` and whenever poked.
+Versions still being read by a download are held by a lease and left alone until the
+last reader is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import trio
+
+from karma8.api.cluster import Cluster
+from karma8.errors import BucketUnavailable
+from karma8.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class ReadLeases:
+    """Which uploads downloads are reading right now."""
+
+    def __init__(self) -> None:
+        self._readers: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, upload_id: str) -> Iterator[None]:
+        """Keep ``upload_id``'s fragments from deletion for the block."""
+        self._readers[upload_id] += 1
+        try:
+            yield
+        finally:
+            self._readers[upload_id] -= 1
+            if not self._readers[upload_id]:
+                del self._readers[upload_id]
+
+    def held(self, upload_id: str) -> bool:
+        """True while some download reads ``upload_id``."""
+        return upload_id in self._readers
+
+
+class Janitor:
+    """Deletes the fragments of failed, replaced and deleted uploads."""
+
+    def __init__(self, registry: Registry, cluster: Cluster, leases: ReadLeases, interval: float) -> None:
+        self._registry = registry
+        self._cluster = cluster
+        self._leases = leases
+        self._interval = interval
+        self._wake = trio.Event()
+
+    def poke(self) -> None:
+        """Sweep soon (something became garbage)."""
+        self._wake.set()
+
+    async def delete(self, upload_id: str, bucket_ids: Iterable[str]) -> bool:
+        """Delete ``upload_id``'s fragments on the given buckets, concurrently.
+
+        Returns True when every bucket confirmed; what failed stays pending.
+        """
+        failures: list[str] = []
+
+        async def one(bucket_id: str) -> None:
+            try:
+                count = await self._cluster.client(bucket_id).delete_upload(upload_id)
+            except BucketUnavailable as exc:
+                log.warning("upload=%s bucket=%s delete postponed: %s", upload_id, bucket_id, exc.detail)
+                failures.append(bucket_id)
+                return
+            await self._registry.fragments_deleted(upload_id, bucket_id)
+            log.debug("upload=%s bucket=%s deleted %d fragment(s)", upload_id, bucket_id, count)
+
+        async with trio.open_nursery() as nursery:
+            for bucket_id in sorted(set(bucket_ids)):
+                nursery.start_soon(one, bucket_id)
+        return not failures
+
+    async def sweep(self) -> None:
+        """One pass over every pending deletion that can be done now."""
+        by_upload: dict[str, list[str]] = {}
+        for upload_id, bucket_id in await self._registry.pending_deletions():
+            if not self._leases.held(upload_id) and self._cluster.is_live(bucket_id):
+                by_upload.setdefault(upload_id, []).append(bucket_id)
+        for upload_id, bucket_ids in by_upload.items():
+            await self.delete(upload_id, bucket_ids)
+
+    async def run(self) -> None:
+        """Sweep forever: every ``interval`` seconds and when poked."""
+        while True:
+            await self.sweep()
+            with trio.move_on_after(self._interval):
+                await self._wake.wait()
+            self._wake = trio.Event()

@@ -1,0 +1,80 @@
+"""The WebSocket edge of the API server: one handler call per connection.
+
+Errors are caught here, at the session edge: a karma8 error becomes one error frame and a
+close code the client can act on; a disconnected client is logged; anything unexpected is
+logged with its traceback and reported as ``internal``. Cancellation passes through.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from karma8.api.download import handle_download
+from karma8.api.queries import handle_delete, handle_files, handle_stat, handle_status
+from karma8.api.session import Services, Session
+from karma8.api.upload import handle_upload
+from karma8.core.protocol import CloseCode, Op, Request, close_code_for, encode_error, parse_path
+from karma8.errors import Internal, Karma8Error
+
+log = logging.getLogger(__name__)
+
+
+class _SessionLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: object, kwargs: object) -> tuple[object, object]:
+        assert self.extra is not None
+        return f"session={self.extra['session']} {msg}", kwargs
+
+
+class ApiHandler:
+    """Routes each WebSocket connection to its operation."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._ids = itertools.count(1)
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """The trio-websocket handler (runs in the server's handler nursery)."""
+        session_id = next(self._ids)
+        slog = _SessionLog(log, {"session": session_id})
+        ws = await request.accept()
+        session = Session(ws, self._services, session_id, slog)
+        try:
+            await self._dispatch(session, parse_path(request.path))
+        except ConnectionClosed as exc:
+            slog.info("client went away (%s)", exc.reason)
+        except Karma8Error as exc:
+            slog.warning("%s %s: %s", request.path[:200], exc.code, exc.message)
+            await _send_error(ws, exc)
+        except Exception:
+            slog.exception("unexpected error serving %s", request.path[:200])
+            await _send_error(ws, Internal("internal error (see the server log)"))
+        else:
+            await ws.aclose(CloseCode.NORMAL)
+
+    async def _dispatch(self, session: Session, req: Request) -> None:
+        if req.op is Op.UPLOAD:
+            await handle_upload(session, req.name)
+        elif req.op is Op.DOWNLOAD:
+            await handle_download(session, req.name)
+        elif req.op is Op.FILES:
+            await handle_files(session, req.prefix)
+        elif req.op is Op.STAT:
+            await handle_stat(session, req.name)
+        elif req.op is Op.DELETE:
+            await handle_delete(session, req.name)
+        else:
+            await handle_status(session)
+
+
+async def _send_error(ws: WebSocketConnection, error: Karma8Error) -> None:
+    """Best effort: the client may already be gone."""
+    with trio.move_on_after(5):
+        try:
+            await ws.send_message(encode_error(error))
+            await ws.aclose(close_code_for(error.code), error.code)
+        except ConnectionClosed:
+            pass

@@ -1,0 +1,98 @@
+"""What every WebSocket session handler gets: its connection, context and services."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import trio
+from trio_websocket import WebSocketConnection
+
+from karma8.api.cluster import Cluster
+from karma8.api.janitor import Janitor, ReadLeases
+from karma8.config import ApiConfig
+from karma8.errors import BadRequest, BucketUnavailable, Karma8Error
+from karma8.registry import Registry
+from karma8.rpc.buckets import BucketClient
+
+T = TypeVar("T")
+
+
+class ClientTimeout(Karma8Error):
+    """The client stopped sending or reading for longer than ``idle_timeout``."""
+
+    code = "timeout"
+
+
+@dataclass
+class Services:
+    """The long-lived components sessions use (built once in the composition root)."""
+
+    config: ApiConfig
+    registry: Registry
+    cluster: Cluster
+    janitor: Janitor
+    leases: ReadLeases
+    #: Names with an upload in progress (a second concurrent upload is a conflict).
+    uploading: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Session:
+    """One WebSocket connection being served."""
+
+    ws: WebSocketConnection
+    services: Services
+    session_id: int
+    log: logging.LoggerAdapter[logging.Logger]
+
+    @property
+    def config(self) -> ApiConfig:
+        return self.services.config
+
+    async def receive(self) -> str | bytes:
+        """The client's next frame, within the idle timeout."""
+        try:
+            with trio.fail_after(self.config.idle_timeout):
+                return await self.ws.get_message()
+        except trio.TooSlowError:
+            raise ClientTimeout(f"nothing received for {self.config.idle_timeout:g} s") from None
+
+    async def receive_data(self) -> bytes:
+        """The next binary frame of an upload."""
+        message = await self.receive()
+        if isinstance(message, str):
+            raise BadRequest("text frame in the middle of an upload")
+        return message
+
+    async def open_stream(
+        self,
+        stack: contextlib.AsyncExitStack,
+        client: BucketClient,
+        stream: contextlib.AbstractAsyncContextManager[T],
+    ) -> T:
+        """Enter a bucket stream on ``stack`` within ``connect_timeout``."""
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                return await stack.enter_async_context(stream)
+        except trio.TooSlowError:
+            raise BucketUnavailable(client.bucket_id, "timed out opening a stream") from None
+
+    async def bucket_step(self, client: BucketClient, step: Awaitable[T]) -> T:
+        """Await one step of a bucket stream within ``idle_timeout``."""
+        try:
+            with trio.fail_after(self.config.idle_timeout):
+                return await step
+        except trio.TooSlowError:
+            raise BucketUnavailable(client.bucket_id, "stream stalled") from None
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one frame, within the idle timeout (a client that stops reading)."""
+        try:
+            with trio.fail_after(self.config.idle_timeout):
+                await self.ws.send_message(message)
+        except trio.TooSlowError:
+            raise ClientTimeout(f"client read nothing for {self.config.idle_timeout:g} s") from None

@@ -1,0 +1,116 @@
+"""Composition root of a bucket server: store, gRPC server, heartbeats to the API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+import grpclib.client
+import grpclib.exceptions
+import grpclib.server
+
+from karma8.bucket.service import BucketService
+from karma8.bucket.store import FragmentStore, open_store
+from karma8.config import BucketConfig
+from karma8.rpc.gen.karma8 import v1 as pb
+
+log = logging.getLogger(__name__)
+
+
+def write_ready_file(path: Path, info: dict[str, object]) -> None:
+    """Atomically write ``info`` as JSON (for whoever waits for this process)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+
+
+async def heartbeat_forever(store: FragmentStore, config: BucketConfig, address: str) -> None:
+    """Register with the API server, then heartbeat; retry with backoff when it is away."""
+    host, _, port = config.api.rpartition(":")
+    interval = config.heartbeat_interval
+    backoff = 0.1
+    hello = True
+    reachable = True
+    channel = grpclib.client.Channel(host.strip("[]"), int(port))
+    try:
+        stub = pb.MembershipStub(channel)
+        while True:
+            u = store.usage()
+            beat = pb.Heartbeat(
+                bucket_id=store.bucket_id,
+                address=address,
+                hello=hello,
+                usage=pb.Usage(used=u.used, free=u.free, capacity=u.capacity, fragments=u.fragments),
+            )
+            try:
+                reply = await stub.beat(beat, timeout=max(interval, 1.0))
+            except (
+                TimeoutError,
+                OSError,
+                grpclib.exceptions.GRPCError,
+                grpclib.exceptions.StreamTerminatedError,
+            ) as exc:
+                if reachable:
+                    log.warning(
+                        "bucket=%s cannot reach the API at %s (%s); retrying",
+                        store.bucket_id,
+                        config.api,
+                        exc,
+                    )
+                reachable = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, config.retry_max)
+                continue
+            if hello or not reachable:
+                log.info(
+                    "bucket=%s registered with the API at %s as %s", store.bucket_id, config.api, address
+                )
+            hello, reachable, backoff = False, True, 0.1
+            interval = reply.interval or interval
+            await asyncio.sleep(interval)
+    finally:
+        channel.close()
+
+
+async def serve_bucket(config: BucketConfig) -> None:
+    """Run a bucket server until SIGINT/SIGTERM."""
+    store = await open_store(config.data_dir, capacity=config.capacity, fsync=config.fsync)
+    service = BucketService(store, max_chunk=config.max_chunk, read_chunk_max=config.read_chunk_max)
+    server = grpclib.server.Server([service])
+    await server.start(config.host, config.port)
+    port = int(server._server.sockets[0].getsockname()[1])  # the real port when 0 was asked
+    address = f"{config.advertised_host}:{port}"
+    log.info("bucket=%s serving %s on %s:%d", store.bucket_id, config.data_dir, config.host, port)
+    if config.ready_file is not None:
+        write_ready_file(config.ready_file, {"bucket_id": store.bucket_id, "port": port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            beats = tasks.create_task(heartbeat_forever(store, config, address))
+            await stop.wait()
+            log.info("bucket=%s shutting down", store.bucket_id)
+            beats.cancel()
+    finally:
+        server.close()
+        try:
+            await asyncio.wait_for(server.wait_closed(), config.shutdown_timeout)
+        except TimeoutError:
+            log.warning("bucket=%s calls still running at shutdown were dropped", store.bucket_id)
+
+
+def run_bucket(config: BucketConfig) -> None:
+    """Entry point of ``karma8 bucket``."""
+    from karma8.rpc.bridge import new_event_loop
+
+    loop = new_event_loop(config.uvloop)
+    try:
+        loop.run_until_complete(serve_bucket(config))
+    finally:
+        loop.close()

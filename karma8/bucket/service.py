@@ -1,0 +1,103 @@
+"""The Bucket gRPC service: grpclib handlers over a :class:`FragmentStore`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from karma8.bucket.store import FragmentCorrupt, FragmentMissing, FragmentStore, NoSpace
+from karma8.errors import BadRequest
+from karma8.rpc.gen.karma8 import v1 as pb
+
+log = logging.getLogger(__name__)
+
+#: Fragments per List reply message.
+LIST_BATCH = 1000
+
+
+@contextlib.contextmanager
+def _as_grpc(bucket_id: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except BadRequest as exc:
+        log.warning("bucket=%s %s refused: %s", bucket_id, what, exc.message)
+        raise GRPCError(Status.INVALID_ARGUMENT, exc.message) from None
+    except FragmentMissing as exc:
+        raise GRPCError(Status.NOT_FOUND, exc.message) from None
+    except FragmentCorrupt as exc:
+        log.error("bucket=%s %s: %s", bucket_id, what, exc.message)
+        raise GRPCError(Status.DATA_LOSS, exc.message) from None
+    except NoSpace as exc:
+        log.warning("bucket=%s %s: %s", bucket_id, what, exc.message)
+        raise GRPCError(Status.RESOURCE_EXHAUSTED, exc.message) from None
+
+
+class BucketService(pb.BucketBase):
+    """Put / Get / Delete / List / GetUsage of fragments."""
+
+    def __init__(self, store: FragmentStore, *, max_chunk: int, read_chunk_max: int) -> None:
+        self._store = store
+        self._max_chunk = max_chunk
+        self._read_chunk_max = read_chunk_max
+
+    def _check_chunk(self, data: bytes) -> None:
+        # grpclib enforces no message size limit: every chunk is checked here.
+        if len(data) > self._max_chunk:
+            raise BadRequest(f"chunk of {len(data)} bytes exceeds {self._max_chunk}")
+
+    async def put(self, messages: AsyncIterator[pb.PutRequest]) -> pb.PutReply:
+        bid = self._store.bucket_id
+        first = await anext(messages, None)
+        if first is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "empty Put stream")
+        with _as_grpc(bid, f"put {first.fragment_id!r}"):
+            self._check_chunk(first.data)
+            async with self._store.open_writer(first.fragment_id, first.size) as writer:
+                await writer.write(first.data)
+                async for message in messages:
+                    if message.fragment_id and message.fragment_id != first.fragment_id:
+                        raise BadRequest("fragment id changed mid-stream")
+                    self._check_chunk(message.data)
+                    await writer.write(message.data)
+                stored = await writer.commit()
+        log.debug("bucket=%s stored %s (%d bytes)", bid, stored.fragment_id, stored.size)
+        return pb.PutReply(
+            fragment_id=stored.fragment_id, size=stored.size, sha256=bytes.fromhex(stored.sha256)
+        )
+
+    async def get(self, message: pb.GetRequest) -> AsyncIterator[pb.GetReply]:
+        with _as_grpc(self._store.bucket_id, f"get {message.fragment_id!r}"):
+            if not 0 < message.chunk_size <= self._read_chunk_max:
+                raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
+            async with self._store.open_reader(message.fragment_id) as reader:
+                async for data in reader.chunks(message.chunk_size):
+                    yield pb.GetReply(data=data)
+
+    async def delete(self, message: pb.DeleteRequest) -> pb.DeleteReply:
+        bid = self._store.bucket_id
+        with _as_grpc(bid, f"delete {message.upload_id!r}"):
+            count, freed = await self._store.delete_upload(message.upload_id)
+        if count:
+            log.info(
+                "bucket=%s upload=%s deleted %d fragment(s), %d bytes", bid, message.upload_id, count, freed
+            )
+        return pb.DeleteReply(deleted=count, bytes=freed)
+
+    async def list(self, message: pb.ListRequest) -> AsyncIterator[pb.ListReply]:
+        with _as_grpc(self._store.bucket_id, "list"):
+            stored = await self._store.list_fragments(message.upload_id)
+        for i in range(0, max(len(stored), 1), LIST_BATCH):
+            yield pb.ListReply(
+                fragments=[
+                    pb.FragmentInfo(fragment_id=s.fragment_id, size=s.size, sha256=bytes.fromhex(s.sha256))
+                    for s in stored[i : i + LIST_BATCH]
+                ]
+            )
+
+    async def get_usage(self, message: pb.UsageRequest) -> pb.Usage:
+        u = self._store.usage()
+        return pb.Usage(used=u.used, free=u.free, capacity=u.capacity, fragments=u.fragments)

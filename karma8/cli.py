@@ -1,0 +1,315 @@
+"""The ``karma8`` command line (typer).
+
+Errors are one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import trio
+import typer
+
+from karma8.client import Client, FileInfo, Progress
+from karma8.config import ApiConfig, BucketConfig, ClientConfig, StackConfig, load
+from karma8.errors import Karma8Error
+from karma8.logs import configure_logging
+
+app = typer.Typer(
+    name="karma8",
+    help="karma8: a distributed file store. Files are cut into parts on distinct buckets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file.", exists=True, dir_okay=False)
+]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
+ApiOpt = Annotated[
+    str | None, typer.Option("--api", help="API server URL [env KARMA8_API, default ws://127.0.0.1:8080].")
+]
+
+
+def fail(message: str, status: int = 1) -> None:
+    """Print one error line and exit."""
+    typer.echo(f"karma8: error: {message}", err=True)
+    raise typer.Exit(status)
+
+
+@contextmanager
+def _errors_as_one_line() -> Iterator[None]:
+    try:
+        yield
+    except Karma8Error as exc:
+        fail(f"{exc.code}: {exc.message}" if exc.code not in ("config", "stack") else exc.message)
+    except KeyboardInterrupt:
+        typer.echo("karma8: interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+async def _until_signal(main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        async def run() -> None:
+            await main()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        nursery.start_soon(run)
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    with _errors_as_one_line():
+        try:
+            return trio.run(fn)
+        except BaseExceptionGroup as group:
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            if isinstance(first, Karma8Error | KeyboardInterrupt):
+                raise first from group
+            raise
+
+
+def _client(config: Path | None, api: str | None) -> Client:
+    with _errors_as_one_line():
+        return Client(load(ClientConfig, config, api=api))
+
+
+# -- servers ---------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    buckets: Annotated[int | None, typer.Option(help="Number of buckets [default 6].")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data directory [default ./karma8-data].")] = None,
+    port: Annotated[int | None, typer.Option(help="WebSocket port [default 8080].")] = None,
+    config: ConfigOpt = None,
+    log_level: LogLevelOpt = "warning",
+) -> None:
+    """Run the local stack: an API server and N buckets as child processes."""
+    from karma8.stack import run_stack
+
+    with _errors_as_one_line():
+        cfg = load(StackConfig, config, buckets=buckets, data=data, port=port)
+    configure_logging(log_level, "up")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(run_stack, cfg, log_level)
+            typer.echo(f"karma8 is up: {info.url} ({info.buckets} buckets, data in {info.data})")
+            typer.echo("Ctrl-C stops it.")
+
+    _run(functools.partial(_until_signal, main))
+    typer.echo("karma8 stopped.", err=True)
+
+
+@app.command()
+def api(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="WebSocket port.")] = None,
+    membership_port: Annotated[int | None, typer.Option(help="Port buckets register on.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of the registry.")] = None,
+    ready_file: Annotated[Path | None, typer.Option(help="Write bound ports here.")] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Run the API server."""
+    from karma8.api.app import serve_api
+
+    with _errors_as_one_line():
+        cfg = load(
+            ApiConfig,
+            config,
+            host=host,
+            port=port,
+            membership_port=membership_port,
+            data_dir=data_dir,
+            ready_file=ready_file,
+        )
+    configure_logging(log_level, "api")
+    _run(functools.partial(_until_signal, functools.partial(serve_api, cfg)))
+
+
+@app.command()
+def bucket(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port (0: any free port).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Fragment directory.")] = None,
+    api: Annotated[
+        str | None, typer.Option("--api", help="host:port of the API server's membership endpoint.")
+    ] = None,
+    capacity: Annotated[str | None, typer.Option(help="Capacity, e.g. 100GiB.")] = None,
+    ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Run a bucket server."""
+    from karma8.bucket.app import run_bucket
+
+    with _errors_as_one_line():
+        cfg = load(
+            BucketConfig,
+            config,
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            api=api,
+            capacity=capacity,
+            ready_file=ready_file,
+        )
+    configure_logging(log_level, "bucket")
+    with _errors_as_one_line():
+        run_bucket(cfg)
+
+
+# -- client commands -------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Progress | None]:
+    """A rich progress bar on a terminal; None (no bar) otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import Progress as Bar
+
+    with Bar(
+        f"[bold]{label}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@app.command()
+def upload(
+    src: Annotated[Path, typer.Argument(help="File to upload.", exists=True, dir_okay=False)],
+    name: Annotated[str | None, typer.Option(help="Name to store it as [default: file name].")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 (checked before commit).")] = None,
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Upload a file."""
+    client = _client(config, api)
+
+    async def main() -> FileInfo:
+        with _progress(f"upload {src.name}") as progress:
+            return await client.upload(src, name, sha256=sha256, progress=progress)
+
+    info = _run(main)
+    typer.echo(f"{info.name}  {info.size} bytes  sha256 {info.sha256}")
+
+
+@app.command()
+def download(
+    name: Annotated[str, typer.Argument(help="Name of the stored file.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Destination [default: last segment of NAME].")
+    ] = None,
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Download a file (written to a temporary file, renamed once verified)."""
+    client = _client(config, api)
+    dst = out if out is not None else Path(name.rsplit("/", 1)[-1] or "download")
+    if dst.is_dir():
+        dst = dst / name.rsplit("/", 1)[-1]
+
+    async def main() -> FileInfo:
+        with _progress(f"download {name}") as progress:
+            return await client.download(name, dst, progress=progress)
+
+    info = _run(main)
+    typer.echo(f"{dst}  {info.size} bytes  sha256 {info.sha256}")
+
+
+@app.command("ls")
+def list_files(
+    prefix: Annotated[str, typer.Argument(help="Only names starting with this.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List stored files."""
+    files = _run(functools.partial(_client(config, api).list, prefix))
+    if as_json:
+        _print_json(files)
+        return
+    for f in files:
+        typer.echo(f"{f['size']:>14}  {f['sha256'][:12]}  {f['name']}")
+
+
+@app.command()
+def stat(
+    name: Annotated[str, typer.Argument(help="Name of the stored file.")],
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show a file's size, sha256 and where each part lives (JSON)."""
+    _print_json(_run(functools.partial(_client(config, api).stat, name)))
+
+
+@app.command("rm")
+def remove(
+    name: Annotated[str, typer.Argument(help="Name of the stored file.")],
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete a file."""
+    _run(functools.partial(_client(config, api).delete, name))
+    typer.echo(f"deleted {name}")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show the buckets: live or not, bytes used and free, fragment count."""
+    st = _run(_client(config, api).status)
+    if as_json:
+        _print_json(st)
+        return
+    typer.echo(f"{st['live']} live bucket(s), {st['parts']} parts per file")
+    typer.echo(f"{'bucket':<18}{'address':<24}{'live':<6}{'used':>14}{'free':>16}{'frags':>8}")
+    for b in st["buckets"]:
+        typer.echo(
+            f"{b['id']:<18}{b['address']:<24}{'yes' if b['live'] else 'NO':<6}"
+            f"{b['used']:>14}{b['free']:>16}{b['fragments']:>8}"
+        )
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,179 @@
+"""The karma8 client library (trio), used by the CLI and by the tests.
+
+Every operation opens one WebSocket connection to the API server, as docs/protocol.md
+describes. Uploads and downloads stream with constant memory and verify sha256 end to
+end; a download is written to a temporary file beside its destination and renamed into
+place only once complete and verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from karma8.config import ClientConfig
+from karma8.core.names import encode_name, validate_name
+from karma8.core.protocol import UploadHeader, decode_reply, encode_upload_header
+from karma8.errors import BadRequest, ChecksumMismatch, ConnectionFailed
+
+__all__ = ["Client", "FileInfo", "Progress"]
+
+#: Called with (bytes transferred so far, total bytes).
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """A stored file as the server describes it."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+class Client:
+    """A client of one API server."""
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config or ClientConfig()
+
+    @contextlib.asynccontextmanager
+    async def _connect(self, path: str) -> AsyncIterator[WebSocketConnection]:
+        url = self.config.api.rstrip("/") + path
+        try:
+            async with open_websocket_url(
+                url,
+                max_message_size=self.config.max_frame,
+                receive_buffer_size=self.config.receive_buffer,
+                connect_timeout=self.config.connect_timeout,
+            ) as ws:
+                yield ws
+        except (OSError, HandshakeError) as exc:
+            raise ConnectionFailed(f"cannot reach the API server at {self.config.api}: {exc}") from None
+        except ConnectionClosed as exc:
+            raise ConnectionFailed(f"the API server closed the connection ({exc.reason})") from None
+
+    async def _reply(self, ws: WebSocketConnection) -> dict[str, Any]:
+        """The next frame, which must be a reply; raises the server's error."""
+        with trio.fail_after(self.config.idle_timeout):
+            message = await ws.get_message()
+        if not isinstance(message, str):
+            raise BadRequest("expected a reply frame, got data")
+        return decode_reply(message)
+
+    async def _query(self, path: str) -> dict[str, Any]:
+        async with self._connect(path) as ws:
+            return await self._reply(ws)
+
+    # -- transfers ---------------------------------------------------------------------
+
+    async def upload(
+        self,
+        src: Path,
+        name: str | None = None,
+        *,
+        sha256: str | None = None,
+        progress: Progress | None = None,
+    ) -> FileInfo:
+        """Upload the file ``src`` as ``name`` (default: its file name).
+
+        ``sha256``, if given, is sent ahead and checked by the server before it commits.
+        The sha256 the server computed is always compared with the one computed here.
+        """
+        name = validate_name(name if name is not None else src.name)
+        async with await trio.open_file(src, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            async with self._connect(f"/upload/{encode_name(name)}") as ws:
+                hasher = hashlib.sha256()
+                try:
+                    await ws.send_message(encode_upload_header(UploadHeader(size, sha256)))
+                    sent = 0
+                    while chunk := await f.read(self.config.frame_size):
+                        hasher.update(chunk)
+                        await ws.send_message(chunk)
+                        sent += len(chunk)
+                        if progress is not None:
+                            progress(sent, size)
+                    await ws.send_message(b"")
+                except ConnectionClosed:
+                    # The server gave up early: its error frame is still queued.
+                    await self._reply(ws)
+                    raise
+                reply = await self._reply(ws)
+        if reply.get("sha256") != hasher.hexdigest():
+            raise ChecksumMismatch(
+                f"server stored sha256 {reply.get('sha256')}, sent data has {hasher.hexdigest()}"
+            )
+        return FileInfo(reply["name"], reply["size"], reply["sha256"])
+
+    async def download(self, name: str, dst: Path, *, progress: Progress | None = None) -> FileInfo:
+        """Download ``name`` to ``dst`` (written to a temporary file, then renamed)."""
+        validate_name(name)
+        dst = dst.absolute()
+        tmp = dst.with_name(f".{dst.name}.karma8-{os.getpid()}.part")
+        try:
+            async with self._connect(f"/download/{encode_name(name)}") as ws:
+                header = await self._reply(ws)
+                info = FileInfo(header["name"], header["size"], header["sha256"])
+                hasher = hashlib.sha256()
+                received = 0
+                async with await trio.open_file(tmp, "wb") as out:
+                    while True:
+                        with trio.fail_after(self.config.idle_timeout):
+                            message = await ws.get_message()
+                        if isinstance(message, str):
+                            decode_reply(message)  # an error frame mid-download raises
+                            raise BadRequest("unexpected text frame in a download")
+                        if not message:
+                            break
+                        hasher.update(message)
+                        await out.write(message)
+                        received += len(message)
+                        if progress is not None:
+                            progress(received, info.size)
+                    await trio.to_thread.run_sync(os.fsync, out.fileno())
+            if received != info.size or hasher.hexdigest() != info.sha256:
+                raise ChecksumMismatch(
+                    f"{name!r}: received {received} bytes with sha256 "
+                    f"{hasher.hexdigest()}, expected {info.size} / {info.sha256}"
+                )
+            await trio.Path(tmp).rename(dst)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return info
+
+    # -- queries -----------------------------------------------------------------------
+
+    async def list(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Committed files (optionally only names starting with ``prefix``)."""
+        path = "/files" + (f"?prefix={quote(prefix, safe='')}" if prefix else "")
+        files: list[dict[str, Any]] = (await self._query(path))["files"]
+        return files
+
+    async def stat(self, name: str) -> dict[str, Any]:
+        """A file's size, sha256 and where each part lives."""
+        return await self._query(f"/stat/{encode_name(name)}")
+
+    async def delete(self, name: str) -> None:
+        """Delete ``name`` (its fragments are removed in the background)."""
+        await self._query(f"/delete/{encode_name(name)}")
+
+    async def status(self) -> dict[str, Any]:
+        """The buckets the API server knows, live or not, with their usage."""
+        return await self._query("/status")

@@ -1,0 +1,226 @@
+"""Configuration: one frozen, validated object per process.
+
+Values come, in rising precedence, from the defaults below, a TOML file (``--config``,
+one table per role: ``[api]``, ``[bucket]``, ``[client]``, ``[stack]``), ``KARMA8_*``
+environment variables (``KARMA8_API_PORT``, ``KARMA8_BUCKET_DATA_DIR``, ...; the client's
+API address is plain ``KARMA8_API``), and command-line options. Unknown keys, unknown
+``KARMA8_<ROLE>_*`` variables and bad values are errors. docs/configuration.md lists
+every key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from karma8.errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kb": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mb": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gb": GiB,
+    "gib": GiB,
+    "t": 1024 * GiB,
+    "tb": 1024 * GiB,
+    "tib": 1024 * GiB,
+}
+_SIZE = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: object) -> object:
+    """Accept ``1048576``, ``"1MiB"``, ``"256k"`` (binary units) for byte sizes."""
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"not a byte size: {value!r} (try 1048576, '256KiB', '1MiB')")
+        return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    #: The TOML table of this role.
+    section: ClassVar[str]
+    #: Prefix of this role's environment variables.
+    env_prefix: ClassVar[str]
+    #: Extra environment variables that set a field: {"KARMA8_API": "api"}.
+    env_aliases: ClassVar[dict[str, str]] = {}
+
+
+class ApiConfig(_Section):
+    """The API server (``karma8 api``)."""
+
+    section = "api"
+    env_prefix = "KARMA8_API_"
+
+    host: str = Field("127.0.0.1", description="Address the WebSocket server binds.")
+    port: Port = Field(8080, description="WebSocket port for clients (0 picks a free one).")
+    membership_host: str = Field(
+        "127.0.0.1", description="Address of the gRPC endpoint buckets register with."
+    )
+    membership_port: Port = Field(8081, description="gRPC port buckets register with (0 picks a free one).")
+    data_dir: Path = Field(Path("karma8-data/api"), description="Holds the registry database.")
+    parts: int = Field(6, ge=1, le=64, description="Parts per file, each on a distinct bucket.")
+    stripe_unit: PositiveSize = Field(MiB, description="Largest stripe unit (also the gRPC chunk size).")
+    max_frame: PositiveSize = Field(MiB, description="Largest WebSocket data frame accepted or sent.")
+    max_file_size: PositiveSize = Field(10 * GiB, description="Largest file accepted.")
+    queue_depth: int = Field(4, ge=1, le=64, description="Chunks buffered per bucket stream.")
+    receive_buffer: PositiveSize = Field(256 * KiB, description="WebSocket socket read size.")
+    bucket_timeout: Seconds = Field(10.0, description="Silence after which a bucket is not live.")
+    heartbeat_interval: Seconds = Field(2.0, description="How often buckets are told to heartbeat.")
+    connect_timeout: Seconds = Field(5.0, description="Limit for opening a gRPC stream to a bucket.")
+    idle_timeout: Seconds = Field(60.0, description="Limit for a client that stops sending or reading.")
+    cleanup_timeout: Seconds = Field(30.0, description="Deadline of the shielded cleanup of a failed upload.")
+    janitor_interval: Seconds = Field(5.0, description="How often pending fragment deletions are retried.")
+    shutdown_timeout: Seconds = Field(10.0, description="Deadline for a graceful shutdown.")
+    ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
+    uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")
+
+    @property
+    def registry_path(self) -> Path:
+        """The SQLite registry database."""
+        return self.data_dir / "registry.sqlite3"
+
+
+class BucketConfig(_Section):
+    """A bucket server (``karma8 bucket``)."""
+
+    section = "bucket"
+    env_prefix = "KARMA8_BUCKET_"
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    port: Port = Field(9100, description="gRPC port (0 picks a free one).")
+    advertise_host: str = Field("", description="Host the API should dial (default: host).")
+    data_dir: Path = Field(Path("karma8-data/bucket"), description="Fragments and the bucket's identity.")
+    api: str = Field("127.0.0.1:8081", description="host:port of the API server's membership endpoint.")
+    capacity: ByteSize = Field(0, description="Bytes this bucket may hold (0: the whole filesystem).")
+    max_chunk: PositiveSize = Field(4 * MiB, description="Largest data message accepted in a Put.")
+    read_chunk_max: PositiveSize = Field(4 * MiB, description="Largest chunk a Get may ask for.")
+    heartbeat_interval: Seconds = Field(2.0, description="Heartbeat period until the API says otherwise.")
+    retry_max: Seconds = Field(5.0, description="Longest backoff between registration attempts.")
+    fsync: bool = Field(True, description="fsync fragments before acknowledging them.")
+    shutdown_timeout: Seconds = Field(5.0, description="Deadline for a graceful shutdown.")
+    ready_file: Path | None = Field(None, description="Write the bound port here as JSON once serving.")
+    uvloop: bool = Field(True, description="Use uvloop when it is installed.")
+
+    @property
+    def advertised_host(self) -> str:
+        """The host part of the address sent to the API."""
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
+
+class ClientConfig(_Section):
+    """The client library and CLI commands that talk to an API server."""
+
+    section = "client"
+    env_prefix = "KARMA8_CLIENT_"
+    env_aliases = {"KARMA8_API": "api"}
+
+    api: str = Field("ws://127.0.0.1:8080", description="WebSocket URL of the API server.")
+    frame_size: PositiveSize = Field(MiB, description="Data frame size for uploads (<= server max_frame).")
+    max_frame: PositiveSize = Field(MiB, description="Largest frame accepted from the server.")
+    receive_buffer: PositiveSize = Field(256 * KiB, description="WebSocket socket read size.")
+    connect_timeout: Seconds = Field(10.0, description="Limit for connecting to the API server.")
+    idle_timeout: Seconds = Field(120.0, description="Limit for a server that stops answering.")
+
+
+class StackConfig(_Section):
+    """The local stack (``karma8 up``): an API server and buckets as child processes."""
+
+    section = "stack"
+    env_prefix = "KARMA8_STACK_"
+
+    data: Path = Field(Path("karma8-data"), description="Root data directory (api/, bucket-N/).")
+    buckets: int = Field(6, ge=1, le=256, description="How many buckets to start.")
+    port: Port = Field(8080, description="WebSocket port of the API server.")
+    membership_port: Port = Field(8081, description="Membership gRPC port of the API server.")
+    start_timeout: Seconds = Field(30.0, description="Limit for the stack to become ready.")
+    stop_timeout: Seconds = Field(10.0, description="Limit for children to exit before SIGKILL.")
+
+
+S = TypeVar("S", bound=_Section)
+
+SECTIONS: tuple[type[_Section], ...] = (ApiConfig, BucketConfig, ClientConfig, StackConfig)
+
+
+def read_toml(path: Path | None) -> dict[str, Any]:
+    """Read a config file; unknown tables are errors."""
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - {s.section for s in SECTIONS}
+    if unknown:
+        raise ConfigError(f"config {path}: unknown table(s) {sorted(unknown)}")
+    return data
+
+
+def env_values(cls: type[_Section], environ: Mapping[str, str]) -> dict[str, str]:
+    """The fields ``environ`` sets for ``cls``; unknown ``KARMA8_<ROLE>_*`` are errors."""
+    values: dict[str, str] = {}
+    for key, value in environ.items():
+        if key in cls.env_aliases:
+            values[cls.env_aliases[key]] = value
+        elif key.startswith(cls.env_prefix):
+            field = key[len(cls.env_prefix) :].lower()
+            if field not in cls.model_fields:
+                raise ConfigError(f"unknown setting {key} (see docs/configuration.md)")
+            values[field] = value
+    return values
+
+
+def load(
+    cls: type[S],
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> S:
+    """Build the config of one role: defaults < TOML < environment < overrides.
+
+    ``overrides`` whose value is None are ignored, so CLI options can be passed as is.
+
+    Raises:
+        ConfigError: unknown key or variable, bad value, unreadable file.
+    """
+    section = read_toml(path).get(cls.section, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{cls.section}] must be a table")
+    values: dict[str, Any] = dict(section)
+    values.update(env_values(cls, os.environ if environ is None else environ))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid [{cls.section}] configuration: {problems}") from None

@@ -1,0 +1,180 @@
+"""The WebSocket protocol between clients and the API server, without I/O.
+
+See docs/protocol.md for the contract. This module turns request paths and JSON text
+frames into typed values and back; the trio shells only move frames.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from karma8.core.names import decode_name
+from karma8.errors import BadRequest, Karma8Error, RemoteError, TooLarge
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class Op(enum.Enum):
+    """What a WebSocket connection asks for, from the first path segment."""
+
+    UPLOAD = "upload"
+    DOWNLOAD = "download"
+    FILES = "files"
+    STAT = "stat"
+    DELETE = "delete"
+    STATUS = "status"
+
+
+_NAMED = {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE}
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server uses."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    POLICY_VIOLATION = 1008
+    TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+    # 4000-4999 are ours: 4000 + HTTP-like status for request errors.
+    BAD_REQUEST = 4400
+    NOT_FOUND = 4404
+    CONFLICT = 4409
+
+
+_CLOSE_FOR_CODE = {
+    "bad_request": CloseCode.BAD_REQUEST,
+    "bad_name": CloseCode.BAD_REQUEST,
+    "not_found": CloseCode.NOT_FOUND,
+    "too_large": CloseCode.TOO_BIG,
+    "size_mismatch": CloseCode.BAD_REQUEST,
+    "checksum_mismatch": CloseCode.BAD_REQUEST,
+    "conflict": CloseCode.CONFLICT,
+    "not_enough_buckets": CloseCode.TRY_AGAIN_LATER,
+    "bucket_unavailable": CloseCode.TRY_AGAIN_LATER,
+}
+
+
+def close_code_for(error_code: str) -> CloseCode:
+    """The close code that follows an error frame with ``error_code``."""
+    return _CLOSE_FOR_CODE.get(error_code, CloseCode.INTERNAL_ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A parsed request path: the operation, and its name or prefix."""
+
+    op: Op
+    name: str = ""
+    prefix: str = ""
+
+
+def parse_path(path: str) -> Request:
+    """Parse the request target of a WebSocket handshake.
+
+    Raises:
+        BadRequest: unknown operation or a missing/extra name.
+        BadName: the name breaks the naming rules.
+    """
+    parts = urlsplit(path)
+    head, _, rest = parts.path.lstrip("/").partition("/")
+    try:
+        op = Op(head)
+    except ValueError:
+        raise BadRequest(f"unknown path {parts.path!r}") from None
+    if op in _NAMED:
+        return Request(op, name=decode_name(rest))
+    if rest:
+        raise BadRequest(f"/{op.value} takes no name")
+    prefix = ""
+    if op is Op.FILES and parts.query:
+        try:
+            query = parse_qs(parts.query, strict_parsing=True, errors="strict")
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("malformed query string") from None
+        prefix = query.get("prefix", [""])[-1]
+    return Request(op, prefix=prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadHeader:
+    """The first text frame of an upload."""
+
+    size: int
+    sha256: str | None = None
+
+
+def parse_upload_header(text: str, max_size: int) -> UploadHeader:
+    """Parse and check ``{"size": N, "sha256": "<hex>"?}``.
+
+    Raises:
+        BadRequest: not JSON, not an object, unknown keys, bad types.
+        TooLarge: ``size`` is above ``max_size``.
+    """
+    obj = _json_object(text)
+    unknown = set(obj) - {"size", "sha256"}
+    if unknown:
+        raise BadRequest(f"unknown key(s) in upload header: {sorted(unknown)}")
+    size = obj.get("size")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise BadRequest("upload header needs an integer 'size'")
+    if size < 0:
+        raise BadRequest(f"size must be >= 0, got {size}")
+    if size > max_size:
+        raise TooLarge(f"size {size} exceeds the maximum of {max_size} bytes")
+    digest = obj.get("sha256")
+    if digest is not None and (not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest)):
+        raise BadRequest("'sha256' must be 64 lowercase hex digits")
+    return UploadHeader(size=size, sha256=digest)
+
+
+def encode_upload_header(header: UploadHeader) -> str:
+    """The text frame a client sends to start an upload."""
+    obj: dict[str, Any] = {"size": header.size}
+    if header.sha256 is not None:
+        obj["sha256"] = header.sha256
+    return json.dumps(obj)
+
+
+def encode_ok(**fields: Any) -> str:
+    """A success reply frame."""
+    return json.dumps({"ok": True, **fields}, separators=(",", ":"))
+
+
+def encode_error(error: Karma8Error) -> str:
+    """An error reply frame."""
+    return json.dumps({"ok": False, "error": error.code, "message": error.message})
+
+
+def decode_reply(text: str) -> dict[str, Any]:
+    """Parse a reply frame; return its fields if ``ok``.
+
+    Raises:
+        RemoteError: the frame is an error frame (code and message from the server).
+        BadRequest: the frame is not a reply at all.
+    """
+    obj = _json_object(text)
+    ok = obj.get("ok")
+    if ok is True:
+        return obj
+    if ok is False:
+        raise RemoteError(str(obj.get("error", "internal")), str(obj.get("message", "")))
+    raise BadRequest("reply frame has no 'ok' field")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise BadRequest("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("frame is not a JSON object")
+    return obj

@@ -1,0 +1,112 @@
+"""The one error hierarchy of karma8.
+
+Every expected failure is a :class:`Karma8Error` with a stable ``code`` (the string a
+client sees in ``{"ok": false, "error": code}``) and the data that explains it. Bugs are
+not Karma8Errors and are never caught as if they were expected.
+"""
+
+from __future__ import annotations
+
+
+class Karma8Error(Exception):
+    """Root of all expected karma8 errors."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(Karma8Error):
+    """The request is malformed (bad frame, bad JSON, unknown path, ...)."""
+
+    code = "bad_request"
+
+
+class BadName(Karma8Error):
+    """A file name breaks the naming rules."""
+
+    code = "bad_name"
+
+
+class NotFound(Karma8Error):
+    """No committed file has this name."""
+
+    code = "not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no file named {name!r}")
+        self.name = name
+
+
+class TooLarge(Karma8Error):
+    """The announced size exceeds the configured maximum."""
+
+    code = "too_large"
+
+
+class SizeMismatch(Karma8Error):
+    """More or fewer bytes arrived than were announced."""
+
+    code = "size_mismatch"
+
+
+class ChecksumMismatch(Karma8Error):
+    """Data does not match its sha256."""
+
+    code = "checksum_mismatch"
+
+
+class NotEnoughBuckets(Karma8Error):
+    """Fewer live buckets than parts per file."""
+
+    code = "not_enough_buckets"
+
+    def __init__(self, live: int, needed: int) -> None:
+        super().__init__(f"{live} live bucket(s), {needed} needed")
+        self.live = live
+        self.needed = needed
+
+
+class BucketUnavailable(Karma8Error):
+    """A bucket could not be reached or failed mid-transfer."""
+
+    code = "bucket_unavailable"
+
+    def __init__(self, bucket_id: str, detail: str) -> None:
+        super().__init__(f"bucket {bucket_id}: {detail}")
+        self.bucket_id = bucket_id
+        self.detail = detail
+
+
+class Conflict(Karma8Error):
+    """Another upload of the same name is in progress."""
+
+    code = "conflict"
+
+
+class Internal(Karma8Error):
+    """An unexpected server-side failure (details are in the server's log)."""
+
+    code = "internal"
+
+
+class ConfigError(Karma8Error):
+    """Configuration is invalid (unknown key, bad value, unreadable file)."""
+
+    code = "config"
+
+
+class ConnectionFailed(Karma8Error):
+    """The client could not reach the API server or lost it mid-request."""
+
+    code = "connection_failed"
+
+
+class RemoteError(Karma8Error):
+    """An error frame from the API server, as the client library raises it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,81 @@
+"""The registry, as the trio side of the API server uses it.
+
+:class:`Registry` forwards every call to :class:`~karma8.registry.db.RegistryDB` on a
+worker thread (one at a time), so SQLite never blocks the trio event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import trio
+
+from karma8.core.records import Heartbeat
+from karma8.registry.db import BucketRow, FileRow, FragmentRow, RegistryDB, UploadRow
+
+__all__ = ["BucketRow", "FileRow", "FragmentRow", "Registry", "UploadRow", "open_registry"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Registry:
+    """Async facade of the registry for trio code."""
+
+    def __init__(self, db: RegistryDB) -> None:
+        self.db = db
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._limiter)
+
+    async def upsert_bucket(self, beat: Heartbeat) -> None:
+        await self._run(self.db.upsert_bucket, beat, time.time())
+
+    async def buckets(self) -> list[BucketRow]:
+        return await self._run(self.db.buckets)
+
+    async def begin_upload(self, upload: UploadRow, fragments: list[FragmentRow]) -> None:
+        await self._run(self.db.begin_upload, upload, fragments)
+
+    async def commit_upload(self, upload_id: str, sha256: str, checksums: dict[int, str]) -> str | None:
+        return await self._run(self.db.commit_upload, upload_id, sha256, checksums, time.time())
+
+    async def fail_upload(self, upload_id: str) -> None:
+        await self._run(self.db.fail_upload, upload_id, time.time())
+
+    async def fail_all_in_progress(self) -> int:
+        return await self._run(self.db.fail_all_in_progress, time.time())
+
+    async def fragments(self, upload_id: str) -> list[FragmentRow]:
+        return await self._run(self.db.fragments, upload_id)
+
+    async def pending_deletions(self) -> list[tuple[str, str]]:
+        return await self._run(self.db.pending_deletions)
+
+    async def fragments_deleted(self, upload_id: str, bucket_id: str) -> None:
+        await self._run(self.db.fragments_deleted, upload_id, bucket_id)
+
+    async def lookup(self, name: str) -> FileRow | None:
+        return await self._run(self.db.lookup, name)
+
+    async def list_files(self, prefix: str = "") -> list[tuple[str, int, str, float]]:
+        return await self._run(self.db.list_files, prefix)
+
+    async def delete_file(self, name: str) -> str | None:
+        return await self._run(self.db.delete_file, name, time.time())
+
+
+@contextlib.asynccontextmanager
+async def open_registry(path: Path) -> AsyncIterator[Registry]:
+    """Open (creating if needed) the registry at ``path``."""
+    db = await trio.to_thread.run_sync(RegistryDB, path)
+    try:
+        yield Registry(db)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(db.close)

@@ -1,0 +1,161 @@
+"""The one bridge between trio and asyncio (grpclib is asyncio-only).
+
+An asyncio event loop (uvloop when available) runs on a dedicated thread for the life of
+the :class:`Portal`. Trio code calls coroutine functions on it with :meth:`Portal.run`;
+asyncio code (a grpclib servicer) calls trio functions with :meth:`Portal.run_trio`.
+
+Cancellation is the subtle part. When the trio caller of :meth:`Portal.run` is cancelled,
+the asyncio task is cancelled too, and the caller waits *shielded* until that task has
+really finished: when :meth:`Portal.run` returns or raises, nothing it started is still
+running on the other loop. Closing a gRPC stream relies on that: see
+:mod:`karma8.rpc.buckets`, whose stream exits run shielded so that a cancelled upload
+resets its gRPC streams before the cleanup deletes what was stored.
+
+Nothing outside ``karma8.rpc`` imports asyncio on behalf of trio code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import trio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class PortalClosed(RuntimeError):
+    """The asyncio side went away (shutdown) while a call was running."""
+
+
+def new_event_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
+    """A fresh asyncio loop; uvloop's when asked for and installed."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed; using the default asyncio loop")
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
+class Portal:
+    """Calls across the trio/asyncio boundary. Create with :func:`open_portal`."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: trio.Nursery
+    ) -> None:
+        self._loop = loop
+        self._token = token
+        self._nursery = nursery
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await fn(*args)`` on the asyncio loop; return its result to trio.
+
+        If the calling trio task is cancelled, the asyncio task is cancelled and awaited
+        (shielded) before :class:`trio.Cancelled` propagates. Completion is signalled
+        from inside the coroutine: a cancelled ``concurrent.futures.Future`` reports
+        "done" while its task is still running, which is exactly the race to avoid.
+        """
+        done = trio.Event()
+        token = self._token
+        box: list[tuple[bool, Any]] = []
+
+        async def call() -> None:
+            try:
+                box.append((True, await fn(*args)))
+            except BaseException as exc:  # reported to the trio side below
+                box.append((False, exc))
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(done.set)
+
+        future = asyncio.run_coroutine_threadsafe(call(), self._loop)
+        try:
+            await done.wait()
+        finally:
+            if not done.is_set():
+                future.cancel()
+                with trio.CancelScope(shield=True):
+                    await done.wait()
+        ok, value = box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        if isinstance(value, asyncio.CancelledError):
+            raise PortalClosed("the asyncio loop cancelled the call") from value
+        raise value
+
+    async def run_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """From the asyncio loop: run ``await fn(*args)`` in trio and return its result.
+
+        The trio task runs in the portal's nursery; if the asyncio caller is cancelled the
+        trio task is cancelled as well.
+        """
+        result: asyncio.Future[T] = self._loop.create_future()
+        cancel_scope = trio.CancelScope()
+
+        def settle(outcome: Callable[[], None]) -> None:
+            if not result.done():
+                outcome()
+
+        async def in_trio() -> None:
+            with cancel_scope:
+                try:
+                    value = await fn(*args)
+                except Exception as exc:
+                    self._loop.call_soon_threadsafe(settle, partial(result.set_exception, exc))
+                    return
+                self._loop.call_soon_threadsafe(settle, partial(result.set_result, value))
+            if cancel_scope.cancelled_caught:
+                self._loop.call_soon_threadsafe(settle, result.cancel)
+
+        self._token.run_sync_soon(self._nursery.start_soon, in_trio)
+        try:
+            return await result
+        except asyncio.CancelledError:
+            self._token.run_sync_soon(cancel_scope.cancel)
+            raise
+
+
+async def _call(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+    return await fn(*args)
+
+
+@contextlib.asynccontextmanager
+async def open_portal(*, use_uvloop: bool = True) -> AsyncIterator[Portal]:
+    """Start an asyncio loop on its own thread; stop it (after its tasks) on exit."""
+    loop = new_event_loop(use_uvloop)
+    ready = threading.Event()
+
+    def run_loop() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+        # Let cancelled tasks and async generators finish before the loop closes.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    thread = threading.Thread(target=run_loop, name="karma8-asyncio", daemon=True)
+    thread.start()
+    await trio.to_thread.run_sync(ready.wait)
+    try:
+        async with trio.open_nursery() as nursery:
+            yield Portal(loop, trio.lowlevel.current_trio_token(), nursery)
+            nursery.cancel_scope.cancel()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(thread.join)

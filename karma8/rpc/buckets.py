@@ -1,0 +1,220 @@
+"""Trio-facing gRPC client of one bucket server.
+
+Every call crosses :class:`~karma8.rpc.bridge.Portal`. Streams are async context managers
+whose exit runs *shielded*: when the trio task using a stream is cancelled, the grpclib
+stream is still reset (RST_STREAM) before the exception propagates, so the bucket drops
+its temporary file and stops writing before any cleanup runs. Without the shield a
+cancelled task would cancel the exit itself, and the bucket would go on writing.
+
+grpclib errors never leave this module: they become :class:`BucketUnavailable` (or
+:class:`ChecksumMismatch` / :class:`BadRequest` where the bucket said so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpclib.client
+import grpclib.config
+import grpclib.const
+import grpclib.exceptions
+import trio
+
+from karma8.core.records import StoredFragment, Usage
+from karma8.errors import BadRequest, BucketUnavailable, ChecksumMismatch, Karma8Error
+from karma8.rpc.bridge import Portal, PortalClosed
+from karma8.rpc.gen.karma8 import v1 as pb
+
+log = logging.getLogger(__name__)
+
+_PUT = "/karma8.v1.Bucket/Put"
+_GET = "/karma8.v1.Bucket/Get"
+_S = grpclib.const.Status
+
+#: Generous windows: the default 64 KiB stream window stalls megabyte-sized chunks.
+CHANNEL_CONFIG = grpclib.config.Configuration(
+    http2_connection_window_size=64 * 1024 * 1024,
+    http2_stream_window_size=16 * 1024 * 1024,
+)
+
+
+@contextlib.contextmanager
+def translate_errors(bucket_id: str) -> Iterator[None]:
+    """Turn grpclib/network errors into karma8 errors."""
+    try:
+        yield
+    except Karma8Error:
+        raise
+    except grpclib.exceptions.GRPCError as exc:
+        detail = f"{exc.status.name}: {exc.message or ''}".rstrip(": ")
+        if exc.status is _S.DATA_LOSS:
+            raise ChecksumMismatch(f"bucket {bucket_id}: {exc.message}") from None
+        if exc.status is _S.INVALID_ARGUMENT:
+            raise BadRequest(f"bucket {bucket_id} refused the request: {exc.message}") from None
+        raise BucketUnavailable(bucket_id, detail) from None
+    except (grpclib.exceptions.StreamTerminatedError, grpclib.exceptions.ProtocolError) as exc:
+        raise BucketUnavailable(bucket_id, f"stream broken: {exc}") from None
+    except (OSError, EOFError, PortalClosed) as exc:
+        raise BucketUnavailable(bucket_id, f"unreachable: {exc}") from None
+
+
+class FragmentWriter:
+    """Sends one fragment's data; :meth:`finish` commits it on the bucket."""
+
+    def __init__(self, portal: Portal, stream: Any, bucket_id: str, fragment_id: str, size: int):
+        self._portal = portal
+        self._stream = stream
+        self._bucket_id = bucket_id
+        self._first: pb.PutRequest | None = pb.PutRequest(fragment_id=fragment_id, size=size)
+
+    async def send(self, data: bytes) -> None:
+        """Send the next chunk (the first message also names the fragment)."""
+        if self._first is not None:
+            message, self._first = self._first, None
+            message.data = data
+        else:
+            message = pb.PutRequest(data=data)
+        with translate_errors(self._bucket_id):
+            await self._portal.run(self._stream.send_message, message)
+
+    async def finish(self) -> StoredFragment:
+        """End the stream; the bucket fsyncs and renames the fragment into place."""
+        if self._first is not None:  # an empty fragment still announces itself
+            await self.send(b"")
+        with translate_errors(self._bucket_id):
+            await self._portal.run(self._stream.end)
+            reply: pb.PutReply | None = await self._portal.run(self._stream.recv_message)
+        if reply is None:
+            raise BucketUnavailable(self._bucket_id, "Put ended without a reply")
+        return StoredFragment(reply.fragment_id, reply.size, reply.sha256.hex())
+
+
+class FragmentReader:
+    """Receives one fragment's data in chunks."""
+
+    def __init__(self, portal: Portal, stream: Any, bucket_id: str):
+        self._portal = portal
+        self._stream = stream
+        self._bucket_id = bucket_id
+
+    async def receive(self) -> bytes | None:
+        """The next chunk, or None at the end of the fragment."""
+        with translate_errors(self._bucket_id):
+            reply: pb.GetReply | None = await self._portal.run(self._stream.recv_message)
+        return None if reply is None else reply.data
+
+
+class BucketClient:
+    """gRPC client of one bucket. Create with :func:`connect_bucket`; ``aclose()`` it."""
+
+    def __init__(self, portal: Portal, bucket_id: str, address: str, channel: Any, close_timeout: float):
+        self._portal = portal
+        self.bucket_id = bucket_id
+        self.address = address
+        self._channel = channel
+        self._stub = pb.BucketStub(channel)
+        self._close_timeout = close_timeout
+
+    @contextlib.asynccontextmanager
+    async def _open_stream(
+        self, route: str, cardinality: grpclib.const.Cardinality, req: type, rep: type
+    ) -> AsyncIterator[Any]:
+        with translate_errors(self.bucket_id):
+            stream = await self._portal.run(self._start_stream, route, cardinality, req, rep)
+        try:
+            yield stream
+        except BaseException as exc:
+            # Shielded: even a cancelled caller must reset the stream on the bucket.
+            with trio.move_on_after(self._close_timeout, shield=True), contextlib.suppress(Exception):
+                await self._portal.run(stream.__aexit__, type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            with translate_errors(self.bucket_id), trio.CancelScope(shield=True):
+                await self._portal.run(stream.__aexit__, None, None, None)
+
+    async def _start_stream(
+        self, route: str, cardinality: grpclib.const.Cardinality, req: type, rep: type
+    ) -> Any:
+        stream = self._channel.request(route, cardinality, req, rep)
+        await stream.__aenter__()
+        try:
+            await stream.send_request()
+        except BaseException as exc:
+            await stream.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return stream
+
+    @contextlib.asynccontextmanager
+    async def open_put(self, fragment_id: str, size: int) -> AsyncIterator[FragmentWriter]:
+        """A client-streaming Put of one fragment of exactly ``size`` bytes."""
+        async with self._open_stream(
+            _PUT, grpclib.const.Cardinality.STREAM_UNARY, pb.PutRequest, pb.PutReply
+        ) as stream:
+            yield FragmentWriter(self._portal, stream, self.bucket_id, fragment_id, size)
+
+    @contextlib.asynccontextmanager
+    async def open_get(self, fragment_id: str, chunk_size: int) -> AsyncIterator[FragmentReader]:
+        """A server-streaming Get of one fragment, in chunks of ``chunk_size``."""
+        async with self._open_stream(
+            _GET, grpclib.const.Cardinality.UNARY_STREAM, pb.GetRequest, pb.GetReply
+        ) as stream:
+            request = pb.GetRequest(fragment_id=fragment_id, chunk_size=chunk_size)
+            with translate_errors(self.bucket_id):
+                await self._portal.run(_send_last, stream, request)
+            yield FragmentReader(self._portal, stream, self.bucket_id)
+
+    async def delete_upload(self, upload_id: str) -> int:
+        """Delete every fragment of ``upload_id`` on this bucket; return how many."""
+        with translate_errors(self.bucket_id):
+            reply = await self._portal.run(self._stub.delete, pb.DeleteRequest(upload_id=upload_id))
+        return int(reply.deleted)
+
+    async def list_fragments(self, upload_id: str = "") -> list[StoredFragment]:
+        """What the bucket stores (of one upload, or everything)."""
+        with translate_errors(self.bucket_id):
+            replies = await self._portal.run(self._collect_list, upload_id)
+        return [
+            StoredFragment(f.fragment_id, f.size, f.sha256.hex())
+            for reply in replies
+            for f in reply.fragments
+        ]
+
+    async def _collect_list(self, upload_id: str) -> list[pb.ListReply]:
+        return [r async for r in self._stub.list(pb.ListRequest(upload_id=upload_id))]
+
+    async def usage(self) -> Usage:
+        """The bucket's current space usage."""
+        with translate_errors(self.bucket_id):
+            u = await self._portal.run(self._stub.get_usage, pb.UsageRequest())
+        return Usage(used=u.used, free=u.free, capacity=u.capacity, fragments=u.fragments)
+
+    async def aclose(self) -> None:
+        """Close the channel (on the asyncio side, where it lives)."""
+        with trio.CancelScope(shield=True):
+            await self._portal.run(_close_channel, self._channel)
+
+
+async def _send_last(stream: Any, message: Any) -> None:
+    await stream.send_message(message, end=True)
+
+
+async def _new_channel(host: str, port: int) -> Any:
+    return grpclib.client.Channel(host, port, config=CHANNEL_CONFIG)
+
+
+async def _close_channel(channel: Any) -> None:
+    channel.close()
+
+
+async def connect_bucket(
+    portal: Portal, bucket_id: str, address: str, *, close_timeout: float
+) -> BucketClient:
+    """A client for the bucket at ``address`` (``host:port``); connects lazily."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BucketUnavailable(bucket_id, f"bad address {address!r}")
+    channel = await portal.run(_new_channel, host.strip("[]"), int(port))
+    return BucketClient(portal, bucket_id, address, channel, close_timeout)

@@ -1,0 +1,71 @@
+"""The membership endpoint the API server hosts: buckets register and heartbeat here.
+
+The grpclib server runs on the portal's asyncio loop; each heartbeat is handed to a trio
+callback through :meth:`Portal.run_trio`, so the API's membership logic is plain trio.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpclib.server
+import trio
+
+from karma8.core.records import Heartbeat, Usage
+from karma8.rpc.bridge import Portal
+from karma8.rpc.gen.karma8 import v1 as pb
+
+log = logging.getLogger(__name__)
+
+#: Called in trio with each heartbeat; returns the interval the bucket should use next.
+OnHeartbeat = Callable[[Heartbeat], Awaitable[float]]
+
+
+class _MembershipService(pb.MembershipBase):
+    def __init__(self, portal: Portal, on_heartbeat: OnHeartbeat) -> None:
+        self._portal = portal
+        self._on_heartbeat = on_heartbeat
+
+    async def beat(self, message: pb.Heartbeat) -> pb.HeartbeatReply:
+        u = message.usage or pb.Usage()
+        beat = Heartbeat(
+            bucket_id=message.bucket_id,
+            address=message.address,
+            usage=Usage(used=u.used, free=u.free, capacity=u.capacity, fragments=u.fragments),
+            hello=message.hello,
+        )
+        interval = await self._portal.run_trio(self._on_heartbeat, beat)
+        return pb.HeartbeatReply(interval=interval)
+
+
+async def _start(handlers: list[Any], host: str, port: int) -> tuple[Any, int]:
+    server = grpclib.server.Server(handlers)
+    await server.start(host, port)
+    bound = server._server.sockets[0].getsockname()[1]  # grpclib keeps the asyncio.Server here
+    return server, int(bound)
+
+
+async def _stop(server: Any) -> None:
+    server.close()
+    await server.wait_closed()
+
+
+async def serve_membership(
+    portal: Portal,
+    host: str,
+    port: int,
+    on_heartbeat: OnHeartbeat,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the membership endpoint until cancelled; ``started()`` gets the bound port."""
+    server, bound = await portal.run(_start, [_MembershipService(portal, on_heartbeat)], host, port)
+    log.info("membership endpoint listening on %s:%d", host, bound)
+    try:
+        task_status.started(bound)
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await portal.run(_stop, server)

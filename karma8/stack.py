@@ -1,0 +1,161 @@
+"""The local stack (``karma8 up``): an API server and N buckets as child processes.
+
+Each child is the ordinary ``karma8 api`` / ``karma8 bucket`` command with its own data
+directory under one root. The supervisor waits until every bucket is live, reports where
+the API listens, and on cancellation (Ctrl-C, SIGTERM) stops the children with SIGTERM,
+then SIGKILL after ``stop_timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from karma8.client import Client
+from karma8.config import ClientConfig, StackConfig
+from karma8.errors import Karma8Error
+
+log = logging.getLogger(__name__)
+
+POLL = 0.05
+
+
+class StackError(Karma8Error):
+    """The local stack could not start or lost a process."""
+
+    code = "stack"
+
+
+@dataclass(frozen=True, slots=True)
+class StackInfo:
+    """A running local stack."""
+
+    url: str
+    data: Path
+    buckets: int
+
+
+async def _wait_ready(path: Path, proc: trio.Process, what: str) -> dict[str, int]:
+    """Poll for a child's ready file (the child exiting first is an error)."""
+    while True:
+        if proc.returncode is not None:
+            raise StackError(f"{what} exited with status {proc.returncode} while starting")
+        try:
+            info: dict[str, int] = json.loads(path.read_text())
+        except FileNotFoundError:
+            await trio.sleep(POLL)
+            continue
+        return info
+
+
+class Supervisor:
+    """Starts children, and stops them all when done."""
+
+    def __init__(self, log_level: str, stop_timeout: float) -> None:
+        self._log_level = log_level
+        self._stop_timeout = stop_timeout
+        self.children: list[tuple[str, trio.Process]] = []
+
+    async def start(self, what: str, args: list[str], ready: Path) -> dict[str, int]:
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "karma8",
+            *args,
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            self._log_level,
+        ]
+        proc = await trio.lowlevel.open_process(cmd)
+        self.children.append((what, proc))
+        info = await _wait_ready(ready, proc, what)
+        log.debug("%s started (pid %d): %s", what, proc.pid, info)
+        return info
+
+    async def watch(self) -> None:
+        """Return when any child exits on its own."""
+        async with trio.open_nursery() as nursery:
+
+            async def one(what: str, proc: trio.Process) -> None:
+                await proc.wait()
+                log.error("%s (pid %d) exited with status %s", what, proc.pid, proc.returncode)
+                nursery.cancel_scope.cancel()
+
+            for what, proc in self.children:
+                nursery.start_soon(one, what, proc)
+
+    async def stop(self) -> None:
+        """SIGTERM every child, SIGKILL those still running after the deadline."""
+        with trio.CancelScope(shield=True):
+            for _, proc in self.children:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(self._stop_timeout):
+                for _, proc in self.children:
+                    await proc.wait()
+            for what, proc in self.children:
+                if proc.returncode is None:
+                    log.warning("%s (pid %d) did not stop in time; killing it", what, proc.pid)
+                    proc.kill()
+                    await proc.wait()
+
+
+async def run_stack(
+    config: StackConfig,
+    log_level: str = "info",
+    *,
+    task_status: trio.TaskStatus[StackInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the local stack until cancelled; ``started()`` once every bucket is live."""
+    data = config.data.absolute()
+    data.mkdir(parents=True, exist_ok=True)
+    sup = Supervisor(log_level, config.stop_timeout)
+    try:
+        with trio.fail_after(config.start_timeout):
+            api = await sup.start(
+                "api",
+                [
+                    "api",
+                    "--data-dir",
+                    str(data / "api"),
+                    "--port",
+                    str(config.port),
+                    "--membership-port",
+                    str(config.membership_port),
+                ],
+                data / "api.ready",
+            )
+            for i in range(1, config.buckets + 1):
+                await sup.start(
+                    f"bucket-{i}",
+                    [
+                        "bucket",
+                        "--data-dir",
+                        str(data / f"bucket-{i}"),
+                        "--port",
+                        "0",
+                        "--api",
+                        f"127.0.0.1:{api['membership_port']}",
+                    ],
+                    data / f"bucket-{i}.ready",
+                )
+            url = f"ws://127.0.0.1:{api['port']}"
+            client = Client(ClientConfig(api=url))
+            while (await client.status())["live"] < config.buckets:
+                await trio.sleep(POLL)
+        info = StackInfo(url, data, config.buckets)
+        task_status.started(info)
+        await sup.watch()
+        raise StackError("a process of the local stack exited; stopping the stack")
+    except trio.TooSlowError:
+        raise StackError(f"the local stack did not start within {config.start_timeout:g} s") from None
+    finally:
+        await sup.stop()
