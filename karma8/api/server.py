@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import MutableMapping
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class _SessionLog(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: object, kwargs: object) -> tuple[object, object]:
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         assert self.extra is not None
         return f"session={self.extra['session']} {msg}", kwargs
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import grpclib.client
 import grpclib.exceptions
-import grpclib.server
 
 from karma8.bucket.service import BucketService
 from karma8.bucket.store import FragmentStore, open_store
 from karma8.config import BucketConfig
 from karma8.rpc.gen.karma8 import v1 as pb
+from karma8.rpc.servers import start_grpc_server
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ async def serve_bucket(config: BucketConfig) -> None:
     """Run a bucket server until SIGINT/SIGTERM."""
     store = await open_store(config.data_dir, capacity=config.capacity, fsync=config.fsync)
     service = BucketService(store, max_chunk=config.max_chunk, read_chunk_max=config.read_chunk_max)
-    server = grpclib.server.Server([service])
-    await server.start(config.host, config.port)
-    port = int(server._server.sockets[0].getsockname()[1])  # the real port when 0 was asked
+    server, port = await start_grpc_server([service], config.host, config.port)
     address = f"{config.advertised_host}:{port}"
     log.info("bucket=%s serving %s on %s:%d", store.bucket_id, config.data_dir, config.host, port)
     if config.ready_file is not None:

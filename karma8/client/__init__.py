@@ -123,7 +123,7 @@ class Client:
     async def download(self, name: str, dst: Path, *, progress: Progress | None = None) -> FileInfo:
         """Download ``name`` to ``dst`` (written to a temporary file, then renamed)."""
         validate_name(name)
-        dst = dst.absolute()
+        dst = Path(os.path.abspath(dst))
         tmp = dst.with_name(f".{dst.name}.karma8-{os.getpid()}.part")
         try:
             async with self._connect(f"/download/{encode_name(name)}") as ws:
@@ -153,6 +153,7 @@ class Client:
                 )
             await trio.Path(tmp).rename(dst)
         except BaseException:
+            # Synchronous on purpose: it must happen even when we are being cancelled.
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise

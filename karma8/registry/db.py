@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from karma8.core.records import Heartbeat
 
@@ -149,7 +150,7 @@ class RegistryDB:
             for sql, args in statements:
                 c.execute(sql, args)
 
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
@@ -175,7 +176,7 @@ class RegistryDB:
         rows = self._query(
             "SELECT id, address, last_seen, used, free, capacity, fragments FROM buckets ORDER BY id"
         )
-        return [BucketRow(*r) for r in rows]  # type: ignore[arg-type]
+        return [BucketRow(*r) for r in rows]
 
     # -- uploads ---------------------------------------------------------------------
 
@@ -255,7 +256,7 @@ class RegistryDB:
             "SELECT id, name, size, parts, unit, state, sha256, created FROM uploads WHERE id = ?",
             (upload_id,),
         )
-        return UploadRow(*rows[0]) if rows else None  # type: ignore[arg-type]
+        return UploadRow(*rows[0]) if rows else None
 
     def fragments(self, upload_id: str) -> list[FragmentRow]:
         """The fragment rows of an upload, in part order."""
@@ -264,7 +265,7 @@ class RegistryDB:
             " WHERE upload_id = ? ORDER BY part",
             (upload_id,),
         )
-        return [FragmentRow(*r) for r in rows]  # type: ignore[arg-type]
+        return [FragmentRow(*r) for r in rows]
 
     # -- cleanup ---------------------------------------------------------------------
 
@@ -312,7 +313,7 @@ class RegistryDB:
             name,
             int(size),
             str(sha256),
-            float(created),  # type: ignore[arg-type]
+            float(created),
             upload,
             tuple(self.fragments(str(upload_id))),
         )
@@ -323,7 +324,7 @@ class RegistryDB:
             "SELECT name, size, sha256, created FROM files WHERE substr(name, 1, ?) = ? ORDER BY name",
             (len(prefix), prefix),
         )
-        return [(str(n), int(s), str(h), float(c)) for n, s, h, c in rows]  # type: ignore[arg-type]
+        return [(str(n), int(s), str(h), float(c)) for n, s, h, c in rows]
 
     def delete_file(self, name: str, now: float) -> str | None:
         """Remove ``name``; its upload becomes ``deleting``. Returns that upload's id."""

@@ -103,7 +103,7 @@ class Portal:
         result: asyncio.Future[T] = self._loop.create_future()
         cancel_scope = trio.CancelScope()
 
-        def settle(outcome: Callable[[], None]) -> None:
+        def settle(outcome: Callable[[], object]) -> None:
             if not result.done():
                 outcome()
 

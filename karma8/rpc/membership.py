@@ -10,12 +10,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpclib.server
 import trio
 
 from karma8.core.records import Heartbeat, Usage
 from karma8.rpc.bridge import Portal
 from karma8.rpc.gen.karma8 import v1 as pb
+from karma8.rpc.servers import start_grpc_server
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,6 @@ class _MembershipService(pb.MembershipBase):
         return pb.HeartbeatReply(interval=interval)
 
 
-async def _start(handlers: list[Any], host: str, port: int) -> tuple[Any, int]:
-    server = grpclib.server.Server(handlers)
-    await server.start(host, port)
-    bound = server._server.sockets[0].getsockname()[1]  # grpclib keeps the asyncio.Server here
-    return server, int(bound)
-
-
 async def _stop(server: Any) -> None:
     server.close()
     await server.wait_closed()
@@ -61,7 +54,9 @@ async def serve_membership(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the membership endpoint until cancelled; ``started()`` gets the bound port."""
-    server, bound = await portal.run(_start, [_MembershipService(portal, on_heartbeat)], host, port)
+    server, bound = await portal.run(
+        start_grpc_server, [_MembershipService(portal, on_heartbeat)], host, port
+    )
     log.info("membership endpoint listening on %s:%d", host, bound)
     try:
         task_status.started(bound)
