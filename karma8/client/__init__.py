@@ -123,7 +123,6 @@ class Client:
     async def download(self, name: str, dst: Path, *, progress: Progress | None = None) -> FileInfo:
         """Download ``name`` to ``dst`` (written to a temporary file, then renamed)."""
         validate_name(name)
-        dst = Path(os.path.abspath(dst))
         tmp = dst.with_name(f".{dst.name}.karma8-{os.getpid()}.part")
         try:
             async with self._connect(f"/download/{encode_name(name)}") as ws:
