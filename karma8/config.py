@@ -54,9 +54,17 @@ def parse_size(value: object) -> object:
     return value
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
-PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
-Port = Annotated[int, Field(ge=0, le=65535)]
+def _not_bool(value: object) -> object:
+    # pydantic's lax mode reads true as 1; a boolean is never a number here.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+ByteSize = Annotated[int, BeforeValidator(parse_size), BeforeValidator(_not_bool), Field(ge=0)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), BeforeValidator(_not_bool), Field(gt=0)]
+Port = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
 
@@ -83,11 +91,11 @@ class ApiConfig(_Section):
     )
     membership_port: Port = Field(8081, description="gRPC port buckets register with (0 picks a free one).")
     data_dir: Path = Field(Path("karma8-data/api"), description="Holds the registry database.")
-    parts: int = Field(6, ge=1, le=64, description="Parts per file, each on a distinct bucket.")
+    parts: Int = Field(6, ge=1, le=64, description="Parts per file, each on a distinct bucket.")
     stripe_unit: PositiveSize = Field(MiB, description="Largest stripe unit (also the gRPC chunk size).")
     max_frame: PositiveSize = Field(MiB, description="Largest WebSocket data frame accepted or sent.")
     max_file_size: PositiveSize = Field(10 * GiB, description="Largest file accepted.")
-    queue_depth: int = Field(4, ge=1, le=64, description="Chunks buffered per bucket stream.")
+    queue_depth: Int = Field(4, ge=1, le=64, description="Chunks buffered per bucket stream.")
     receive_buffer: PositiveSize = Field(256 * KiB, description="WebSocket socket read size.")
     bucket_timeout: Seconds = Field(10.0, description="Silence after which a bucket is not live.")
     heartbeat_interval: Seconds = Field(2.0, description="How often buckets are told to heartbeat.")
@@ -156,7 +164,7 @@ class StackConfig(_Section):
     env_prefix = "KARMA8_STACK_"
 
     data: Path = Field(Path("karma8-data"), description="Root data directory (api/, bucket-N/).")
-    buckets: int = Field(6, ge=1, le=256, description="How many buckets to start.")
+    buckets: Int = Field(6, ge=1, le=256, description="How many buckets to start.")
     port: Port = Field(8080, description="WebSocket port of the API server.")
     membership_port: Port = Field(8081, description="Membership gRPC port of the API server.")
     start_timeout: Seconds = Field(30.0, description="Limit for the stack to become ready.")
@@ -187,11 +195,10 @@ def read_toml(path: Path | None) -> dict[str, Any]:
 
 def env_values(cls: type[_Section], environ: Mapping[str, str]) -> dict[str, str]:
     """The fields ``environ`` sets for ``cls``; unknown ``KARMA8_<ROLE>_*`` are errors."""
-    values: dict[str, str] = {}
+    # Aliases first, so that the role's own variable (KARMA8_CLIENT_API) wins over one.
+    values = {field: environ[key] for key, field in cls.env_aliases.items() if key in environ}
     for key, value in environ.items():
-        if key in cls.env_aliases:
-            values[cls.env_aliases[key]] = value
-        elif key.startswith(cls.env_prefix):
+        if key.startswith(cls.env_prefix):
             field = key[len(cls.env_prefix) :].lower()
             if field not in cls.model_fields:
                 raise ConfigError(f"unknown setting {key} (see docs/configuration.md)")

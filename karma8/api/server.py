@@ -21,6 +21,7 @@ from karma8.api.session import Services, Session
 from karma8.api.upload import handle_upload
 from karma8.core.protocol import CloseCode, Op, Request, close_code_for, encode_error, parse_path
 from karma8.errors import Internal, Karma8Error
+from karma8.wsclose import close_transport
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class ApiHandler:
             await _send_error(ws, Internal("internal error (see the server log)"))
         else:
             await ws.aclose(CloseCode.NORMAL)
+        finally:
+            await close_transport(ws)
 
     async def _dispatch(self, session: Session, req: Request) -> None:
         if req.op is Op.UPLOAD:

@@ -29,6 +29,7 @@ from karma8.config import ClientConfig
 from karma8.core.names import encode_name, validate_name
 from karma8.core.protocol import UploadHeader, decode_reply, encode_upload_header
 from karma8.errors import BadRequest, ChecksumMismatch, ConnectionFailed
+from karma8.wsclose import close_transport
 
 __all__ = ["Client", "FileInfo", "Progress"]
 
@@ -61,7 +62,10 @@ class Client:
                 receive_buffer_size=self.config.receive_buffer,
                 connect_timeout=self.config.connect_timeout,
             ) as ws:
-                yield ws
+                try:
+                    yield ws
+                finally:
+                    await close_transport(ws)
         except (OSError, HandshakeError) as exc:
             raise ConnectionFailed(f"cannot reach the API server at {self.config.api}: {exc}") from None
         except ConnectionClosed as exc:

@@ -24,6 +24,8 @@ def new_upload_id() -> str:
 
 def fragment_id(upload_id: str, part: int) -> str:
     """The id of ``part`` of ``upload_id``."""
+    if not 0 <= part < MAX_PARTS:
+        raise BadRequest(f"part {part} out of range")
     return f"{check_upload_id(upload_id)}.{part}"
 
 

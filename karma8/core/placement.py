@@ -27,8 +27,8 @@ class Candidate:
 
 def _unit_hash(upload_id: str, bucket_id: str) -> float:
     digest = hashlib.blake2b(f"{upload_id}\0{bucket_id}".encode(), digest_size=8).digest()
-    # (x + 0.5) / 2**64 maps to the open interval (0, 1).
-    return (int.from_bytes(digest, "big") + 0.5) / 2**64
+    # 52 bits, so that (x + 0.5) / 2**52 is exact and strictly inside (0, 1).
+    return ((int.from_bytes(digest, "big") >> 12) + 0.5) / 2**52
 
 
 def choose_buckets(upload_id: str, candidates: Sequence[Candidate], count: int) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from karma8.core.records import Heartbeat
+from karma8.errors import Internal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (
@@ -205,10 +206,13 @@ class RegistryDB:
         Returns the id of the version it replaced (now ``deleting``), if any.
         """
         with self._transaction() as c:
-            name, size = c.execute(
+            row = c.execute(
                 "SELECT name, size FROM uploads WHERE id = ? AND state = 'in_progress'",
                 (upload_id,),
             ).fetchone()
+            if row is None:
+                raise Internal(f"upload {upload_id} is not in progress; cannot commit it")
+            name, size = row
             old = c.execute("SELECT upload_id FROM files WHERE name = ?", (name,)).fetchone()
             for part, digest in checksums.items():
                 c.execute(

@@ -1,0 +1,256 @@
+"""Real processes and sockets for integration tests.
+
+Buckets always run as real ``karma8 bucket`` processes. The API server runs in-process
+on port 0 (so tests can look at its registry and inject faults) or, where a test is about
+the process itself, as a real ``karma8 api`` process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from karma8.api.app import ApiEndpoints, serve_api
+from karma8.client import Client
+from karma8.config import ApiConfig, ClientConfig
+from karma8.registry.db import RegistryDB
+
+DEADLINE = 30.0
+POLL = 0.02
+
+#: Fast membership so tests see joins and deaths quickly.
+FAST_API = {"heartbeat_interval": 0.2, "bucket_timeout": 1.5, "janitor_interval": 0.3}
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool] | bool], what: str, within: float = DEADLINE
+) -> None:
+    """Poll ``check`` until it is true; fail the test after ``within`` seconds."""
+    with trio.move_on_after(within):
+        while True:
+            result = check()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await trio.sleep(POLL)
+    raise AssertionError(f"timed out after {within:g} s waiting for {what}")
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for servers that must keep their port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_file(path: Path, size: int, seed: int = 0) -> str:
+    """Write ``size`` pseudo-random bytes to ``path``; return their sha256."""
+    h = hashlib.sha256()
+    rnd = __import__("random").Random(seed)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            chunk = rnd.randbytes(min(left, 1 << 20))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def karma8_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "karma8", *args]
+
+
+@dataclass
+class BucketProcess:
+    """A running ``karma8 bucket`` process."""
+
+    data_dir: Path
+    proc: trio.Process
+    bucket_id: str = ""
+    port: int = 0
+
+    def fragment_files(self) -> list[Path]:
+        root = self.data_dir / "fragments"
+        return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+    def tmp_files(self) -> list[Path]:
+        root = self.data_dir / "tmp"
+        return sorted(root.iterdir()) if root.exists() else []
+
+    def files_of(self, upload_id: str) -> list[Path]:
+        """Committed and in-progress files of one upload on this bucket."""
+        return [p for p in self.fragment_files() + self.tmp_files() if p.name.startswith(upload_id)]
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def start_bucket(data_dir: Path, membership_port: int) -> BucketProcess:
+    """Start a bucket process and wait until it serves."""
+    ready = data_dir.with_name(data_dir.name + ".ready")
+    ready.unlink(missing_ok=True)
+    proc = await trio.lowlevel.open_process(
+        karma8_cmd(
+            "bucket",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            "0",
+            "--api",
+            f"127.0.0.1:{membership_port}",
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "warning",
+        )
+    )
+    bucket = BucketProcess(data_dir, proc)
+
+    def is_ready() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"bucket exited with {proc.returncode}")
+        return ready.exists()
+
+    await wait_until(is_ready, f"bucket {data_dir} to start")
+    info = json.loads(ready.read_text())
+    bucket.bucket_id, bucket.port = info["bucket_id"], info["port"]
+    return bucket
+
+
+async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            proc.send_signal(sig)
+        with trio.move_on_after(10):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@dataclass
+class Cluster:
+    """An API server and its buckets, for one test."""
+
+    root: Path
+    membership_port: int
+    url: str = ""
+    buckets: list[BucketProcess] = field(default_factory=list)
+    api_config: ApiConfig | None = None
+    _started: int = 0
+
+    @property
+    def client(self) -> Client:
+        return Client(ClientConfig(api=self.url))
+
+    def registry(self) -> RegistryDB:
+        """A second connection to the registry file (SQLite WAL allows it)."""
+        return RegistryDB(self.root / "api" / "registry.sqlite3")
+
+    async def add_bucket(self) -> BucketProcess:
+        self._started += 1
+        bucket = await start_bucket(self.root / f"bucket-{self._started}", self.membership_port)
+        self.buckets.append(bucket)
+        return bucket
+
+    async def live_count(self) -> int:
+        return int((await self.client.status())["live"])
+
+    async def wait_live(self, n: int) -> None:
+        async def enough() -> bool:
+            return await self.live_count() == n
+
+        await wait_until(enough, f"{n} live buckets")
+
+    def bucket(self, bucket_id: str) -> BucketProcess:
+        return next(b for b in self.buckets if b.bucket_id == bucket_id)
+
+    def all_files(self) -> list[Path]:
+        return [p for b in self.buckets for p in b.fragment_files() + b.tmp_files()]
+
+    def files_of(self, upload_id: str) -> list[Path]:
+        return [p for b in self.buckets for p in b.files_of(upload_id)]
+
+    async def aclose(self) -> None:
+        for b in self.buckets:
+            await stop_process(b.proc)
+
+
+def api_config(root: Path, **overrides: object) -> ApiConfig:
+    values: dict[str, object] = {
+        "port": 0,
+        "membership_port": 0,
+        "data_dir": root / "api",
+        "uvloop": True,
+        **FAST_API,
+    }
+    values.update(overrides)
+    return ApiConfig.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def open_cluster(root: Path, buckets: int = 6, **api_overrides: object) -> AsyncIterator[Cluster]:
+    """An in-process API server and ``buckets`` bucket processes, all live."""
+    async with trio.open_nursery() as nursery:
+        config = api_config(root, **api_overrides)
+        endpoints: ApiEndpoints = await nursery.start(serve_api, config)
+        cluster = Cluster(root, endpoints.membership_port, endpoints.url, api_config=config)
+        try:
+            async with trio.open_nursery() as starting:
+                for _ in range(buckets):
+                    starting.start_soon(cluster.add_bucket)
+            await cluster.wait_live(buckets)
+            yield cluster
+        finally:
+            await cluster.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def open_api_process(root: Path, membership_port: int) -> AsyncIterator[str]:
+    """A real ``karma8 api`` process; yields its WebSocket URL."""
+    ready = root / "api.ready"
+    ready.unlink(missing_ok=True)
+    env = {**os.environ, **{f"KARMA8_API_{k.upper()}": str(v) for k, v in FAST_API.items()}}
+    proc = await trio.lowlevel.open_process(
+        karma8_cmd(
+            "api",
+            "--data-dir",
+            str(root / "api"),
+            "--port",
+            "0",
+            "--membership-port",
+            str(membership_port),
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "warning",
+        ),
+        env=env,
+    )
+    try:
+        await wait_until(ready.exists, "the API process to start")
+        yield f"ws://127.0.0.1:{json.loads(ready.read_text())['port']}"
+    finally:
+        await stop_process(proc, signal.SIGKILL)

@@ -1,0 +1,386 @@
+"""A bucket's fragment store on its local filesystem (anyio, run here under trio)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from karma8.bucket.store import (
+    FOOTER_SIZE,
+    FragmentCorrupt,
+    FragmentMissing,
+    FragmentStore,
+    NoSpace,
+    open_store,
+)
+from karma8.core.records import StoredFragment
+from karma8.errors import BadRequest
+
+UID = "0123456789abcdef0123456789abcdef"
+OTHER = "fedcba9876543210fedcba9876543210"
+
+HOSTILE_IDS = [
+    "../../etc/passwd",
+    "x" * 32 + ".0/../..",
+    f"{UID}.0/../../x",
+    f"../{UID}.0",
+    f"/{UID}.0",
+    f"{UID}.64",
+    f"{UID.upper()}.0",
+    f"{UID}.0\n",
+    "",
+]
+
+
+def _files(root: Path) -> set[str]:
+    """Every regular file under ``root``, relative to it."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def _data(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def _paths(root: Path) -> set[Path]:
+    """Every file and directory under ``root``."""
+    return set(root.rglob("*"))
+
+
+async def _put(
+    store: FragmentStore, fragment_id: str, data: bytes, frame: int = 1000, announce: int | None = None
+) -> StoredFragment:
+    size = len(data) if announce is None else announce
+    async with store.open_writer(fragment_id, size) as writer:
+        for i in range(0, len(data), frame):
+            await writer.write(data[i : i + frame])
+        return await writer.commit()
+
+
+async def _get(store: FragmentStore, fragment_id: str, chunk_size: int = 4096) -> bytes:
+    async with store.open_reader(fragment_id) as reader:
+        return b"".join([chunk async for chunk in reader.chunks(chunk_size)])
+
+
+async def _read_into(chunks: list[bytes], store: FragmentStore, fragment_id: str, chunk_size: int) -> None:
+    """Read a fragment, keeping every chunk that was yielded before any error."""
+    async with store.open_reader(fragment_id) as reader:
+        async for chunk in reader.chunks(chunk_size):
+            chunks.append(chunk)
+
+
+def _fragment_path(root: Path, fragment_id: str) -> Path:
+    return root / "fragments" / fragment_id[:2] / fragment_id
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> FragmentStore:
+    return await open_store(tmp_path / "bucket", fsync=False)
+
+
+# -- put and get ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+async def test_put_then_get(tmp_path: Path, fsync: bool) -> None:
+    root = tmp_path / "bucket"
+    store = await open_store(root, fsync=fsync)
+    data = _data(10_000)
+
+    stored = await _put(store, f"{UID}.3", data, frame=777)
+
+    assert stored == StoredFragment(f"{UID}.3", len(data), hashlib.sha256(data).hexdigest())
+    assert _files(root) == {"bucket-id", f"fragments/01/{UID}.3"}
+    assert _fragment_path(root, f"{UID}.3").stat().st_size == len(data) + FOOTER_SIZE
+    assert await _get(store, f"{UID}.3") == data
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000, 1_999, 2_000, 2_001, 1 << 20])
+async def test_read_in_any_chunk_size(store: FragmentStore, chunk_size: int) -> None:
+    data = _data(2_000, seed=chunk_size)
+    await _put(store, f"{UID}.0", data)
+
+    async with store.open_reader(f"{UID}.0") as reader:
+        assert reader.size == len(data)
+        chunks = [chunk async for chunk in reader.chunks(chunk_size)]
+
+    assert b"".join(chunks) == data
+    assert all(len(c) == chunk_size for c in chunks[:-1])
+    assert 0 < len(chunks[-1]) <= chunk_size
+
+
+async def test_empty_fragment(store: FragmentStore) -> None:
+    stored = await _put(store, f"{UID}.0", b"")
+
+    assert stored == StoredFragment(f"{UID}.0", 0, hashlib.sha256(b"").hexdigest())
+    assert await _get(store, f"{UID}.0") == b""
+
+
+async def test_missing_fragment(store: FragmentStore) -> None:
+    with pytest.raises(FragmentMissing):
+        await _get(store, f"{UID}.0")
+
+
+async def test_put_replaces_an_existing_fragment(store: FragmentStore) -> None:
+    await _put(store, f"{UID}.0", b"a" * 100)
+    await _put(store, f"{UID}.0", b"b" * 40)
+
+    assert await _get(store, f"{UID}.0") == b"b" * 40
+    usage = store.usage()
+    assert (usage.used, usage.fragments) == (40, 1)
+
+
+# -- failed writes leave nothing -----------------------------------------------------
+
+
+async def test_writing_more_than_announced(store: FragmentStore) -> None:
+    with pytest.raises(BadRequest, match="more than the announced"):
+        await _put(store, f"{UID}.0", b"x" * 11, frame=6, announce=10)
+
+    assert _files(store.root) == {"bucket-id"}
+    assert store.usage().used == 0
+
+
+async def test_commit_short(store: FragmentStore) -> None:
+    with pytest.raises(BadRequest, match="got 9 of 10 bytes"):
+        await _put(store, f"{UID}.0", b"x" * 9, announce=10)
+
+    assert list((store.root / "tmp").iterdir()) == []
+    assert list((store.root / "fragments").rglob("*")) == []
+    assert store.usage().fragments == 0
+
+
+async def test_exception_in_the_block_leaves_no_file(store: FragmentStore) -> None:
+    class Boom(Exception):
+        pass
+
+    seen: list[set[str]] = []
+
+    async def fail_midway() -> None:
+        async with store.open_writer(f"{UID}.0", 10) as writer:
+            await writer.write(b"x" * 5)
+            seen.append(_files(store.root))
+            raise Boom
+
+    with pytest.raises(Boom):
+        await fail_midway()
+
+    assert len(seen[0]) == 2  # bucket-id and the temporary file, while writing
+    assert _files(store.root) == {"bucket-id"}
+    with pytest.raises(FragmentMissing):
+        await _get(store, f"{UID}.0")
+
+
+async def test_cancelled_write_leaves_no_file(store: FragmentStore) -> None:
+    with trio.CancelScope() as scope:
+        async with store.open_writer(f"{UID}.0", 10) as writer:
+            await writer.write(b"x" * 5)
+            scope.cancel()
+            await writer.write(b"x" * 5)
+            await writer.commit()
+
+    assert scope.cancelled_caught
+    assert _files(store.root) == {"bucket-id"}
+    assert store.usage().fragments == 0
+
+
+async def test_writer_open_without_writes_leaves_no_file(store: FragmentStore) -> None:
+    async with store.open_writer(f"{UID}.0", 10):
+        pass
+
+    assert _files(store.root) == {"bucket-id"}
+
+
+# -- corruption ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [0, 4_999, 9_999])
+async def test_flipped_byte_is_detected_before_the_last_chunk(store: FragmentStore, offset: int) -> None:
+    data = _data(10_000)
+    await _put(store, f"{UID}.0", data)
+    path = _fragment_path(store.root, f"{UID}.0")
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(raw)
+
+    chunks: list[bytes] = []
+    with pytest.raises(FragmentCorrupt, match="checksum"):
+        await _read_into(chunks, store, f"{UID}.0", 1000)
+
+    # Chunks before the final one may have gone out; the final one never does.
+    assert b"".join(chunks) == raw[:9_000]
+
+
+async def test_flipped_byte_in_a_single_chunk_fragment_yields_nothing(store: FragmentStore) -> None:
+    await _put(store, f"{UID}.0", b"hello")
+    path = _fragment_path(store.root, f"{UID}.0")
+    raw = bytearray(path.read_bytes())
+    raw[1] ^= 0x20
+    path.write_bytes(raw)
+
+    chunks: list[bytes] = []
+    with pytest.raises(FragmentCorrupt):
+        await _read_into(chunks, store, f"{UID}.0", 1 << 20)
+    assert chunks == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "extend", "magic", "footer_size", "tiny"])
+async def test_damaged_footer(store: FragmentStore, damage: str) -> None:
+    await _put(store, f"{UID}.0", b"0123456789")
+    path = _fragment_path(store.root, f"{UID}.0")
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        del raw[3]
+    elif damage == "extend":
+        raw[:0] = b"!"
+    elif damage == "magic":
+        raw[-FOOTER_SIZE] ^= 0xFF
+    elif damage == "footer_size":
+        raw[-FOOTER_SIZE + 8] ^= 0x01
+    else:
+        raw = raw[:10]
+    path.write_bytes(raw)
+
+    with pytest.raises(FragmentCorrupt):
+        await _get(store, f"{UID}.0", 4)
+
+
+# -- hostile ids ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fragment_id", HOSTILE_IDS)
+async def test_hostile_fragment_ids(tmp_path: Path, fragment_id: str) -> None:
+    root = tmp_path / "deep" / "bucket"
+    store = await open_store(root, fsync=False)
+    before = _paths(tmp_path)
+
+    with pytest.raises(BadRequest):
+        await _put(store, fragment_id, b"x")
+    with pytest.raises(BadRequest):
+        await _get(store, fragment_id)
+
+    assert _paths(tmp_path) == before
+
+
+@pytest.mark.parametrize("upload_id", ["../../etc", UID[:-1], UID + "/..", f"{UID}.0", "*", ""])
+async def test_hostile_upload_ids(store: FragmentStore, upload_id: str) -> None:
+    await _put(store, f"{UID}.0", b"keep")
+
+    with pytest.raises(BadRequest):
+        await store.delete_upload(upload_id)
+    if upload_id:  # "" lists everything, by design
+        with pytest.raises(BadRequest):
+            await store.list_fragments(upload_id)
+
+    assert await _get(store, f"{UID}.0") == b"keep"
+
+
+# -- delete, list, usage ---------------------------------------------------------------
+
+
+async def test_delete_upload_removes_only_that_upload(store: FragmentStore) -> None:
+    for part in range(3):
+        await _put(store, f"{UID}.{part}", b"u" * 100)
+    await _put(store, f"{OTHER}.0", b"o" * 30)
+    # Same shard directory as UID, different upload.
+    neighbour = UID[:2] + "f" * 30
+    await _put(store, f"{neighbour}.1", b"n" * 7)
+    assert store.usage().used == 337
+    assert store.usage().fragments == 5
+
+    assert await store.delete_upload(UID) == (3, 300)
+
+    assert (store.usage().used, store.usage().fragments) == (37, 2)
+    for part in range(3):
+        with pytest.raises(FragmentMissing):
+            await _get(store, f"{UID}.{part}")
+    assert await _get(store, f"{OTHER}.0") == b"o" * 30
+    assert await _get(store, f"{neighbour}.1") == b"n" * 7
+    assert await store.delete_upload(UID) == (0, 0)
+    assert await store.delete_upload("9" * 32) == (0, 0)
+
+
+async def test_list_fragments(store: FragmentStore) -> None:
+    assert await store.list_fragments() == []
+    a = await _put(store, f"{UID}.0", b"aaa")
+    b = await _put(store, f"{UID}.11", b"bbbbbb")
+    c = await _put(store, f"{OTHER}.5", b"")
+
+    listed = await store.list_fragments()
+    assert sorted(listed, key=lambda f: f.fragment_id) == sorted([a, b, c], key=lambda f: f.fragment_id)
+    assert sorted(await store.list_fragments(UID), key=lambda f: f.fragment_id) == [a, b]
+    assert await store.list_fragments(OTHER) == [c]
+    assert await store.list_fragments("9" * 32) == []
+
+
+async def test_list_fragments_reports_corrupt_ones_without_checksum(store: FragmentStore) -> None:
+    await _put(store, f"{UID}.0", b"0123456789")
+    path = _fragment_path(store.root, f"{UID}.0")
+    path.write_bytes(path.read_bytes()[:-1])
+
+    # The size is what the file holds beyond a footer's length.
+    assert await store.list_fragments(UID) == [StoredFragment(f"{UID}.0", 9, "")]
+
+
+async def test_usage_counts_data_bytes(store: FragmentStore) -> None:
+    empty = store.usage()
+    assert (empty.used, empty.fragments) == (0, 0)
+    assert empty.capacity > 0
+
+    await _put(store, f"{UID}.0", b"x" * 1000)
+    await _put(store, f"{UID}.1", b"x" * 24)
+
+    usage = store.usage()
+    assert (usage.used, usage.fragments) == (1024, 2)
+
+
+async def test_capacity_limits_free_space(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "bucket", capacity=100, fsync=False)
+    assert (store.usage().capacity, store.usage().free) == (100, 100)
+
+    await _put(store, f"{UID}.0", b"x" * 60)
+    assert (store.usage().used, store.usage().free) == (60, 40)
+
+    with pytest.raises(NoSpace):
+        await _put(store, f"{UID}.1", b"y" * 41)
+    assert _files(store.root) == {"bucket-id", f"fragments/01/{UID}.0"}
+
+    await _put(store, f"{UID}.1", b"y" * 40)
+    assert store.usage().free == 0
+
+    await store.delete_upload(UID)
+    assert (store.usage().used, store.usage().free) == (0, 100)
+
+
+# -- startup ---------------------------------------------------------------------------
+
+
+async def test_identity_is_stable(tmp_path: Path) -> None:
+    root = tmp_path / "bucket"
+    first = await open_store(root, fsync=False)
+    second = await open_store(root, fsync=False)
+    other = await open_store(tmp_path / "other", fsync=False)
+
+    assert first.bucket_id
+    assert second.bucket_id == first.bucket_id
+    assert other.bucket_id != first.bucket_id
+    assert (root / "bucket-id").read_text().strip() == first.bucket_id
+
+
+async def test_reopen_clears_tmp_and_rebuilds_usage(tmp_path: Path) -> None:
+    root = tmp_path / "bucket"
+    store = await open_store(root, fsync=False)
+    await _put(store, f"{UID}.0", b"x" * 50)
+    await _put(store, f"{OTHER}.2", b"y" * 25)
+    (root / "tmp" / f"{UID}.1.deadbeef").write_bytes(b"half a fragment")
+    (root / "tmp" / "nested").mkdir()
+    (root / "tmp" / "nested" / "junk").write_bytes(b"junk")
+
+    reopened = await open_store(root, fsync=False)
+
+    assert list((root / "tmp").iterdir()) == []
+    assert (reopened.usage().used, reopened.usage().fragments) == (75, 2)
+    assert await _get(reopened, f"{UID}.0") == b"x" * 50
