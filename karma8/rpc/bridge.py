@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -48,6 +49,15 @@ def new_event_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+@dataclass
+class _Call:
+    """One Portal.run call, as the asyncio side sees it."""
+
+    task: asyncio.Task[None] | None = None
+    cancelled: bool = False
+    outcome: tuple[bool, Any] | None = None
+
+
 class Portal:
     """Calls across the trio/asyncio boundary. Create with :func:`open_portal`."""
 
@@ -61,33 +71,55 @@ class Portal:
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``await fn(*args)`` on the asyncio loop; return its result to trio.
 
-        If the calling trio task is cancelled, the asyncio task is cancelled and awaited
-        (shielded) before :class:`trio.Cancelled` propagates. Completion is signalled
-        from inside the coroutine: a cancelled ``concurrent.futures.Future`` reports
-        "done" while its task is still running, which is exactly the race to avoid.
+        Like any trio function, it raises :class:`trio.Cancelled` without starting
+        anything when called in a cancelled scope. If the caller is cancelled while the
+        coroutine runs, its asyncio task is cancelled and awaited (shielded) before
+        ``Cancelled`` propagates: when this returns or raises, nothing it started is
+        still running. Completion comes from the task's done-callback, which fires even
+        for a task cancelled before its first step (its coroutine body never runs then).
         """
-        done = trio.Event()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        loop = self._loop
         token = self._token
-        box: list[tuple[bool, Any]] = []
+        done = trio.Event()
+        call = _Call()
 
-        async def call() -> None:
+        async def body() -> None:
             try:
-                box.append((True, await fn(*args)))
-            except BaseException as exc:  # reported to the trio side below
-                box.append((False, exc))
-            finally:
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(done.set)
+                call.outcome = (True, await fn(*args))
+            except BaseException as exc:  # handed to the trio side below
+                call.outcome = (False, exc)
 
-        future = asyncio.run_coroutine_threadsafe(call(), self._loop)
+        def finished(_: object = None) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        def start() -> None:  # on the asyncio loop
+            if call.cancelled:
+                finished()
+                return
+            call.task = loop.create_task(body())
+            call.task.add_done_callback(finished)
+
+        def cancel() -> None:  # on the asyncio loop, always after start()
+            call.cancelled = True
+            if call.task is not None:
+                call.task.cancel()
+
+        try:
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop is closed
+            raise PortalClosed("the asyncio loop is closed") from None
         try:
             await done.wait()
         finally:
             if not done.is_set():
-                future.cancel()
+                loop.call_soon_threadsafe(cancel)
                 with trio.CancelScope(shield=True):
                     await done.wait()
-        ok, value = box[0]
+        if call.outcome is None:
+            raise PortalClosed("the asyncio loop dropped the call")
+        ok, value = call.outcome
         if ok:
             return value  # type: ignore[no-any-return]
         if isinstance(value, asyncio.CancelledError):
@@ -131,8 +163,13 @@ async def _call(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
 
 
 @contextlib.asynccontextmanager
-async def open_portal(*, use_uvloop: bool = True) -> AsyncIterator[Portal]:
-    """Start an asyncio loop on its own thread; stop it (after its tasks) on exit."""
+async def open_portal(*, use_uvloop: bool = True, stop_timeout: float = 5.0) -> AsyncIterator[Portal]:
+    """Start an asyncio loop on its own thread; stop it (after its tasks) on exit.
+
+    Stopping waits at most ``stop_timeout`` seconds for the loop thread; a loop that does
+    not stop in time (uvloop's close can block on a transport that was never cleaned up)
+    is abandoned with a warning: it is a daemon thread and dies with the process.
+    """
     loop = new_event_loop(use_uvloop)
     ready = threading.Event()
 
@@ -157,5 +194,7 @@ async def open_portal(*, use_uvloop: bool = True) -> AsyncIterator[Portal]:
             nursery.cancel_scope.cancel()
     finally:
         loop.call_soon_threadsafe(loop.stop)
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(thread.join)
+        with trio.move_on_after(stop_timeout, shield=True):
+            await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+        if thread.is_alive():
+            log.warning("the asyncio loop did not stop within %g s; abandoning it", stop_timeout)

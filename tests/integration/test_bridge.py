@@ -1,0 +1,131 @@
+"""The trio <-> asyncio bridge, and cancellation of gRPC streams through it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import trio
+
+from karma8.config import MiB
+from karma8.core.fragments import fragment_id, new_upload_id
+from karma8.errors import BucketUnavailable
+from karma8.rpc.bridge import open_portal
+from karma8.rpc.buckets import connect_bucket
+from tests.integration.harness import free_port, start_bucket, stop_process, wait_until
+
+
+async def test_run_returns_results_and_raises_errors() -> None:
+    async def add(a: int, b: int) -> int:
+        await asyncio.sleep(0)
+        return a + b
+
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    async with open_portal() as portal:
+        assert await portal.run(add, 2, 3) == 5
+        with pytest.raises(ValueError, match="boom"):
+            await portal.run(boom)
+
+
+async def test_cancelled_run_waits_for_the_asyncio_side_to_finish() -> None:
+    """When run() gives up, the coroutine on the other loop has really ended."""
+    events: list[str] = []
+    started = trio.Event()
+
+    async def slow_cleanup() -> None:
+        try:
+            started_in_trio()
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.2)  # cleanup that itself awaits
+            events.append("asyncio cleanup done")
+
+    async with open_portal() as portal:
+        token = trio.lowlevel.current_trio_token()
+
+        def started_in_trio() -> None:
+            token.run_sync_soon(started.set)
+
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                try:
+                    await portal.run(slow_cleanup)
+                finally:
+                    events.append("trio saw the end")
+
+            nursery.start_soon(call)
+            await started.wait()
+            nursery.cancel_scope.cancel()
+    assert events == ["asyncio cleanup done", "trio saw the end"]
+
+
+async def test_run_trio_from_asyncio() -> None:
+    async def double(x: int) -> int:
+        await trio.sleep(0)
+        return 2 * x
+
+    async def fails() -> None:
+        raise KeyError("k")
+
+    async with open_portal() as portal:
+
+        async def on_asyncio() -> tuple[int, str]:
+            value = await portal.run_trio(double, 21)
+            try:
+                await portal.run_trio(fails)
+            except KeyError as exc:
+                return value, str(exc)
+            return value, ""
+
+        assert await portal.run(on_asyncio) == (42, "'k'")
+
+
+async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path) -> None:
+    """Cancelling a trio task mid-Put must reset the stream, so the bucket stops writing.
+
+    The channel stays open: only a RST_STREAM sent by the (shielded) stream exit can make
+    the bucket drop its temporary file here.
+    """
+    bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
+    try:
+        async with open_portal(use_uvloop=False) as portal:
+            client = await connect_bucket(
+                portal, bucket.bucket_id, f"127.0.0.1:{bucket.port}", close_timeout=5
+            )
+            fid = fragment_id(new_upload_id(), 0)
+            with trio.CancelScope() as scope:
+                async with client.open_put(fid, 64 * MiB) as writer:
+                    await writer.send(b"x" * MiB)
+                    await writer.send(b"y" * MiB)
+                    await wait_until(
+                        lambda: any(p.stat().st_size >= MiB for p in bucket.tmp_files()),
+                        "the bucket to write the first chunk",
+                    )
+                    scope.cancel()
+                    await writer.send(b"z" * MiB)
+            assert scope.cancelled_caught
+            await wait_until(lambda: not bucket.tmp_files(), "the bucket to drop the Put", within=5)
+            assert not bucket.fragment_files()
+
+            # The channel is still usable: the same fragment can be stored afterwards.
+            async with client.open_put(fid, 3) as writer:
+                await writer.send(b"abc")
+                stored = await writer.finish()
+            assert stored.size == 3
+            assert [p.name for p in bucket.fragment_files()] == [fid]
+            await client.aclose()
+    finally:
+        await stop_process(bucket.proc)
+
+
+async def test_unreachable_bucket_is_bucket_unavailable() -> None:
+    async with open_portal() as portal:
+        client = await connect_bucket(portal, "nobody", f"127.0.0.1:{free_port()}", close_timeout=1)
+        with pytest.raises(BucketUnavailable) as info:
+            await client.delete_upload(new_upload_id())
+        assert info.value.bucket_id == "nobody"
+        await client.aclose()
