@@ -59,21 +59,25 @@ def _errors_as_one_line() -> Iterator[None]:
 
 
 async def _until_signal(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main`` until it returns or SIGINT/SIGTERM arrives."""
-    async with trio.open_nursery() as nursery:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives, then let it clean up.
 
-        async def watch() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    The receiver stays open until ``main`` has finished its cleanup, so a second Ctrl-C
+    (or a SIGTERM after a SIGINT) cannot interrupt the shutdown half-way.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     return
 
-        async def run() -> None:
-            await main()
-            nursery.cancel_scope.cancel()
+            async def run() -> None:
+                await main()
+                nursery.cancel_scope.cancel()
 
-        nursery.start_soon(watch)
-        nursery.start_soon(run)
+            nursery.start_soon(watch)
+            nursery.start_soon(run)
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
@@ -114,7 +118,7 @@ def up(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(run_stack, cfg, log_level)
+            info = await nursery.start(run_stack, cfg, log_level, config)
             typer.echo(f"karma8 is up: {info.url} ({info.buckets} buckets, data in {info.data})")
             typer.echo("Ctrl-C stops it.")
 

@@ -103,7 +103,7 @@ class ApiConfig(_Section):
     idle_timeout: Seconds = Field(60.0, description="Limit for a client that stops sending or reading.")
     cleanup_timeout: Seconds = Field(30.0, description="Deadline of the shielded cleanup of a failed upload.")
     janitor_interval: Seconds = Field(5.0, description="How often pending fragment deletions are retried.")
-    shutdown_timeout: Seconds = Field(10.0, description="Deadline for a graceful shutdown.")
+    rpc_timeout: Seconds = Field(10.0, description="Limit for one Delete/List/usage call to a bucket.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")
 
@@ -151,7 +151,9 @@ class ClientConfig(_Section):
 
     api: str = Field("ws://127.0.0.1:8080", description="WebSocket URL of the API server.")
     frame_size: PositiveSize = Field(MiB, description="Data frame size for uploads (<= server max_frame).")
-    max_frame: PositiveSize = Field(MiB, description="Largest frame accepted from the server.")
+    max_message: PositiveSize = Field(
+        64 * MiB, description="Largest frame accepted from the server (/files replies can be big)."
+    )
     receive_buffer: PositiveSize = Field(256 * KiB, description="WebSocket socket read size.")
     connect_timeout: Seconds = Field(10.0, description="Limit for connecting to the API server.")
     idle_timeout: Seconds = Field(120.0, description="Limit for a server that stops answering.")

@@ -86,6 +86,12 @@ class Conflict(Karma8Error):
     code = "conflict"
 
 
+class Timeout(Karma8Error):
+    """A peer stopped sending or reading for longer than the configured limit."""
+
+    code = "timeout"
+
+
 class Internal(Karma8Error):
     """An unexpected server-side failure (details are in the server's log)."""
 

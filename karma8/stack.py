@@ -57,9 +57,11 @@ async def _wait_ready(path: Path, proc: trio.Process, what: str) -> dict[str, in
 class Supervisor:
     """Starts children, and stops them all when done."""
 
-    def __init__(self, log_level: str, stop_timeout: float) -> None:
+    def __init__(self, log_level: str, stop_timeout: float, config_file: Path | None) -> None:
         self._log_level = log_level
         self._stop_timeout = stop_timeout
+        # Children read their own [api] / [bucket] tables from the same file.
+        self._config_args = ["--config", str(config_file.absolute())] if config_file else []
         self.children: list[tuple[str, trio.Process]] = []
 
     async def start(self, what: str, args: list[str], ready: Path) -> dict[str, int]:
@@ -69,6 +71,7 @@ class Supervisor:
             "-m",
             "karma8",
             *args,
+            *self._config_args,
             "--ready-file",
             str(ready),
             "--log-level",
@@ -111,13 +114,14 @@ class Supervisor:
 async def run_stack(
     config: StackConfig,
     log_level: str = "info",
+    config_file: Path | None = None,
     *,
     task_status: trio.TaskStatus[StackInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the local stack until cancelled; ``started()`` once every bucket is live."""
     data = config.data.absolute()
     data.mkdir(parents=True, exist_ok=True)
-    sup = Supervisor(log_level, config.stop_timeout)
+    sup = Supervisor(log_level, config.stop_timeout, config_file)
     try:
         with trio.fail_after(config.start_timeout):
             api = await sup.start(
@@ -133,20 +137,22 @@ async def run_stack(
                 ],
                 data / "api.ready",
             )
-            for i in range(1, config.buckets + 1):
-                await sup.start(
-                    f"bucket-{i}",
-                    [
-                        "bucket",
-                        "--data-dir",
-                        str(data / f"bucket-{i}"),
-                        "--port",
-                        "0",
-                        "--api",
-                        f"127.0.0.1:{api['membership_port']}",
-                    ],
-                    data / f"bucket-{i}.ready",
-                )
+            async with trio.open_nursery() as starting:
+                for i in range(1, config.buckets + 1):
+                    starting.start_soon(
+                        sup.start,
+                        f"bucket-{i}",
+                        [
+                            "bucket",
+                            "--data-dir",
+                            str(data / f"bucket-{i}"),
+                            "--port",
+                            "0",
+                            "--api",
+                            f"127.0.0.1:{api['membership_port']}",
+                        ],
+                        data / f"bucket-{i}.ready",
+                    )
             url = f"ws://127.0.0.1:{api['port']}"
             client = Client(ClientConfig(api=url))
             # Polling another process's state: there is no event to wait on.

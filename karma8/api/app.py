@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import serve_websocket
 
+from karma8 import wsfix
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
 from karma8.api.server import ApiHandler
@@ -39,6 +40,7 @@ async def serve_api(
     config: ApiConfig, *, task_status: trio.TaskStatus[ApiEndpoints] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the API server until cancelled; ``started()`` gets its endpoints."""
+    wsfix.apply()
     async with (
         open_registry(config.registry_path) as registry,
         open_portal(use_uvloop=config.uvloop) as portal,
@@ -51,7 +53,7 @@ async def serve_api(
         cluster = Cluster(registry, portal, config)
         await cluster.load()
         leases = ReadLeases()
-        janitor = Janitor(registry, cluster, leases, config.janitor_interval)
+        janitor = Janitor(registry, cluster, leases, config.janitor_interval, config.rpc_timeout)
         handler = ApiHandler(Services(config, registry, cluster, janitor, leases))
         try:
             async with trio.open_nursery() as nursery:

@@ -18,7 +18,7 @@ from karma8.api.session import Session
 from karma8.core.fragments import fragment_id
 from karma8.core.layout import Layout
 from karma8.core.protocol import encode_ok
-from karma8.errors import BucketUnavailable, ChecksumMismatch, NotFound
+from karma8.errors import BucketUnavailable, ChecksumMismatch, Conflict, NotFound
 from karma8.registry import FileRow, FragmentRow
 from karma8.rpc.buckets import BucketClient
 
@@ -51,14 +51,11 @@ class PartStream:
 async def handle_download(session: Session, name: str) -> None:
     """Serve ``/download/{name}``."""
     services = session.services
-    found = await services.registry.lookup(name)
-    if found is None:
-        raise NotFound(name)
-    file: FileRow = found
-    upload = file.upload
-    layout = Layout(file.size, upload.parts, upload.unit)
-    clients = [services.cluster.client(f.bucket_id) for f in file.fragments if f.size]
-    with services.leases.hold(upload.upload_id):
+    with contextlib.ExitStack() as lease:
+        file = await _lease_current_version(session, name, lease)
+        upload = file.upload
+        layout = Layout(file.size, upload.parts, upload.unit)
+        clients = [services.cluster.client(f.bucket_id) for f in file.fragments if f.size]
         session.log.info("download name=%r upload=%s size=%d", name, upload.upload_id, file.size)
         await session.send(encode_ok(name=name, size=file.size, sha256=file.sha256))
         started = trio.current_time()
@@ -77,6 +74,29 @@ async def handle_download(session: Session, name: str) -> None:
         elapsed,
         file.size / elapsed / 1e6,
     )
+
+
+async def _lease_current_version(session: Session, name: str, lease: contextlib.ExitStack) -> FileRow:
+    """Look ``name`` up and hold a read lease on the version found.
+
+    The lease is taken first and the version checked to be still current afterwards: the
+    janitor deletes only versions that are no longer committed and not leased, so a
+    version still committed once leased cannot lose its fragments under the download.
+    """
+    registry = session.services.registry
+    for _ in range(3):
+        found = await registry.lookup(name)
+        if found is None:
+            raise NotFound(name)
+        upload_id = found.upload.upload_id
+        with contextlib.ExitStack() as held:
+            held.enter_context(session.services.leases.hold(upload_id))
+            current = await registry.upload(upload_id)
+            if current is not None and current.state == "committed":
+                lease.enter_context(held.pop_all())  # the caller's stack keeps the lease
+                return found
+        # Replaced meanwhile: look again.
+    raise Conflict(f"{name!r} is being replaced too often to download; try again")
 
 
 async def _stream(
@@ -111,7 +131,7 @@ async def _get_part(
 ) -> None:
     fid = fragment_id(fragment.upload_id, fragment.part)
     received = 0
-    async with send, contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         reader = await session.open_stream(stack, client, client.open_get(fid, unit))
         while (chunk := await session.bucket_step(client, reader.receive())) is not None:
             received += len(chunk)
@@ -120,3 +140,6 @@ async def _get_part(
             await send.send(chunk)
     if received != fragment.size:
         raise BucketUnavailable(client.bucket_id, f"{fid}: {received} of {fragment.size} bytes")
+    # Closed only on success: on failure the nursery cancels the reader instead, so the
+    # error above is what the client sees, not "fragment ended early".
+    await send.aclose()

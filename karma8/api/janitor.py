@@ -49,11 +49,19 @@ class ReadLeases:
 class Janitor:
     """Deletes the fragments of failed, replaced and deleted uploads."""
 
-    def __init__(self, registry: Registry, cluster: Cluster, leases: ReadLeases, interval: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        cluster: Cluster,
+        leases: ReadLeases,
+        interval: float,
+        rpc_timeout: float,
+    ) -> None:
         self._registry = registry
         self._cluster = cluster
         self._leases = leases
         self._interval = interval
+        self._rpc_timeout = rpc_timeout
         self._wake = trio.Event()
 
     def poke(self) -> None:
@@ -69,9 +77,11 @@ class Janitor:
 
         async def one(bucket_id: str) -> None:
             try:
-                count = await self._cluster.client(bucket_id).delete_upload(upload_id)
-            except BucketUnavailable as exc:
-                log.warning("upload=%s bucket=%s delete postponed: %s", upload_id, bucket_id, exc.detail)
+                with trio.fail_after(self._rpc_timeout):
+                    count = await self._cluster.client(bucket_id).delete_upload(upload_id)
+            except (BucketUnavailable, trio.TooSlowError) as exc:
+                detail = exc.detail if isinstance(exc, BucketUnavailable) else "timed out"
+                log.warning("upload=%s bucket=%s delete postponed: %s", upload_id, bucket_id, detail)
                 failures.append(bucket_id)
                 return
             await self._registry.fragments_deleted(upload_id, bucket_id)

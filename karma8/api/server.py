@@ -21,7 +21,7 @@ from karma8.api.session import Services, Session
 from karma8.api.upload import handle_upload
 from karma8.core.protocol import CloseCode, Op, Request, close_code_for, encode_error, parse_path
 from karma8.errors import Internal, Karma8Error
-from karma8.wsclose import close_transport
+from karma8.wsfix import close_transport
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,12 @@ class ApiHandler:
             slog.info("client went away (%s)", exc.reason)
         except Karma8Error as exc:
             slog.warning("%s %s: %s", request.path[:200], exc.code, exc.message)
-            await _send_error(ws, exc)
+            await _send_error(ws, exc, self._services.config.idle_timeout)
         except Exception:
             slog.exception("unexpected error serving %s", request.path[:200])
-            await _send_error(ws, Internal("internal error (see the server log)"))
+            await _send_error(
+                ws, Internal("internal error (see the server log)"), self._services.config.idle_timeout
+            )
         else:
             await ws.aclose(CloseCode.NORMAL)
         finally:
@@ -75,9 +77,9 @@ class ApiHandler:
             await handle_status(session)
 
 
-async def _send_error(ws: WebSocketConnection, error: Karma8Error) -> None:
-    """Best effort: the client may already be gone."""
-    with trio.move_on_after(5):
+async def _send_error(ws: WebSocketConnection, error: Karma8Error, within: float) -> None:
+    """Best effort: the client may already be gone or stuck."""
+    with trio.move_on_after(within):
         try:
             await ws.send_message(encode_error(error))
             await ws.aclose(close_code_for(error.code), error.code)

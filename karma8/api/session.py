@@ -14,17 +14,11 @@ from trio_websocket import WebSocketConnection
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
 from karma8.config import ApiConfig
-from karma8.errors import BadRequest, BucketUnavailable, Karma8Error
+from karma8.errors import BadRequest, BucketUnavailable, Timeout
 from karma8.registry import Registry
 from karma8.rpc.buckets import BucketClient
 
 T = TypeVar("T")
-
-
-class ClientTimeout(Karma8Error):
-    """The client stopped sending or reading for longer than ``idle_timeout``."""
-
-    code = "timeout"
 
 
 @dataclass
@@ -59,7 +53,7 @@ class Session:
             with trio.fail_after(self.config.idle_timeout):
                 return await self.ws.get_message()
         except trio.TooSlowError:
-            raise ClientTimeout(f"nothing received for {self.config.idle_timeout:g} s") from None
+            raise Timeout(f"nothing received for {self.config.idle_timeout:g} s") from None
 
     async def receive_data(self) -> bytes:
         """The next binary frame of an upload."""
@@ -95,4 +89,4 @@ class Session:
             with trio.fail_after(self.config.idle_timeout):
                 await self.ws.send_message(message)
         except trio.TooSlowError:
-            raise ClientTimeout(f"client read nothing for {self.config.idle_timeout:g} s") from None
+            raise Timeout(f"client read nothing for {self.config.idle_timeout:g} s") from None

@@ -146,9 +146,11 @@ async def _put_part(
     fid = fragment_id(upload_id, part)
     async with contextlib.AsyncExitStack() as stack:
         writer = await session.open_stream(stack, client, client.open_put(fid, size))
-        async with receive:
-            async for unit in receive:
-                await session.bucket_step(client, writer.send(unit))
+        # The receive side is never closed here: if this task fails, the session task
+        # blocks on the full channel and is cancelled with the nursery, so the bucket's
+        # error is the one reported, not a BrokenResourceError on the other side.
+        async for unit in receive:
+            await session.bucket_step(client, writer.send(unit))
         stored = await session.bucket_step(client, writer.finish())
     if stored.size != size:
         raise BucketUnavailable(client.bucket_id, f"stored {stored.size} of {size} bytes")

@@ -29,7 +29,7 @@ from karma8.config import ClientConfig
 from karma8.core.names import encode_name, validate_name
 from karma8.core.protocol import UploadHeader, decode_reply, encode_upload_header
 from karma8.errors import BadRequest, ChecksumMismatch, ConnectionFailed
-from karma8.wsclose import close_transport
+from karma8.wsfix import close_transport
 
 __all__ = ["Client", "FileInfo", "Progress"]
 
@@ -58,7 +58,7 @@ class Client:
         try:
             async with open_websocket_url(
                 url,
-                max_message_size=self.config.max_frame,
+                max_message_size=self.config.max_message,
                 receive_buffer_size=self.config.receive_buffer,
                 connect_timeout=self.config.connect_timeout,
             ) as ws:

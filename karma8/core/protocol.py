@@ -60,6 +60,7 @@ _CLOSE_FOR_CODE = {
     "conflict": CloseCode.CONFLICT,
     "not_enough_buckets": CloseCode.TRY_AGAIN_LATER,
     "bucket_unavailable": CloseCode.TRY_AGAIN_LATER,
+    "timeout": CloseCode.POLICY_VIOLATION,
 }
 
 
@@ -151,7 +152,7 @@ def encode_ok(**fields: Any) -> str:
 
 def encode_error(error: Karma8Error) -> str:
     """An error reply frame."""
-    return json.dumps({"ok": False, "error": error.code, "message": error.message})
+    return json.dumps({"ok": False, "error": error.code, "message": error.message}, separators=(",", ":"))
 
 
 def decode_reply(text: str) -> dict[str, Any]:

@@ -51,6 +51,9 @@ class Registry:
     async def fail_all_in_progress(self) -> int:
         return await self._run(self.db.fail_all_in_progress, time.time())
 
+    async def upload(self, upload_id: str) -> UploadRow | None:
+        return await self._run(self.db.upload, upload_id)
+
     async def fragments(self, upload_id: str) -> list[FragmentRow]:
         return await self._run(self.db.fragments, upload_id)
 

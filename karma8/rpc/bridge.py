@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 

@@ -24,7 +24,7 @@ import grpclib.exceptions
 import trio
 
 from karma8.core.records import StoredFragment, Usage
-from karma8.errors import BadRequest, BucketUnavailable, ChecksumMismatch, Karma8Error
+from karma8.errors import BucketUnavailable, ChecksumMismatch, Internal, Karma8Error
 from karma8.rpc.bridge import Portal, PortalClosed
 from karma8.rpc.gen.karma8 import v1 as pb
 
@@ -52,8 +52,8 @@ def translate_errors(bucket_id: str) -> Iterator[None]:
         detail = f"{exc.status.name}: {exc.message or ''}".rstrip(": ")
         if exc.status is _S.DATA_LOSS:
             raise ChecksumMismatch(f"bucket {bucket_id}: {exc.message}") from None
-        if exc.status is _S.INVALID_ARGUMENT:
-            raise BadRequest(f"bucket {bucket_id} refused the request: {exc.message}") from None
+        if exc.status is _S.INVALID_ARGUMENT:  # we sent something a bucket refuses: our bug
+            raise Internal(f"bucket {bucket_id} refused the request: {exc.message}") from None
         raise BucketUnavailable(bucket_id, detail) from None
     except (grpclib.exceptions.StreamTerminatedError, grpclib.exceptions.ProtocolError) as exc:
         raise BucketUnavailable(bucket_id, f"stream broken: {exc}") from None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from karma8.config import MiB
 from karma8.core.fragments import fragment_id, new_upload_id
@@ -65,7 +66,7 @@ async def test_cancelled_run_waits_for_the_asyncio_side_to_finish() -> None:
 
 async def test_run_trio_from_asyncio() -> None:
     async def double(x: int) -> int:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         return 2 * x
 
     async def fails() -> None:
