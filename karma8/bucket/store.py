@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -150,6 +151,7 @@ class FragmentStore:
         self._fragments = root / "fragments"
         self._tmp = root / "tmp"
         self._counters = _Counters()
+        self._lock = threading.Lock()
 
     # -- paths -----------------------------------------------------------------------
 
@@ -158,8 +160,9 @@ class FragmentStore:
         return self._fragments / upload_id[:2] / f"{upload_id}.{part}"
 
     def _account(self, size: int, replaced: int | None) -> None:
-        self._counters.used += size - (replaced or 0)
-        self._counters.fragments += replaced is None
+        with self._lock:  # called from worker threads
+            self._counters.used += size - (replaced or 0)
+            self._counters.fragments += replaced is None
 
     # -- startup ---------------------------------------------------------------------
 
@@ -205,14 +208,17 @@ class FragmentStore:
         if size > self.usage().free:
             raise NoSpace(f"{fragment_id}: {size} bytes do not fit")
         tmp = self._tmp / f"{fragment_id}.{uuid.uuid4().hex}"
-        f = await anyio.to_thread.run_sync(tmp.open, "xb")
+        # Creating and discarding the temporary file are synchronous on purpose (each is
+        # a few microseconds): grpclib cancels a reset Put with a native task.cancel(),
+        # which can land on the checkpoint anyio takes before every thread call, and then
+        # a file created in a worker thread would be lost without being discarded.
+        f = tmp.open("xb")
         writer = FragmentWriter(self, fragment_id, size, tmp, f)
         try:
             yield writer
         finally:
             if not f.closed:  # not committed
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(writer._discard)
+                writer._discard()
 
     @contextlib.asynccontextmanager
     async def open_reader(self, fragment_id: str) -> AsyncIterator[FragmentReader]:
@@ -239,8 +245,9 @@ class FragmentStore:
         if count:
             if self.fsync:
                 _fsync_dir(path.parent)
-            self._counters.used -= freed
-            self._counters.fragments -= count
+            with self._lock:
+                self._counters.used -= freed
+                self._counters.fragments -= count
         return count, freed
 
     async def delete_upload(self, upload_id: str) -> tuple[int, int]:

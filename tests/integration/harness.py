@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
 
 from karma8.api.app import ApiEndpoints, serve_api
 from karma8.client import Client
 from karma8.config import ApiConfig, ClientConfig
 from karma8.registry.db import RegistryDB
+from karma8.wsfix import close_transport
 
 DEADLINE = 30.0
 POLL = 0.02
@@ -254,3 +256,30 @@ async def open_api_process(root: Path, membership_port: int) -> AsyncIterator[st
         yield f"ws://127.0.0.1:{json.loads(ready.read_text())['port']}"
     finally:
         await stop_process(proc, signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def open_raw(url: str, path: str) -> AsyncIterator[WebSocketConnection]:
+    """A bare WebSocket connection, for speaking the protocol frame by frame."""
+    async with open_websocket_url(url + path, max_message_size=64 * 1024 * 1024) as ws:
+        try:
+            yield ws
+        finally:
+            await close_transport(ws)
+
+
+async def expect_error(ws: WebSocketConnection) -> dict[str, object]:
+    """Read frames until an error frame; return it (fails on a success frame)."""
+    with trio.fail_after(DEADLINE):
+        while True:
+            message = await ws.get_message()
+            if isinstance(message, str):
+                reply: dict[str, object] = json.loads(message)
+                assert reply["ok"] is False, reply
+                return reply
+
+
+def upload_rows(db: RegistryDB, name: str) -> list[tuple[str, str]]:
+    """(upload id, state) of every upload of ``name``, oldest first."""
+    rows = db._query("SELECT id, state FROM uploads WHERE name = ? ORDER BY created", (name,))
+    return [(str(i), str(s)) for i, s in rows]

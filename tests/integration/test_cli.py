@@ -1,0 +1,459 @@
+"""The ``karma8`` command line as a user runs it: real subprocesses against a real stack.
+
+The API server of the ``cluster`` fixture runs in this process, so every CLI call runs
+with ``trio.run_process`` (never blocking the event loop that serves it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from karma8.config import GiB, MiB
+from karma8.registry.db import RegistryDB
+from tests.integration.harness import (
+    Cluster,
+    free_port,
+    karma8_cmd,
+    make_file,
+    sha256_of,
+    wait_until,
+)
+
+#: Limit for one CLI command (they take well under a second each).
+CLI_DEADLINE = 60.0
+#: Limit for ``karma8 up`` to report the stack ready (7 processes start).
+UP_DEADLINE = 60.0
+#: Limit for an interrupted process to exit.
+EXIT_DEADLINE = 20.0
+
+NAME = "docs/résumé ü.bin"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment without KARMA8_* settings of its own, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARMA8_")}
+    env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished CLI command."""
+
+    args: tuple[str, ...]
+    code: int
+    out: str
+    err: str
+
+    def ok(self) -> Run:
+        assert self.code == 0, f"karma8 {' '.join(self.args)} exited {self.code}: {self.err}"
+        assert "Traceback" not in self.err, self.err
+        return self
+
+    def error(self, *expected: str) -> Run:
+        """Assert a failure reported as one line on stderr that mentions ``expected``."""
+        assert self.code != 0, f"karma8 {' '.join(self.args)} succeeded: {self.out}"
+        assert "Traceback" not in self.err, self.err
+        assert len(self.err.strip().splitlines()) == 1, self.err
+        assert self.err.startswith("karma8: error: "), self.err
+        for text in expected:
+            assert text in self.err, self.err
+        assert self.out == ""
+        return self
+
+
+async def karma8(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Run:
+    """Run ``karma8 ARGS`` to completion."""
+    with trio.fail_after(CLI_DEADLINE):
+        proc = await trio.run_process(
+            karma8_cmd(*args),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env() if env is None else env,
+            cwd=cwd,
+        )
+    return Run(args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def upload_rows(db: RegistryDB, name: str) -> list[tuple[str, str]]:
+    """(upload id, state) of every upload of ``name``, oldest first."""
+    rows = db._query("SELECT id, state FROM uploads WHERE name = ? ORDER BY created", (name,))
+    return [(str(i), str(s)) for i, s in rows]
+
+
+def size_of(path: Path) -> int:
+    """The size of ``path``; 0 once it is gone (bucket files come and go)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# -- the commands ----------------------------------------------------------------------
+
+
+async def test_upload_download_round_trip(cluster: Cluster, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    digest = make_file(src, 3 * MiB + 5, seed=1)
+
+    up = (await karma8("upload", str(src), "--name", NAME, "--api", cluster.url, cwd=tmp_path)).ok()
+    assert up.out == f"{NAME}  {3 * MiB + 5} bytes  sha256 {digest}\n"
+    assert up.err == "", "stderr is not a terminal: no progress bar, no output"
+
+    env = cli_env(KARMA8_API=cluster.url)  # the API from the environment this time
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    down = (await karma8("download", NAME, "--out", str(outdir), cwd=tmp_path, env=env)).ok()
+    assert down.err == ""
+    assert digest in down.out
+    assert sha256_of(outdir / "résumé ü.bin") == digest
+    assert sorted(p.name for p in outdir.iterdir()) == ["résumé ü.bin"], "temporary file left"
+
+    dst = tmp_path / "copy.bin"
+    (await karma8("download", NAME, "-o", str(dst), "--api", cluster.url, cwd=tmp_path)).ok()
+    assert sha256_of(dst) == digest
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (await karma8("download", NAME, cwd=workdir, env=env)).ok()
+    assert sorted(p.name for p in workdir.iterdir()) == ["résumé ü.bin"]
+    assert sha256_of(workdir / "résumé ü.bin") == digest
+
+
+async def test_ls_stat_status(cluster: Cluster, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    digest = make_file(src, 100_000, seed=2)
+    env = cli_env(KARMA8_API=cluster.url)
+    for name in (NAME, "other/x"):
+        (await karma8("upload", str(src), "--name", name, cwd=tmp_path, env=env)).ok()
+
+    listed = (await karma8("ls", cwd=tmp_path, env=env)).ok().out.splitlines()
+    assert [line.split("  ")[-1] for line in listed] == [NAME, "other/x"]
+    assert all(line.split()[0] == "100000" for line in listed)
+    prefixed = (await karma8("ls", "docs/", cwd=tmp_path, env=env)).ok().out.splitlines()
+    assert [line.split("  ")[-1] for line in prefixed] == [NAME]
+    assert (await karma8("ls", "nothing/", cwd=tmp_path, env=env)).ok().out == ""
+
+    files = json.loads((await karma8("ls", "--json", cwd=tmp_path, env=env)).ok().out)
+    assert [(f["name"], f["size"], f["sha256"]) for f in files] == [
+        (NAME, 100_000, digest),
+        ("other/x", 100_000, digest),
+    ]
+
+    stat: dict[str, Any] = json.loads((await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out)
+    assert (stat["name"], stat["size"], stat["sha256"]) == (NAME, 100_000, digest)
+    assert len(stat["parts"]) == 6
+    assert len({p["bucket"] for p in stat["parts"]}) == 6, "two parts on one bucket"
+    assert {p["bucket"] for p in stat["parts"]} == {b.bucket_id for b in cluster.buckets}
+    assert sum(p["size"] for p in stat["parts"]) == 100_000
+
+    status = (await karma8("status", cwd=tmp_path, env=env)).ok().out
+    assert "6 live" in status
+    for b in cluster.buckets:
+        assert b.bucket_id in status
+    st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
+    assert st["live"] == 6
+    assert {b["id"] for b in st["buckets"]} == {b.bucket_id for b in cluster.buckets}
+    assert all(b["live"] for b in st["buckets"])
+
+
+async def test_rm(cluster: Cluster, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_file(src, 5000, seed=3)
+    env = cli_env(KARMA8_API=cluster.url)
+    for name in (NAME, "keep"):
+        (await karma8("upload", str(src), "--name", name, cwd=tmp_path, env=env)).ok()
+
+    assert (await karma8("rm", NAME, cwd=tmp_path, env=env)).ok().out == f"deleted {NAME}\n"
+    listed = (await karma8("ls", cwd=tmp_path, env=env)).ok().out
+    assert NAME not in listed
+    assert "keep" in listed
+    (await karma8("download", NAME, "-o", str(tmp_path / "gone"), cwd=tmp_path, env=env)).error("not_found")
+    assert not list(tmp_path.glob("*gone*")), "a failed download left a file"
+    (await karma8("stat", NAME, cwd=tmp_path, env=env)).error("not_found")
+    (await karma8("rm", NAME, cwd=tmp_path, env=env)).error("not_found")
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+async def test_download_of_a_missing_name(cluster: Cluster, tmp_path: Path) -> None:
+    workdir = tmp_path / "work"  # tmp_path also holds the cluster's data
+    workdir.mkdir()
+    run = await karma8("download", "no/such file", "--api", cluster.url, cwd=workdir)
+    run.error("not_found", "no/such file")
+    assert list(workdir.iterdir()) == [], "a failed download left a file"
+
+
+def _closed_api() -> str:
+    return f"ws://127.0.0.1:{free_port()}"
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+#: Each case: (arguments, extra environment, texts stderr must contain), given a directory.
+ERROR_CASES: dict[str, Callable[[Path], tuple[list[str], dict[str, str], list[str]]]] = {
+    "ls-closed-port": lambda d: (["ls", "--api", _closed_api()], {}, ["connection_failed"]),
+    "upload-closed-port": lambda d: (
+        ["upload", _write(d / "f", "x"), "--api", _closed_api()],
+        {},
+        ["connection_failed"],
+    ),
+    "status-closed-port-from-env": lambda d: (
+        ["status"],
+        {"KARMA8_API": _closed_api()},
+        ["connection_failed"],
+    ),
+    # A bad name is refused before any connection is tried.
+    "download-bad-name": lambda d: (["download", "a/../b", "--api", _closed_api()], {}, ["bad_name"]),
+    "upload-bad-name": lambda d: (
+        ["upload", _write(d / "f", "x"), "--name", "a/../b", "--api", _closed_api()],
+        {},
+        ["bad_name"],
+    ),
+    "stat-bad-name": lambda d: (["stat", "a//b", "--api", _closed_api()], {}, ["bad_name"]),
+    "config-unknown-key": lambda d: (
+        ["ls", "--config", _write(d / "c.toml", '[client]\napi = "ws://x"\nbogus = 1\n')],
+        {},
+        ["bogus"],
+    ),
+    "config-unknown-table": lambda d: (
+        ["ls", "--config", _write(d / "c.toml", "[nonsense]\na = 1\n")],
+        {},
+        ["nonsense"],
+    ),
+    "config-not-toml": lambda d: (["status", "--config", _write(d / "c.toml", "[client\n")], {}, ["TOML"]),
+    "config-bad-value": lambda d: (
+        ["ls", "--config", _write(d / "c.toml", "[client]\nframe_size = 'lots'\n")],
+        {},
+        ["frame_size"],
+    ),
+    "env-unknown-variable": lambda d: (["ls"], {"KARMA8_CLIENT_BOGUS": "1"}, ["KARMA8_CLIENT_BOGUS"]),
+    "up-bad-config": lambda d: (
+        ["up", "--data", str(d / "data"), "--config", _write(d / "c.toml", "[stack]\nbuckets = 0\n")],
+        {},
+        ["buckets"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+async def test_errors_are_one_line(tmp_path: Path, case: str) -> None:
+    args, env, expected = ERROR_CASES[case](tmp_path)
+    run = await karma8(*args, cwd=tmp_path, env=cli_env(**env))
+    run.error(*expected)
+
+
+async def test_connection_failed_says_why(tmp_path: Path) -> None:
+    api = _closed_api()
+    run = (await karma8("ls", "--api", api, cwd=tmp_path)).error("connection_failed", api)
+    reason = run.err.split(api, 1)[1].strip().lstrip(":").strip()
+    assert reason, f"the error does not say why the connection failed: {run.err!r}"
+
+
+# -- interrupted uploads -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+async def test_interrupted_upload_leaves_nothing(cluster: Cluster, tmp_path: Path, sig: int) -> None:
+    src = tmp_path / "big"
+    with src.open("wb") as f:
+        f.truncate(GiB)  # sparse: instant, yet a long upload
+    name = "big/interrupted"
+    out_log, err_log = tmp_path / "upload.out", tmp_path / "upload.err"
+    with out_log.open("wb") as out, err_log.open("wb") as err:
+        proc = await trio.lowlevel.open_process(
+            karma8_cmd("upload", str(src), "--name", name, "--api", cluster.url),
+            stdout=out,
+            stderr=err,
+            env=cli_env(),
+            cwd=tmp_path,
+        )
+    try:
+
+        def data_on_a_bucket() -> bool:
+            assert proc.poll() is None, f"upload exited early ({proc.returncode}): {err_log.read_text()}"
+            return any(size_of(p) > 0 for b in cluster.buckets for p in b.tmp_files())
+
+        await wait_until(data_on_a_bucket, "upload data to reach a bucket")
+        proc.send_signal(sig)
+        with trio.fail_after(EXIT_DEADLINE):
+            await proc.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    assert out_log.read_text() == "", "the upload reported success"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert err_log.read_text() == "karma8: interrupted\n"
+    else:
+        assert proc.returncode == -signal.SIGKILL
+
+    db = cluster.registry()
+    try:
+
+        def cleaned() -> bool:
+            rows = upload_rows(db, name)
+            return (
+                len(rows) == 1
+                and rows[0][1] == "failed"
+                and db.fragments(rows[0][0]) == []
+                and cluster.all_files() == []
+            )
+
+        await wait_until(cleaned, "the interrupted upload's fragments and rows to go")
+        assert db.lookup(name) is None
+        assert db.list_files() == []
+        assert db.pending_deletions() == []
+    finally:
+        db.close()
+    (await karma8("download", name, "--api", cluster.url, cwd=tmp_path)).error("not_found")
+
+
+# -- karma8 up ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """A running ``karma8 up``."""
+
+    proc: trio.Process
+    url: str
+    data: Path
+    stderr: Path
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every running process whose command line contains ``text``."""
+    found = []
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes()
+            if needle in cmdline:
+                found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+@contextlib.asynccontextmanager
+async def karma8_up(data: Path, log: Path) -> AsyncIterator[Stack]:
+    """Start ``karma8 up`` on free ports; yield once it says it is up.
+
+    On the way out a stack still running is stopped (SIGTERM, then SIGKILL), and so is
+    any of its children left behind, so a failing test leaks no process.
+    """
+    env = cli_env(KARMA8_STACK_MEMBERSHIP_PORT=str(free_port()))
+    args = ["up", "--data", str(data), "--port", str(free_port()), "--buckets", "6"]
+    with log.open("ab") as err:
+        proc = await trio.lowlevel.open_process(
+            karma8_cmd(*args), stdout=subprocess.PIPE, stderr=err, env=env, cwd=data.parent
+        )
+    assert proc.stdout is not None
+    try:
+        seen = b""
+        with trio.fail_after(UP_DEADLINE):
+            while (match := re.search(rb"karma8 is up: (ws://\S+) ", seen)) is None:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, f"karma8 up exited ({proc.poll()}): {seen!r} {log.read_text()}"
+                seen += chunk
+        yield Stack(proc, match.group(1).decode(), data, log)
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(EXIT_DEADLINE):
+                    await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            for pid, _ in processes_mentioning(str(data)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await proc.stdout.aclose()
+
+
+async def stop_with_ctrl_c(stack: Stack) -> None:
+    """SIGINT ``karma8 up``: it exits 0 and leaves no process of the stack running."""
+    stack.proc.send_signal(signal.SIGINT)
+    with trio.fail_after(EXIT_DEADLINE):
+        await stack.proc.wait()
+    log = stack.stderr.read_text()
+    assert stack.proc.returncode == 0, log
+    assert "Traceback" not in log, log
+    assert log.rstrip().endswith("karma8 stopped."), log
+    assert processes_mentioning(str(stack.data)) == []
+
+
+def bucket_ids(data: Path) -> list[str]:
+    return [(data / f"bucket-{i}" / "bucket-id").read_text().strip() for i in range(1, 7)]
+
+
+async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    data = tmp_path / "stack"
+    src = tmp_path / "src"
+    digest = make_file(src, 2 * MiB + 7, seed=4)
+    async with karma8_up(data, tmp_path / "up.err") as stack:
+        env = cli_env(KARMA8_API=stack.url)
+        (await karma8("upload", str(src), "--name", NAME, cwd=tmp_path, env=env)).ok()
+        (await karma8("download", NAME, "-o", str(tmp_path / "back"), cwd=tmp_path, env=env)).ok()
+        assert sha256_of(tmp_path / "back") == digest
+        st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
+        assert st["live"] == 6
+        stat = json.loads((await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out)
+        assert len({p["bucket"] for p in stat["parts"]}) == 6
+        # The scan stop_with_ctrl_c relies on sees the stack: karma8 up, the API, 6 buckets.
+        running = processes_mentioning(str(data))
+        assert len(running) == 8, running
+        assert stack.proc.pid in {pid for pid, _ in running}
+        await stop_with_ctrl_c(stack)
+
+    assert (data / "api" / "registry.sqlite3").is_file()
+    ids = bucket_ids(data)
+    assert len(set(ids)) == 6
+    assert {b["id"] for b in st["buckets"]} == set(ids)
+
+
+async def test_up_again_keeps_identities_and_files(tmp_path: Path) -> None:
+    data = tmp_path / "stack"
+    src = tmp_path / "src"
+    digest = make_file(src, MiB + 1, seed=5)
+    log = tmp_path / "up.err"
+    async with karma8_up(data, log) as stack:
+        (await karma8("upload", str(src), "--name", NAME, "--api", stack.url, cwd=tmp_path)).ok()
+        await stop_with_ctrl_c(stack)
+    ids = bucket_ids(data)
+
+    log.write_text("")
+    async with karma8_up(data, log) as stack:
+        env = cli_env(KARMA8_API=stack.url)
+        assert bucket_ids(data) == ids
+        st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
+        assert st["live"] == 6
+        assert sorted(b["id"] for b in st["buckets"]) == sorted(ids), "buckets got new identities"
+        stat = json.loads((await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out)
+        assert {p["bucket"] for p in stat["parts"]} == set(ids)
+        (await karma8("download", NAME, "-o", str(tmp_path / "back"), cwd=tmp_path, env=env)).ok()
+        assert sha256_of(tmp_path / "back") == digest
+        await stop_with_ctrl_c(stack)
+    assert bucket_ids(data) == ids

@@ -1,0 +1,116 @@
+"""The two trio-websocket 0.12.2 workarounds in karma8.wsfix: still needed, and working.
+
+Each test first shows the upstream bug is still there, so an upgrade that fixes it turns
+the test red and says the workaround can go.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+import wsproto
+import wsproto.utilities
+from trio_websocket import (
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+    open_websocket_url,
+    serve_websocket,
+)
+from wsproto.connection import ConnectionState
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request
+
+from karma8 import wsfix
+from karma8.wsfix import close_transport
+
+DEADLINE = 10.0
+
+
+async def test_peer_close_leaves_the_transport_open_until_close_transport() -> None:
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message("bye")
+        await ws.aclose()  # the server starts the closing handshake
+
+    client: WebSocketConnection | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            server: WebSocketServer = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
+                client = ws
+                assert await ws.get_message() == "bye"
+                with trio.fail_after(DEADLINE):
+                    while ws.closed is None:  # noqa: ASYNC110 - no event to wait on
+                        await trio.sleep(0.01)
+            # The context has exited: the reader task is done and aclose() has returned.
+            stream = client._stream
+            assert isinstance(stream, trio.SocketStream)
+            assert stream.socket.fileno() != -1, (
+                "trio-websocket now closes the TCP stream when the peer closes first: "
+                "wsfix.close_transport is no longer needed"
+            )
+            await close_transport(client)
+            assert stream.socket.fileno() == -1
+            await close_transport(client)  # idempotent
+        finally:
+            if client is not None:
+                await close_transport(client)
+            nursery.cancel_scope.cancel()
+
+
+def _server_connection(
+    state: ConnectionState,
+) -> tuple[WebSocketConnection, trio.testing.MemorySendStream, wsproto.WSConnection]:
+    """A server-side WebSocketConnection whose wsproto is OPEN or LOCAL_CLOSING.
+
+    The handshake is played by hand with a wsproto client (also returned, to read what
+    the connection sends); the connection's stream records what it sends.
+    """
+    peer = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    server = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    server.receive_data(peer.send(Request(host="localhost", target="/")))
+    assert [type(e) for e in server.events()] == [Request]
+    peer.receive_data(server.send(AcceptConnection()))
+    assert server.state is ConnectionState.OPEN
+    if state is ConnectionState.LOCAL_CLOSING:
+        server.send(CloseConnection(code=1000))
+    assert server.state is state
+
+    outgoing = trio.testing.MemorySendStream()
+    stream = trio.StapledStream(outgoing, trio.testing.MemoryReceiveStream())
+    return WebSocketConnection(stream, server, path="/"), outgoing, peer
+
+
+def _sent(outgoing: trio.testing.MemorySendStream) -> bytes:
+    """Everything written to ``outgoing`` since the last call."""
+    try:
+        return bytes(outgoing.get_data_nowait())
+    except trio.WouldBlock:
+        return b""
+
+
+async def test_ping_while_closing_crashes_upstream_and_is_ignored_once_applied() -> None:
+    conn, outgoing, _ = _server_connection(ConnectionState.LOCAL_CLOSING)
+
+    # Upstream: the Pong is refused in LOCAL_CLOSING, in the reader task (issue #184).
+    with pytest.raises(wsproto.utilities.LocalProtocolError):
+        await wsfix._original_ping_handler(conn, Ping(b"late"))
+    assert _sent(outgoing) == b""
+
+    wsfix.apply()
+    assert wsfix.applied()
+    wsfix.apply()  # idempotent
+    assert wsfix.applied()
+    await conn._handle_ping_event(Ping(b"late"))
+    assert _sent(outgoing) == b"", "a Pong was sent while closing"
+    assert conn._wsproto.state is ConnectionState.LOCAL_CLOSING
+
+
+async def test_ping_on_an_open_connection_is_still_answered_once_applied() -> None:
+    wsfix.apply()
+    conn, outgoing, peer = _server_connection(ConnectionState.OPEN)
+    assert [type(e) for e in peer.events()] == [AcceptConnection]
+    await conn._handle_ping_event(Ping(b"hello"))
+    peer.receive_data(_sent(outgoing))
+    assert list(peer.events()) == [Pong(b"hello")]
