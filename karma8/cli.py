@@ -32,9 +32,7 @@ app = typer.Typer(
 
 T = TypeVar("T")
 
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML config file.", exists=True, dir_okay=False)
-]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
 ApiOpt = Annotated[
     str | None, typer.Option("--api", help="API server URL [env KARMA8_API, default ws://127.0.0.1:8080].")
@@ -53,6 +51,8 @@ def _errors_as_one_line() -> Iterator[None]:
         yield
     except Karma8Error as exc:
         fail(f"{exc.code}: {exc.message}" if exc.code not in ("config", "stack") else exc.message)
+    except OSError as exc:  # a local file: missing source, unwritable destination, ...
+        fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
     except KeyboardInterrupt:
         typer.echo("karma8: interrupted", err=True)
         raise typer.Exit(130) from None
@@ -88,7 +88,7 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
             first = group.exceptions[0]
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
-            if isinstance(first, Karma8Error | KeyboardInterrupt):
+            if isinstance(first, Karma8Error | KeyboardInterrupt | OSError):
                 raise first from group
             raise
 
@@ -217,7 +217,7 @@ def _print_json(obj: Any) -> None:
 
 @app.command()
 def upload(
-    src: Annotated[Path, typer.Argument(help="File to upload.", exists=True, dir_okay=False)],
+    src: Annotated[Path, typer.Argument(help="File to upload.")],
     name: Annotated[str | None, typer.Option(help="Name to store it as [default: file name].")] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected sha256 (checked before commit).")] = None,
     api: ApiOpt = None,

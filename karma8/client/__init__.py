@@ -67,7 +67,9 @@ class Client:
                 finally:
                     await close_transport(ws)
         except (OSError, HandshakeError) as exc:
-            raise ConnectionFailed(f"cannot reach the API server at {self.config.api}: {exc}") from None
+            # trio-websocket wraps the socket error in a HandshakeError with no message.
+            reason = str(exc) or str(exc.__cause__ or "") or type(exc).__name__
+            raise ConnectionFailed(f"cannot reach the API server at {self.config.api}: {reason}") from None
         except ConnectionClosed as exc:
             raise ConnectionFailed(f"the API server closed the connection ({exc.reason})") from None
 
