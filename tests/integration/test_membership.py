@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ async def test_registry_survives_an_api_restart(tmp_path: Path) -> None:
             await stop_process(b.proc, signal.SIGTERM)
 
 
-def _live(client: Client, n: int) -> trio.abc.Channel[bool] | object:
+def _live(client: Client, n: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return int((await client.status())["live"]) == n
 
