@@ -41,9 +41,11 @@ async def test_bad_requests(
             await ws.send_message(first)
         reply = await expect_error(ws)
         assert reply["error"] == code
-        assert isinstance(reply["message"], str) and reply["message"]
+        assert isinstance(reply["message"], str)
+        assert reply["message"]
         with pytest.raises(ConnectionClosed) as info:
             await ws.get_message()
+        assert info.value.reason is not None
         assert info.value.reason.code == close
     assert cluster.all_files() == []
 
@@ -58,9 +60,10 @@ async def test_more_bytes_than_announced(cluster: Cluster) -> None:
 async def test_a_frame_above_the_limit_closes_with_1009(cluster: Cluster) -> None:
     async with open_raw(cluster.url, "/upload/x") as ws:
         await ws.send_message(encode_upload_header(UploadHeader(size=2 * MiB)))
+        await ws.send_message(b"x" * (MiB + 1))
         with pytest.raises(ConnectionClosed) as info:
-            await ws.send_message(b"x" * (MiB + 1))
             await ws.get_message()
+        assert info.value.reason is not None
         assert info.value.reason.code == 1009
 
 
