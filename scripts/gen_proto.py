@@ -21,7 +21,7 @@ TARGET = ROOT / "karma8" / "rpc" / "gen"
 
 def generate(out: Path) -> None:
     """Run protoc with the betterproto2 plugin over every .proto into ``out``."""
-    sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    sources = sorted(str(p) for p in PROTOS.rglob("*.proto"))
     subprocess.run(
         [
             sys.executable,
@@ -33,7 +33,9 @@ def generate(out: Path) -> None:
             *sources,
         ],
         check=True,
-        cwd=PROTOS,
+        # The plugin formats its output with ruff: run it where no pyproject.toml can
+        # change that style, so the generated code does not depend on our settings.
+        cwd=out,
         capture_output=True,
     )
 

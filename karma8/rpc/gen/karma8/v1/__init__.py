@@ -110,7 +110,9 @@ class Heartbeat(betterproto2.Message):
     host:port where the API server reaches this bucket.
     """
 
-    usage: "Usage | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
+    usage: "Usage | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, optional=True
+    )
 
     hello: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
     """
@@ -348,12 +350,16 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def __rpc_put(self, stream: "grpclib.server.Stream[PutRequest, PutReply]") -> None:
+    async def __rpc_put(
+        self, stream: "grpclib.server.Stream[PutRequest, PutReply]"
+    ) -> None:
         request = stream.__aiter__()
         response = await self.put(request)
         await stream.send_message(response)
 
-    async def __rpc_get(self, stream: "grpclib.server.Stream[GetRequest, GetReply]") -> None:
+    async def __rpc_get(
+        self, stream: "grpclib.server.Stream[GetRequest, GetReply]"
+    ) -> None:
         request = await stream.recv_message()
         assert request is not None
         await self._call_rpc_handler_server_stream(
@@ -370,7 +376,9 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
         response = await self.delete(request)
         await stream.send_message(response)
 
-    async def __rpc_list(self, stream: "grpclib.server.Stream[ListRequest, ListReply]") -> None:
+    async def __rpc_list(
+        self, stream: "grpclib.server.Stream[ListRequest, ListReply]"
+    ) -> None:
         request = await stream.recv_message()
         assert request is not None
         await self._call_rpc_handler_server_stream(
@@ -379,7 +387,9 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
             request,
         )
 
-    async def __rpc_get_usage(self, stream: "grpclib.server.Stream[UsageRequest, Usage]") -> None:
+    async def __rpc_get_usage(
+        self, stream: "grpclib.server.Stream[UsageRequest, Usage]"
+    ) -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.get_usage(request)
@@ -425,7 +435,9 @@ class MembershipBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def __rpc_beat(self, stream: "grpclib.server.Stream[Heartbeat, HeartbeatReply]") -> None:
+    async def __rpc_beat(
+        self, stream: "grpclib.server.Stream[Heartbeat, HeartbeatReply]"
+    ) -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.beat(request)
