@@ -76,6 +76,7 @@ async def serve_api(
                     )
                 )
                 nursery.start_soon(janitor.run)
+                nursery.start_soon(cluster.run_inventories)
                 endpoints = ApiEndpoints(config.host, server.port, membership_port)
                 log.info(
                     "API server listening on %s (buckets register at %s:%d)",

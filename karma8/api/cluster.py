@@ -33,6 +33,21 @@ class BucketState:
     usage: Usage
     last_seen: float  # trio clock; -inf: not heard from since start
     client: BucketClient | None = None
+    inventory: Inventory | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """A bucket's listing compared with the registry, taken when it (re-)registers.
+
+    ``unknown``: fragments the bucket holds that the registry does not list for it.
+    ``missing``: fragments of committed files the registry expects there but it lacks.
+    Only reported for now; acting on them (garbage collection after a grace period,
+    repair) is the reconciliation of the fault-handling work.
+    """
+
+    unknown: int
+    missing: int
 
 
 class Cluster:
@@ -43,6 +58,8 @@ class Cluster:
         self._portal = portal
         self._config = config
         self._buckets: dict[str, BucketState] = {}
+        self._inventory_due: set[str] = set()
+        self._inventory_wake = trio.Event()
 
     async def load(self) -> None:
         """Learn the buckets the registry knows (not live until they heartbeat)."""
@@ -54,27 +71,70 @@ class Cluster:
         """Record a heartbeat; return the interval the bucket should use next."""
         state = self._buckets.get(beat.bucket_id)
         if state is None or state.address != beat.address or state.client is None:
-            client = await connect_bucket(
-                self._portal, beat.bucket_id, beat.address, close_timeout=self._config.connect_timeout
-            )
-            old = state.client if state is not None else None
-            state = BucketState(beat.bucket_id, beat.address, beat.usage, trio.current_time(), client)
-            self._buckets[beat.bucket_id] = state
-            if old is not None:
-                await old.aclose()
-            log.info(
-                "bucket=%s joined at %s (%d fragments, %d bytes free)",
-                beat.bucket_id,
-                beat.address,
-                beat.usage.fragments,
-                beat.usage.free,
-            )
+            state = await self._connect(beat)
         elif not self._is_live(state):
             log.info("bucket=%s is live again at %s", beat.bucket_id, beat.address)
         state.usage = beat.usage
         state.last_seen = trio.current_time()
+        if beat.hello:
+            self._inventory_due.add(beat.bucket_id)
+            self._inventory_wake.set()
         await self._registry.upsert_bucket(beat)
         return self._config.heartbeat_interval
+
+    async def _connect(self, beat: Heartbeat) -> BucketState:
+        client = await connect_bucket(
+            self._portal, beat.bucket_id, beat.address, close_timeout=self._config.connect_timeout
+        )
+        # Another heartbeat of the same bucket may have connected while we did.
+        state = self._buckets.get(beat.bucket_id)
+        if state is not None and state.address == beat.address and state.client is not None:
+            await client.aclose()
+            return state
+        old = state.client if state is not None else None
+        state = BucketState(beat.bucket_id, beat.address, beat.usage, trio.current_time(), client)
+        self._buckets[beat.bucket_id] = state
+        if old is not None:
+            await old.aclose()
+        log.info(
+            "bucket=%s joined at %s (%d fragments, %d bytes free)",
+            beat.bucket_id,
+            beat.address,
+            beat.usage.fragments,
+            beat.usage.free,
+        )
+        return state
+
+    async def run_inventories(self) -> None:
+        """Forever: list each bucket that (re-)registered and compare with the registry."""
+        while True:
+            await self._inventory_wake.wait()
+            self._inventory_wake = trio.Event()
+            while self._inventory_due:
+                await self._take_inventory(self._inventory_due.pop())
+
+    async def _take_inventory(self, bucket_id: str) -> None:
+        state = self._buckets.get(bucket_id)
+        if state is None or state.client is None:
+            return
+        try:
+            with trio.fail_after(self._config.rpc_timeout):
+                listed = {f.fragment_id for f in await state.client.list_fragments()}
+        except (BucketUnavailable, trio.TooSlowError) as exc:
+            log.warning("bucket=%s inventory failed: %s", bucket_id, exc)
+            return
+        expected = await self._registry.expected_on(bucket_id)
+        committed = {fid for fid, upload_state in expected.items() if upload_state == "committed"}
+        state.inventory = Inventory(unknown=len(listed - expected.keys()), missing=len(committed - listed))
+        level = logging.WARNING if state.inventory.unknown or state.inventory.missing else logging.INFO
+        log.log(
+            level,
+            "bucket=%s inventory: %d fragment(s), %d unknown to the registry, %d of committed files missing",
+            bucket_id,
+            len(listed),
+            state.inventory.unknown,
+            state.inventory.missing,
+        )
 
     def _is_live(self, state: BucketState) -> bool:
         return trio.current_time() - state.last_seen < self._config.bucket_timeout

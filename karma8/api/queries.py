@@ -70,6 +70,8 @@ async def handle_status(session: Session) -> None:
             "free": s.usage.free,
             "capacity": s.usage.capacity,
             "fragments": s.usage.fragments,
+            "unknown_fragments": None if s.inventory is None else s.inventory.unknown,
+            "missing_fragments": None if s.inventory is None else s.inventory.missing,
             "last_seen_ago": None if s.last_seen == float("-inf") else round(now - s.last_seen, 3),
         }
         for s in cluster.states()

@@ -63,6 +63,9 @@ class Registry:
     async def fragments_deleted(self, upload_id: str, bucket_id: str) -> None:
         await self._run(self.db.fragments_deleted, upload_id, bucket_id)
 
+    async def expected_on(self, bucket_id: str) -> dict[str, str]:
+        return await self._run(self.db.expected_on, bucket_id)
+
     async def lookup(self, name: str) -> FileRow | None:
         return await self._run(self.db.lookup, name)
 

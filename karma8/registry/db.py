@@ -303,6 +303,15 @@ class RegistryDB:
             ]
         )
 
+    def expected_on(self, bucket_id: str) -> dict[str, str]:
+        """Fragment ids the registry places on ``bucket_id``, with their upload's state."""
+        rows = self._query(
+            "SELECT f.upload_id || '.' || f.part, u.state FROM fragments f JOIN uploads u"
+            " ON u.id = f.upload_id WHERE f.bucket_id = ?",
+            (bucket_id,),
+        )
+        return {str(fid): str(state) for fid, state in rows}
+
     # -- files -----------------------------------------------------------------------
 
     def lookup(self, name: str) -> FileRow | None:
