@@ -103,6 +103,12 @@ class ApiConfig(_Section):
     idle_timeout: Seconds = Field(60.0, description="Limit for a client that stops sending or reading.")
     cleanup_timeout: Seconds = Field(30.0, description="Deadline of the shielded cleanup of a failed upload.")
     janitor_interval: Seconds = Field(5.0, description="How often pending fragment deletions are retried.")
+    grpc_stream_window: PositiveSize = Field(
+        4 * MiB, description="HTTP/2 receive window per bucket stream (bounds buffered data)."
+    )
+    grpc_connection_window: PositiveSize = Field(
+        16 * MiB, description="HTTP/2 receive window per bucket connection."
+    )
     rpc_timeout: Seconds = Field(10.0, description="Limit for one Delete/List/usage call to a bucket.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")

@@ -84,7 +84,12 @@ class Cluster:
 
     async def _connect(self, beat: Heartbeat) -> BucketState:
         client = await connect_bucket(
-            self._portal, beat.bucket_id, beat.address, close_timeout=self._config.connect_timeout
+            self._portal,
+            beat.bucket_id,
+            beat.address,
+            close_timeout=self._config.connect_timeout,
+            stream_window=self._config.grpc_stream_window,
+            connection_window=self._config.grpc_connection_window,
         )
         # Another heartbeat of the same bucket may have connected while we did.
         state = self._buckets.get(beat.bucket_id)

@@ -34,12 +34,6 @@ _PUT = "/karma8.v1.Bucket/Put"
 _GET = "/karma8.v1.Bucket/Get"
 _S = grpclib.const.Status
 
-#: Generous windows: the default 64 KiB stream window stalls megabyte-sized chunks.
-CHANNEL_CONFIG = grpclib.config.Configuration(
-    http2_connection_window_size=64 * 1024 * 1024,
-    http2_stream_window_size=16 * 1024 * 1024,
-)
-
 
 @contextlib.contextmanager
 def translate_errors(bucket_id: str) -> Iterator[None]:
@@ -201,8 +195,8 @@ async def _send_last(stream: Any, message: Any) -> None:
     await stream.send_message(message, end=True)
 
 
-async def _new_channel(host: str, port: int) -> Any:
-    return grpclib.client.Channel(host, port, config=CHANNEL_CONFIG)
+async def _new_channel(host: str, port: int, config: grpclib.config.Configuration) -> Any:
+    return grpclib.client.Channel(host, port, config=config)
 
 
 async def _close_channel(channel: Any) -> None:
@@ -210,11 +204,24 @@ async def _close_channel(channel: Any) -> None:
 
 
 async def connect_bucket(
-    portal: Portal, bucket_id: str, address: str, *, close_timeout: float
+    portal: Portal,
+    bucket_id: str,
+    address: str,
+    *,
+    close_timeout: float,
+    stream_window: int = 4 * 1024 * 1024,
+    connection_window: int = 16 * 1024 * 1024,
 ) -> BucketClient:
-    """A client for the bucket at ``address`` (``host:port``); connects lazily."""
+    """A client for the bucket at ``address`` (``host:port``); connects lazily.
+
+    The HTTP/2 receive windows bound how much a bucket can push ahead of what we consume
+    (grpclib acknowledges data as it is read); the 64 KiB default would stall 1 MiB chunks.
+    """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise BucketUnavailable(bucket_id, f"bad address {address!r}")
-    channel = await portal.run(_new_channel, host.strip("[]"), int(port))
+    config = grpclib.config.Configuration(
+        http2_connection_window_size=connection_window, http2_stream_window_size=stream_window
+    )
+    channel = await portal.run(_new_channel, host.strip("[]"), int(port), config)
     return BucketClient(portal, bucket_id, address, channel, close_timeout)
