@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -488,17 +488,15 @@ def _rss_by_role(watched: Watched, peaks: dict[int, int]) -> dict[str, int | Non
 async def sample_rss(pids: Sequence[int], peaks: dict[int, int]) -> None:
     """Record each process's largest VmRSS, every SAMPLE_INTERVAL, until cancelled."""
     while True:
-        for pid in pids:
-            rss = status_bytes(pid, "VmRSS")
-            if rss is not None:
-                peaks[pid] = max(rss, peaks.get(pid, 0))
+        for pid, rss in _rss_now(pids).items():
+            peaks[pid] = max(rss, peaks.get(pid, 0))
         await trio.sleep(SAMPLE_INTERVAL)
 
 
-def _add_hwm(pids: Sequence[int], reset: dict[int, bool], peaks: dict[int, int]) -> None:
-    """Fold in VmHWM where it was reset before the transfer: it sees peaks between samples."""
+def _add_hwm(pids: Iterable[int], peaks: dict[int, int]) -> None:
+    """Fold in VmHWM, which also sees the peaks between samples."""
     for pid in pids:
-        hwm = status_bytes(pid, "VmHWM") if reset[pid] else None
+        hwm = status_bytes(pid, "VmHWM")
         if hwm is not None:
             peaks[pid] = max(hwm, peaks.get(pid, 0))
 
@@ -515,13 +513,13 @@ class Meter:
     watched: Watched
     lifetime: dict[int, int] = field(default_factory=dict)
 
-    def _reset_peaks(self, pids: Sequence[int]) -> dict[int, bool]:
-        _add_hwm(pids, dict.fromkeys(pids, True), self.lifetime)
-        return {pid: reset_peak(pid) for pid in pids}
+    def _reset_peaks(self, pids: Sequence[int]) -> list[int]:
+        """Reset VmHWM (keeping the lifetime peak it held); the pids where that worked."""
+        _add_hwm(pids, self.lifetime)
+        return [pid for pid in pids if reset_peak(pid)]
 
     def lifetime_peaks(self) -> dict[str, int | None]:
-        pids = self.watched.pids()
-        _add_hwm(pids, dict.fromkeys(pids, True), self.lifetime)
+        _add_hwm(self.watched.pids(), self.lifetime)
         return _rss_by_role(self.watched, self.lifetime)
 
     async def measure(self, size: int, transfer: Callable[[], Awaitable[T]]) -> tuple[Transfer, T]:
@@ -539,7 +537,7 @@ class Meter:
             seconds = time.perf_counter() - start
             nursery.cancel_scope.cancel()
         cpu = _cpu_by_role(watched, before, _cpu_snapshot(pids))
-        _add_hwm(pids, reset, peaks)
+        _add_hwm(reset, peaks)
         rss_after = _rss_by_role(watched, _rss_now(pids))
         return Transfer(size, seconds, cpu, rss_before, _rss_by_role(watched, peaks), rss_after), result
 
@@ -745,8 +743,15 @@ def _growth(results: Results, role: str) -> str:
     return f"{_mb(large)} / {_mb(small)} MB, ratio {_num(ratio)} (flat = 1.00)"
 
 
-def _api_path(t: Transfer) -> str:
-    return " > ".join(_mb(v) for v in (t.rss_before["api"], t.peak_rss["api"], t.rss_after["api"]))
+def _api_steps(results: Results) -> Iterator[str]:
+    """Where the API's RSS grows: during a transfer, and what it keeps afterwards."""
+    for run in results.runs:
+        for up, down in zip(run.upload, run.download, strict=True):
+            for op, t in (("upload", up), ("download", down)):
+                path = " > ".join(
+                    _mb(v) for v in (t.rss_before["api"], t.peak_rss["api"], t.rss_after["api"])
+                )
+                yield f"  {size_label(run.size):<8} {op:<9} {path}"
 
 
 def format_memory(results: Results) -> list[str]:
@@ -756,20 +761,15 @@ def format_memory(results: Results) -> list[str]:
     under = "n/a" if not peaks else ("yes" if max(peaks) < API_RSS_TARGET else "NO")
     highest = f" (highest {max(peaks) / MB:.1f} MB)" if peaks else ""
     hwm = results.lifetime_hwm
-    steps = "; ".join(
-        f"{op} {size_label(run.size)} {_api_path(t)}"
-        for run in results.runs
-        for ups_downs in zip(run.upload, run.download, strict=True)
-        for op, t in zip(("up", "down"), ups_downs, strict=True)
-    )
     return [
         f"API RSS idle before transfers   : {_mb(results.idle_api_rss)} MB (memory baseline)",
         f"API peak RSS {sizes:<19}: {_growth(results, 'api')}",
         f"bucket peak RSS {sizes:<16}: {_growth(results, 'buckets')}",
         f"API peak under {API_RSS_TARGET // MB} MB (issue 2)  : {under}{highest}",
-        f"API RSS before > peak > after   : {steps} (MB, in run order)",
         f"VmHWM at end (process lifetime) : api {_mb(hwm.get('api'))} MB, buckets max "
         f"{_mb(hwm.get('buckets'))} MB, client {_mb(hwm.get('client'))} MB",
+        "API RSS per transfer, in run order (MB): before > peak > after",
+        *_api_steps(results),
     ]
 
 
