@@ -1,0 +1,238 @@
+"""The processes of a karma8 stack: /proc readers, finding them, starting and stopping a local one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from bench_model import POLL, BenchError, note
+
+STACK_START_TIMEOUT = 120.0
+STACK_STOP_TIMEOUT = 30.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+STACK_LOG_LINES = 10
+UP_LINE = re.compile(r"karma8 is up: (ws://\S+)")
+
+
+# -- processes (/proc) -----------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all threads), or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_bytes(pid: int, key: str) -> int | None:
+    """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM) in bytes, or None."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so it measures one transfer."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Karma8Process:
+    pid: int
+    role: str
+    argv: tuple[str, ...]
+    cwd: Path
+
+    def option(self, name: str) -> str | None:
+        for i, arg in enumerate(self.argv):
+            if arg == name and i + 1 < len(self.argv):
+                return self.argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+        return None
+
+    def path_option(self, name: str) -> Path | None:
+        value = self.option(name)
+        return None if value is None else (self.cwd / value).resolve()
+
+
+def _role(argv: Sequence[str]) -> str | None:
+    """``api`` / ``bucket`` for ``python -m karma8 api ...`` or ``.../bin/karma8 bucket ...``."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "karma8" or arg.endswith("/karma8"):
+            return argv[i + 1] if argv[i + 1] in ("api", "bucket") else None
+    return None
+
+
+def karma8_processes() -> list[Karma8Process]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = tuple(a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0"))
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        role = _role(argv)
+        if role is not None:
+            found.append(Karma8Process(int(entry.name), role, argv, cwd))
+    return found
+
+
+def _ready_info(proc: Karma8Process) -> dict[str, Any]:
+    ready = proc.path_option("--ready-file")
+    with contextlib.suppress(OSError, ValueError):
+        if ready is not None:
+            info: dict[str, Any] = json.loads(ready.read_text())
+            return info
+    return {}
+
+
+def _under(proc: Karma8Process, data: Path) -> bool:
+    data_dir = proc.path_option("--data-dir")
+    return data_dir is not None and data_dir.is_relative_to(data.resolve())
+
+
+def _is_our_api(proc: Karma8Process, url: str, data: Path | None) -> bool:
+    if data is not None:
+        return _under(proc, data)
+    port = urlsplit(url).port or 80
+    return str(_ready_info(proc).get("port", proc.option("--port"))) == str(port)
+
+
+def _is_our_bucket(proc: Karma8Process, data: Path | None, membership: str | None) -> bool:
+    if data is not None:
+        return _under(proc, data)
+    api = proc.option("--api")
+    return membership is not None and api is not None and api.endswith(f":{membership}")
+
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """The processes measured; the API may be unknown when the stack is not ours."""
+
+    api: int | None
+    buckets: tuple[int, ...]
+    client: int
+
+    def groups(self) -> dict[str, tuple[int, ...]]:
+        return {
+            "api": () if self.api is None else (self.api,),
+            "buckets": self.buckets,
+            "client": (self.client,),
+        }
+
+    def pids(self) -> tuple[int, ...]:
+        return tuple(pid for pids in self.groups().values() for pid in pids)
+
+
+def find_stack_processes(url: str, data: Path | None) -> Watched:
+    procs = karma8_processes()
+    apis = [p for p in procs if p.role == "api" and _is_our_api(p, url, data)]
+    api = apis[0] if len(apis) == 1 else None
+    membership = None
+    if api is not None:
+        membership = str(_ready_info(api).get("membership_port", api.option("--membership-port")))
+    buckets = tuple(
+        sorted(p.pid for p in procs if p.role == "bucket" and _is_our_bucket(p, data, membership))
+    )
+    return Watched(api.pid if api else None, buckets, os.getpid())
+
+
+# -- the local stack -------------------------------------------------------------------
+
+
+def _open_log(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _report_stack_log(path: Path) -> None:
+    """Warnings and errors the stack logged: a clean run has none."""
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if " ERROR " in line or "Traceback" in line]
+        warnings = [line for line in lines if " WARNING " in line]
+        if errors or warnings:
+            note(f"the stack logged {len(errors)} error(s) and {len(warnings)} warning(s); the first ones:")
+            for line in (errors + warnings)[:STACK_LOG_LINES]:
+                note(f"  {line}")
+
+
+async def _wait_until_up(proc: trio.Process, log_path: Path) -> str:
+    try:
+        with trio.fail_after(STACK_START_TIMEOUT):
+            while True:
+                if proc.returncode is not None:
+                    raise BenchError(
+                        f"karma8 up exited with status {proc.returncode}:\n{_log_tail(log_path)}"
+                    )
+                match = UP_LINE.search(await trio.Path(log_path).read_text(errors="replace"))
+                if match:
+                    return match.group(1)
+                await trio.sleep(POLL)
+    except trio.TooSlowError:
+        raise BenchError(
+            f"karma8 up not ready after {STACK_START_TIMEOUT:g} s:\n{_log_tail(log_path)}"
+        ) from None
+
+
+async def _stop(proc: trio.Process) -> None:
+    """SIGINT (what Ctrl-C sends), then SIGKILL if it is still there after the deadline."""
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            with trio.move_on_after(STACK_STOP_TIMEOUT):
+                await proc.wait()
+        if proc.returncode is None:
+            note(f"karma8 up (pid {proc.pid}) did not stop in {STACK_STOP_TIMEOUT:g} s; killing it")
+            proc.kill()
+            await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def open_local_stack(data: Path, log_path: Path) -> AsyncIterator[str]:
+    """Run ``karma8 up`` on free ports (both 0: the ready files carry the real ones)."""
+    env = {**os.environ, "KARMA8_STACK_MEMBERSHIP_PORT": "0"}
+    cmd = [sys.executable, "-m", "karma8", "up", "--data", str(data), "--port", "0"]
+    log_fd = _open_log(log_path)
+    try:
+        proc = await trio.lowlevel.open_process(cmd, stdout=log_fd, stderr=subprocess.STDOUT, env=env)
+    finally:
+        os.close(log_fd)
+    try:
+        yield await _wait_until_up(proc, log_path)
+        if proc.returncode is not None:
+            raise BenchError(f"the stack exited during the run:\n{_log_tail(log_path)}")
+    finally:
+        await _stop(proc)
+        _report_stack_log(log_path)
