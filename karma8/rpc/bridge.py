@@ -150,16 +150,19 @@ class Portal:
             if cancel_scope.cancelled_caught:
                 self._loop.call_soon_threadsafe(settle, result.cancel)
 
-        self._token.run_sync_soon(self._nursery.start_soon, in_trio)
+        def spawn() -> None:  # in trio; an exception here would crash the trio run
+            try:
+                self._nursery.start_soon(in_trio)
+            except RuntimeError:  # the portal is closing: its nursery takes no new task
+                failure = PortalClosed("the trio side is shutting down")
+                self._loop.call_soon_threadsafe(settle, partial(result.set_exception, failure))
+
+        self._token.run_sync_soon(spawn)
         try:
             return await result
         except asyncio.CancelledError:
             self._token.run_sync_soon(cancel_scope.cancel)
             raise
-
-
-async def _call(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
-    return await fn(*args)
 
 
 @contextlib.asynccontextmanager
