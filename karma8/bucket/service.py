@@ -80,7 +80,7 @@ class BucketService(pb.BucketBase):
     async def delete(self, message: pb.DeleteRequest) -> pb.DeleteReply:
         bid = self._store.bucket_id
         with _as_grpc(bid, f"delete {message.upload_id!r}"):
-            count, freed = await self._store.delete_upload(message.upload_id)
+            count, freed = await self._store.delete_upload(message.upload_id, message.fragment_ids)
         if count:
             log.info(
                 "bucket=%s upload=%s deleted %d fragment(s), %d bytes", bid, message.upload_id, count, freed
@@ -93,10 +93,22 @@ class BucketService(pb.BucketBase):
         for i in range(0, max(len(stored), 1), LIST_BATCH):
             yield pb.ListReply(
                 fragments=[
-                    pb.FragmentInfo(fragment_id=s.fragment_id, size=s.size, sha256=bytes.fromhex(s.sha256))
+                    pb.FragmentInfo(
+                        fragment_id=s.fragment_id, size=s.size, sha256=bytes.fromhex(s.sha256), age=s.age
+                    )
                     for s in stored[i : i + LIST_BATCH]
                 ]
             )
+
+    async def verify(self, message: pb.VerifyRequest) -> pb.VerifyReply:
+        bid = self._store.bucket_id
+        with _as_grpc(bid, f"verify {message.fragment_id!r}"):
+            problem, size, digest = await self._store.verify(message.fragment_id)
+        if problem and problem != "missing":
+            log.error("bucket=%s fragment %s: %s", bid, message.fragment_id, problem)
+        return pb.VerifyReply(
+            fragment_id=message.fragment_id, problem=problem, size=size, sha256=bytes.fromhex(digest)
+        )
 
     async def get_usage(self, message: pb.UsageRequest) -> pb.Usage:
         u = self._store.usage()

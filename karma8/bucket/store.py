@@ -24,8 +24,9 @@ import os
 import shutil
 import struct
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -235,36 +236,80 @@ class FragmentStore:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(f.close)
 
-    def _delete_upload(self, upload_id: str) -> tuple[int, int]:
+    def _delete(self, paths: list[Path]) -> tuple[int, int]:
         count = freed = 0
-        for path in list(self._iter_files(upload_id)):
-            size = max(0, path.stat().st_size - FOOTER_SIZE)
-            path.unlink()
+        for path in paths:
+            try:
+                size = max(0, path.stat().st_size - FOOTER_SIZE)
+                path.unlink()
+            except FileNotFoundError:  # already gone (a concurrent delete)
+                continue
             count += 1
             freed += size
         if count:
             if self.fsync:
-                _fsync_dir(path.parent)
+                for parent in {p.parent for p in paths}:
+                    _fsync_dir(parent)
             with self._lock:
                 self._counters.used -= freed
                 self._counters.fragments -= count
         return count, freed
 
-    async def delete_upload(self, upload_id: str) -> tuple[int, int]:
-        """Delete every fragment of ``upload_id``; return (count, bytes)."""
+    async def delete_upload(self, upload_id: str, fragment_ids: Sequence[str] = ()) -> tuple[int, int]:
+        """Delete the fragments of ``upload_id`` (all, or the named ones); return (count, bytes)."""
         check_upload_id(upload_id)
-        return await anyio.to_thread.run_sync(self._delete_upload, upload_id)
+        if fragment_ids:
+            paths = []
+            for fid in fragment_ids:
+                if parse_fragment_id(fid)[0] != upload_id:
+                    raise BadRequest(f"fragment {fid} is not part of upload {upload_id}")
+                paths.append(self._path(fid))
+        else:
+            paths = await anyio.to_thread.run_sync(lambda: list(self._iter_files(upload_id)))
+        return await anyio.to_thread.run_sync(self._delete, paths)
 
     def _list(self, upload_id: str) -> list[StoredFragment]:
         out = []
+        now = time.time()
         for path in self._iter_files(upload_id):
-            with path.open("rb") as f:
-                try:
-                    size, digest = _read_footer(f, path)
-                except FragmentCorrupt:
-                    size, digest = max(0, path.stat().st_size - FOOTER_SIZE), b""
-            out.append(StoredFragment(path.name, size, digest.hex()))
+            try:
+                with path.open("rb") as f:
+                    mtime = os.fstat(f.fileno()).st_mtime
+                    try:
+                        size, digest = _read_footer(f, path)
+                    except FragmentCorrupt:
+                        size, digest = max(0, path.stat().st_size - FOOTER_SIZE), b""
+            except FileNotFoundError:  # deleted while we listed
+                continue
+            out.append(StoredFragment(path.name, size, digest.hex(), max(0.0, now - mtime)))
         return out
+
+    def _verify(self, fragment_id: str) -> tuple[str, int, str]:
+        path = self._path(fragment_id)
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            return "missing", 0, ""
+        with f:
+            try:
+                size, expected = _read_footer(f, path)
+            except FragmentCorrupt as exc:
+                return f"corrupt: {exc.message}", 0, ""
+            h = hashlib.sha256()
+            left = size
+            while left:
+                data = f.read(min(left, 1 << 20))
+                if not data:
+                    return "corrupt: truncated", size, ""
+                h.update(data)
+                left -= len(data)
+        if h.digest() != expected:
+            return "corrupt: checksum mismatch", size, h.hexdigest()
+        return "", size, h.hexdigest()
+
+    async def verify(self, fragment_id: str) -> tuple[str, int, str]:
+        """Read a whole fragment; return (problem or "", size, sha256 of the data read)."""
+        return await anyio.to_thread.run_sync(self._verify, fragment_id)
 
     async def list_fragments(self, upload_id: str = "") -> list[StoredFragment]:
         """Every stored fragment (or those of one upload), with sizes and checksums."""

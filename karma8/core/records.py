@@ -32,3 +32,5 @@ class StoredFragment:
     fragment_id: str
     size: int
     sha256: str
+    #: Seconds since it was committed, by the bucket's clock (listings only).
+    age: float = 0.0

@@ -21,6 +21,8 @@ __all__ = (
     "PutRequest",
     "Usage",
     "UsageRequest",
+    "VerifyReply",
+    "VerifyRequest",
 )
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -55,10 +57,17 @@ default_message_pool.register_message("karma8.v1", "DeleteReply", DeleteReply)
 @dataclass(eq=False, repr=False)
 class DeleteRequest(betterproto2.Message):
     """
-    Deletes every fragment of one upload on this bucket.
+    Deletes the fragments of one upload on this bucket: all of them, or only those named.
     """
 
     upload_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    fragment_ids: "list[str]" = betterproto2.field(
+        2, betterproto2.TYPE_STRING, repeated=True
+    )
+    """
+    When set, only these fragments (each must belong to upload_id).
+    """
 
 
 default_message_pool.register_message("karma8.v1", "DeleteRequest", DeleteRequest)
@@ -71,6 +80,11 @@ class FragmentInfo(betterproto2.Message):
     size: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
 
     sha256: "bytes" = betterproto2.field(3, betterproto2.TYPE_BYTES)
+
+    age: "float" = betterproto2.field(4, betterproto2.TYPE_DOUBLE)
+    """
+    Seconds since the fragment was committed, by the bucket's own clock.
+    """
 
 
 default_message_pool.register_message("karma8.v1", "FragmentInfo", FragmentInfo)
@@ -209,6 +223,38 @@ class UsageRequest(betterproto2.Message):
 default_message_pool.register_message("karma8.v1", "UsageRequest", UsageRequest)
 
 
+@dataclass(eq=False, repr=False)
+class VerifyReply(betterproto2.Message):
+    fragment_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    problem: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Empty when the fragment is intact; otherwise what is wrong ("missing", "corrupt: ...").
+    """
+
+    size: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
+
+    sha256: "bytes" = betterproto2.field(4, betterproto2.TYPE_BYTES)
+    """
+    sha256 of the data as read now.
+    """
+
+
+default_message_pool.register_message("karma8.v1", "VerifyReply", VerifyReply)
+
+
+@dataclass(eq=False, repr=False)
+class VerifyRequest(betterproto2.Message):
+    """
+    Reads a whole fragment and checks it against the checksum in its footer.
+    """
+
+    fragment_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("karma8.v1", "VerifyRequest", VerifyRequest)
+
+
 class BucketStub(betterproto2_grpclib.ServiceStub):
     async def put(
         self,
@@ -306,6 +352,24 @@ class BucketStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def verify(
+        self,
+        message: "VerifyRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VerifyReply":
+
+        return await self._unary_unary(
+            "/karma8.v1.Bucket/Verify",
+            message,
+            VerifyReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class MembershipStub(betterproto2_grpclib.ServiceStub):
     async def beat(
@@ -347,6 +411,10 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
         yield ListReply()
 
     async def get_usage(self, message: "UsageRequest") -> "Usage":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def verify(self, message: "VerifyRequest") -> "VerifyReply":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -395,6 +463,14 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
         response = await self.get_usage(request)
         await stream.send_message(response)
 
+    async def __rpc_verify(
+        self, stream: "grpclib.server.Stream[VerifyRequest, VerifyReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.verify(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/karma8.v1.Bucket/Put": grpclib.const.Handler(
@@ -426,6 +502,12 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 UsageRequest,
                 Usage,
+            ),
+            "/karma8.v1.Bucket/Verify": grpclib.const.Handler(
+                self.__rpc_verify,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                VerifyRequest,
+                VerifyReply,
             ),
         }
 
