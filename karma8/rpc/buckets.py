@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpclib.client
@@ -160,10 +160,11 @@ class BucketClient:
                 await self._portal.run(_send_last, stream, request)
             yield FragmentReader(self._portal, stream, self.bucket_id)
 
-    async def delete_upload(self, upload_id: str) -> int:
-        """Delete every fragment of ``upload_id`` on this bucket; return how many."""
+    async def delete_upload(self, upload_id: str, fragment_ids: Sequence[str] = ()) -> int:
+        """Delete the fragments of ``upload_id`` on this bucket (all, or the named ones)."""
+        request = pb.DeleteRequest(upload_id=upload_id, fragment_ids=list(fragment_ids))
         with translate_errors(self.bucket_id):
-            reply = await self._portal.run(self._stub.delete, pb.DeleteRequest(upload_id=upload_id))
+            reply = await self._portal.run(self._stub.delete, request)
         return int(reply.deleted)
 
     async def list_fragments(self, upload_id: str = "") -> list[StoredFragment]:
@@ -171,10 +172,16 @@ class BucketClient:
         with translate_errors(self.bucket_id):
             replies = await self._portal.run(self._collect_list, upload_id)
         return [
-            StoredFragment(f.fragment_id, f.size, f.sha256.hex())
+            StoredFragment(f.fragment_id, f.size, f.sha256.hex(), f.age)
             for reply in replies
             for f in reply.fragments
         ]
+
+    async def verify(self, fragment_id: str) -> tuple[str, int, str]:
+        """Have the bucket read a fragment whole: (problem or "", size, sha256 read)."""
+        with translate_errors(self.bucket_id):
+            reply = await self._portal.run(self._stub.verify, pb.VerifyRequest(fragment_id=fragment_id))
+        return str(reply.problem), int(reply.size), bytes(reply.sha256).hex()
 
     async def _collect_list(self, upload_id: str) -> list[pb.ListReply]:
         return [r async for r in self._stub.list(pb.ListRequest(upload_id=upload_id))]
