@@ -109,6 +109,12 @@ class ApiConfig(_Section):
     grpc_connection_window: PositiveSize = Field(
         16 * MiB, description="HTTP/2 receive window per bucket connection."
     )
+    reconcile_interval: Seconds = Field(
+        600.0, description="How often every live bucket's listing is reconciled with the registry."
+    )
+    orphan_grace: Seconds = Field(
+        3600.0, description="Age after which a fragment unknown to the registry is deleted."
+    )
     rpc_timeout: Seconds = Field(10.0, description="Limit for one Delete/List/usage call to a bucket.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")

@@ -13,6 +13,7 @@ from trio_websocket import serve_websocket
 from karma8 import wsfix
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
+from karma8.api.reconcile import Reconciler
 from karma8.api.server import ApiHandler
 from karma8.api.session import Services
 from karma8.config import ApiConfig
@@ -54,7 +55,9 @@ async def serve_api(
         await cluster.load()
         leases = ReadLeases()
         janitor = Janitor(registry, cluster, leases, config.janitor_interval, config.rpc_timeout)
-        handler = ApiHandler(Services(config, registry, cluster, janitor, leases))
+        reconciler = Reconciler(registry, cluster, config)
+        cluster.on_hello = reconciler.request
+        handler = ApiHandler(Services(config, registry, cluster, janitor, leases, reconciler))
         try:
             async with trio.open_nursery() as nursery:
                 membership_port = await nursery.start(
@@ -76,7 +79,7 @@ async def serve_api(
                     )
                 )
                 nursery.start_soon(janitor.run)
-                nursery.start_soon(cluster.run_inventories)
+                nursery.start_soon(reconciler.run)
                 endpoints = ApiEndpoints(config.host, server.port, membership_port)
                 log.info(
                     "API server listening on %s (buckets register at %s:%d)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -33,21 +34,6 @@ class BucketState:
     usage: Usage
     last_seen: float  # trio clock; -inf: not heard from since start
     client: BucketClient | None = None
-    inventory: Inventory | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Inventory:
-    """A bucket's listing compared with the registry, taken when it (re-)registers.
-
-    ``unknown``: fragments the bucket holds that the registry does not list for it.
-    ``missing``: fragments of committed files the registry expects there but it lacks.
-    Only reported for now; acting on them (garbage collection after a grace period,
-    repair) is the reconciliation of the fault-handling work.
-    """
-
-    unknown: int
-    missing: int
 
 
 class Cluster:
@@ -58,8 +44,8 @@ class Cluster:
         self._portal = portal
         self._config = config
         self._buckets: dict[str, BucketState] = {}
-        self._inventory_due: set[str] = set()
-        self._inventory_wake = trio.Event()
+        #: Called with the id of a bucket that (re-)registered (the reconciler listens).
+        self.on_hello: Callable[[str], None] = lambda bucket_id: None
 
     async def load(self) -> None:
         """Learn the buckets the registry knows (not live until they heartbeat)."""
@@ -77,8 +63,7 @@ class Cluster:
         state.usage = beat.usage
         state.last_seen = trio.current_time()
         if beat.hello:
-            self._inventory_due.add(beat.bucket_id)
-            self._inventory_wake.set()
+            self.on_hello(beat.bucket_id)
         await self._registry.upsert_bucket(beat)
         return self._config.heartbeat_interval
 
@@ -109,37 +94,6 @@ class Cluster:
             beat.usage.free,
         )
         return state
-
-    async def run_inventories(self) -> None:
-        """Forever: list each bucket that (re-)registered and compare with the registry."""
-        while True:
-            await self._inventory_wake.wait()
-            self._inventory_wake = trio.Event()
-            while self._inventory_due:
-                await self._take_inventory(self._inventory_due.pop())
-
-    async def _take_inventory(self, bucket_id: str) -> None:
-        state = self._buckets.get(bucket_id)
-        if state is None or state.client is None:
-            return
-        try:
-            with trio.fail_after(self._config.rpc_timeout):
-                listed = {f.fragment_id for f in await state.client.list_fragments()}
-        except (BucketUnavailable, trio.TooSlowError) as exc:
-            log.warning("bucket=%s inventory failed: %s", bucket_id, exc)
-            return
-        expected = await self._registry.expected_on(bucket_id)
-        committed = {fid for fid, upload_state in expected.items() if upload_state == "committed"}
-        state.inventory = Inventory(unknown=len(listed - expected.keys()), missing=len(committed - listed))
-        level = logging.WARNING if state.inventory.unknown or state.inventory.missing else logging.INFO
-        log.log(
-            level,
-            "bucket=%s inventory: %d fragment(s), %d unknown to the registry, %d of committed files missing",
-            bucket_id,
-            len(listed),
-            state.inventory.unknown,
-            state.inventory.missing,
-        )
 
     def _is_live(self, state: BucketState) -> bool:
         return trio.current_time() - state.last_seen < self._config.bucket_timeout

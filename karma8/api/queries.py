@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import trio
 
+from karma8.api.cluster import BucketState
+from karma8.api.reconcile import Inventory
 from karma8.api.session import Session
+from karma8.core.fragments import fragment_id
 from karma8.core.protocol import encode_ok
 from karma8.errors import NotFound
 
@@ -22,17 +25,23 @@ async def handle_stat(session: Session, name: str) -> None:
     found = await services.registry.lookup(name)
     if found is None:
         raise NotFound(name)
-    parts = [
-        {
-            "part": f.part,
-            "bucket": f.bucket_id,
-            "address": services.cluster.address(f.bucket_id),
-            "live": services.cluster.is_live(f.bucket_id),
-            "size": f.size,
-            "sha256": f.sha256,
-        }
-        for f in found.fragments
-    ]
+    missing = services.reconciler.missing()
+    corrupt = services.reconciler.corrupt
+    parts = []
+    for f in found.fragments:
+        fid = fragment_id(f.upload_id, f.part)
+        problem = "missing" if fid in missing else "corrupt" if fid in corrupt else None
+        parts.append(
+            {
+                "part": f.part,
+                "bucket": f.bucket_id,
+                "address": services.cluster.address(f.bucket_id),
+                "live": services.cluster.is_live(f.bucket_id),
+                "size": f.size,
+                "sha256": f.sha256,
+                "problem": problem,
+            }
+        )
     await session.send(
         encode_ok(
             name=found.name,
@@ -41,6 +50,7 @@ async def handle_stat(session: Session, name: str) -> None:
             created=found.created,
             upload_id=found.upload.upload_id,
             stripe_unit=found.upload.unit,
+            damaged=any(p["problem"] for p in parts),
             parts=parts,
         )
     )
@@ -58,23 +68,11 @@ async def handle_delete(session: Session, name: str) -> None:
 
 
 async def handle_status(session: Session) -> None:
-    """``/status``: every known bucket, live or not, with its usage."""
+    """``/status``: every known bucket, live or not, with its usage and last reconciliation."""
     cluster = session.services.cluster
-    now = trio.current_time()
+    inventories = session.services.reconciler.inventories
     buckets = [
-        {
-            "id": s.bucket_id,
-            "address": s.address,
-            "live": cluster.is_live(s.bucket_id),
-            "used": s.usage.used,
-            "free": s.usage.free,
-            "capacity": s.usage.capacity,
-            "fragments": s.usage.fragments,
-            "unknown_fragments": None if s.inventory is None else s.inventory.unknown,
-            "missing_fragments": None if s.inventory is None else s.inventory.missing,
-            "last_seen_ago": None if s.last_seen == float("-inf") else round(now - s.last_seen, 3),
-        }
-        for s in cluster.states()
+        _bucket_row(s, cluster.is_live(s.bucket_id), inventories.get(s.bucket_id)) for s in cluster.states()
     ]
     await session.send(
         encode_ok(
@@ -83,3 +81,21 @@ async def handle_status(session: Session) -> None:
             buckets=buckets,
         )
     )
+
+
+def _bucket_row(s: BucketState, live: bool, inv: Inventory | None) -> dict[str, object]:
+    seen = None if s.last_seen == float("-inf") else round(trio.current_time() - s.last_seen, 3)
+    return {
+        "id": s.bucket_id,
+        "address": s.address,
+        "live": live,
+        "used": s.usage.used,
+        "free": s.usage.free,
+        "capacity": s.usage.capacity,
+        "fragments": s.usage.fragments,
+        # From the last reconciliation (None until the first one).
+        "unknown_fragments": inv.unknown if inv else None,
+        "missing_fragments": len(inv.missing) if inv else None,
+        "orphans_deleted": inv.orphans_deleted if inv else None,
+        "last_seen_ago": seen,
+    }

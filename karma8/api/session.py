@@ -13,6 +13,7 @@ from trio_websocket import WebSocketConnection
 
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
+from karma8.api.reconcile import Reconciler
 from karma8.config import ApiConfig
 from karma8.errors import BadRequest, BucketUnavailable, Timeout
 from karma8.registry import Registry
@@ -30,6 +31,7 @@ class Services:
     cluster: Cluster
     janitor: Janitor
     leases: ReadLeases
+    reconciler: Reconciler
     #: Names with an upload in progress (a second concurrent upload is a conflict).
     uploading: set[str] = field(default_factory=set)
 

@@ -115,31 +115,3 @@ def _live(client: Client, n: int) -> Callable[[], Awaitable[bool]]:
         return int((await client.status())["live"]) == n
 
     return check
-
-
-async def test_registration_inventory_reports_unknown_and_missing_fragments(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    src = tmp_path / "f"
-    make_file(src, 600_000)
-    await cluster.client.upload(src, "inv")
-    bucket = cluster.buckets[0]
-    (ours,) = bucket.fragment_files()
-    ours.unlink()  # a committed fragment goes missing
-    stray = bucket.data_dir / "fragments" / "ab" / ("ab" + "0" * 30 + ".3")
-    stray.parent.mkdir(exist_ok=True)
-    stray.write_bytes(b"not known to the registry")
-    await stop_process(bucket.proc)
-    cluster.buckets.remove(bucket)
-    bucket = await start_bucket(bucket.data_dir, cluster.membership_port)
-    cluster.buckets.append(bucket)
-
-    async def reported() -> bool:
-        status = await cluster.client.status()
-        (row,) = [b for b in status["buckets"] if b["id"] == bucket.bucket_id]
-        return bool(row["live"]) and (row["unknown_fragments"], row["missing_fragments"]) == (1, 1)
-
-    await wait_until(reported, "the re-registered bucket's inventory")
-    others = [b for b in (await cluster.client.status())["buckets"] if b["id"] != bucket.bucket_id]
-    assert all((b["unknown_fragments"], b["missing_fragments"]) == (0, 0) for b in others)
-    assert stray.exists(), "an inventory must not delete anything"

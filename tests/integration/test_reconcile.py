@@ -1,0 +1,90 @@
+"""Reconciliation of bucket listings with the registry (block reports)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from karma8.core.fragments import new_upload_id
+from tests.integration.harness import BucketProcess, Cluster, make_file, open_cluster, wait_until
+
+FAST: dict[str, object] = {"reconcile_interval": 0.3, "orphan_grace": 60.0}
+
+
+def plant(bucket: BucketProcess, age: float) -> Path:
+    """A fragment file the registry has never heard of, ``age`` seconds old."""
+    upload_id = new_upload_id()
+    path = bucket.data_dir / "fragments" / upload_id[:2] / f"{upload_id}.2"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"left over from who knows what")
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+async def bucket_row(cluster: Cluster, bucket_id: str) -> dict[str, object]:
+    status = await cluster.client.status()
+    (row,) = [b for b in status["buckets"] if b["id"] == bucket_id]
+    return dict(row)
+
+
+async def test_orphans_go_after_the_grace_period_and_missing_data_is_reported(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=6, **FAST) as cluster:
+        src = tmp_path / "f"
+        make_file(src, 600_000)
+        await cluster.client.upload(src, "kept")
+        bucket = cluster.buckets[0]
+        (ours,) = bucket.fragment_files()
+        ours.unlink()  # a committed fragment is lost
+        old = plant(bucket, age=3600)
+        young = plant(bucket, age=0)
+
+        async def reconciled() -> bool:
+            row = await bucket_row(cluster, bucket.bucket_id)
+            return (row["missing_fragments"], row["orphans_deleted"]) == (1, 1)
+
+        await wait_until(reconciled, "reconciliation to delete the old orphan and see the loss")
+        assert not old.exists()
+        assert young.exists(), "a fragment younger than the grace period was deleted"
+        row = await bucket_row(cluster, bucket.bucket_id)
+        assert row["unknown_fragments"] == 2  # both were unknown when the listing was taken
+
+        stat = await cluster.client.stat("kept")
+        assert stat["damaged"] is True
+        problems = {p["bucket"]: p["problem"] for p in stat["parts"]}
+        assert problems.pop(bucket.bucket_id) == "missing"
+        assert set(problems.values()) == {None}
+
+        # Other buckets: everything accounted for, nothing deleted.
+        for other in cluster.buckets[1:]:
+            row = await bucket_row(cluster, other.bucket_id)
+            assert (row["unknown_fragments"], row["missing_fragments"], row["orphans_deleted"]) == (0, 0, 0)
+            assert len(other.fragment_files()) == 1
+
+
+async def test_an_incomplete_listing_deletes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="karma8.api.reconcile")
+    async with open_cluster(tmp_path, buckets=6, **FAST) as cluster:
+        bucket = cluster.buckets[0]
+        orphan = plant(bucket, age=3600)
+        # A directory where a fragment file should be makes the bucket's listing fail.
+        blocker = bucket.data_dir / "fragments" / "ff" / ("f" * 32 + ".0")
+        blocker.mkdir(parents=True)
+
+        def attempts() -> int:
+            return sum(
+                "reconciliation skipped" in r.getMessage() and bucket.bucket_id in r.getMessage()
+                for r in caplog.records
+            )
+
+        await wait_until(lambda: attempts() >= 2, "two reconciliation attempts with a failing listing")
+        assert orphan.exists(), "an orphan was deleted on the strength of an incomplete listing"
+
+        blocker.rmdir()
+        await wait_until(lambda: not orphan.exists(), "the orphan to go once the listing is complete")
