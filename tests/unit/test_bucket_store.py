@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -303,17 +306,51 @@ async def test_delete_upload_removes_only_that_upload(store: FragmentStore) -> N
     assert await store.delete_upload("9" * 32) == (0, 0)
 
 
+async def _listed(store: FragmentStore, upload_id: str = "") -> list[StoredFragment]:
+    """The listing without ages (which only listings carry), sorted by id."""
+    listed = await store.list_fragments(upload_id)
+    assert all(0 <= f.age < 60 for f in listed)
+    return sorted((dataclasses.replace(f, age=0.0) for f in listed), key=lambda f: f.fragment_id)
+
+
 async def test_list_fragments(store: FragmentStore) -> None:
     assert await store.list_fragments() == []
     a = await _put(store, f"{UID}.0", b"aaa")
     b = await _put(store, f"{UID}.11", b"bbbbbb")
     c = await _put(store, f"{OTHER}.5", b"")
 
-    listed = await store.list_fragments()
-    assert sorted(listed, key=lambda f: f.fragment_id) == sorted([a, b, c], key=lambda f: f.fragment_id)
-    assert sorted(await store.list_fragments(UID), key=lambda f: f.fragment_id) == [a, b]
-    assert await store.list_fragments(OTHER) == [c]
+    assert await _listed(store) == sorted([a, b, c], key=lambda f: f.fragment_id)
+    assert await _listed(store, UID) == [a, b]
+    assert await _listed(store, OTHER) == [c]
     assert await store.list_fragments("9" * 32) == []
+
+
+async def test_listed_age_is_time_since_commit(store: FragmentStore) -> None:
+    await _put(store, f"{UID}.0", b"old")
+    then = time.time() - 7200
+    os.utime(_fragment_path(store.root, f"{UID}.0"), (then, then))
+    (listed,) = await store.list_fragments(UID)
+    assert 7200 <= listed.age < 7260
+
+
+async def test_delete_named_fragments_only(store: FragmentStore) -> None:
+    await _put(store, f"{UID}.0", b"a")
+    await _put(store, f"{UID}.1", b"b")
+    assert await store.delete_upload(UID, [f"{UID}.1"]) == (1, 1)
+    assert [f.fragment_id for f in await store.list_fragments(UID)] == [f"{UID}.0"]
+    with pytest.raises(BadRequest):
+        await store.delete_upload(UID, [f"{OTHER}.0"])  # not part of that upload
+
+
+async def test_verify_reads_the_whole_fragment(store: FragmentStore) -> None:
+    await _put(store, f"{UID}.0", b"0123456789")
+    assert await store.verify(f"{UID}.0") == ("", 10, hashlib.sha256(b"0123456789").hexdigest())
+    assert (await store.verify(f"{UID}.1"))[0] == "missing"
+    path = _fragment_path(store.root, f"{UID}.0")
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert (await store.verify(f"{UID}.0"))[0] == "corrupt: checksum mismatch"
 
 
 async def test_list_fragments_reports_corrupt_ones_without_checksum(store: FragmentStore) -> None:
@@ -322,7 +359,7 @@ async def test_list_fragments_reports_corrupt_ones_without_checksum(store: Fragm
     path.write_bytes(path.read_bytes()[:-1])
 
     # The size is what the file holds beyond a footer's length.
-    assert await store.list_fragments(UID) == [StoredFragment(f"{UID}.0", 9, "")]
+    assert await _listed(store, UID) == [StoredFragment(f"{UID}.0", 9, "")]
 
 
 async def test_usage_counts_data_bytes(store: FragmentStore) -> None:
