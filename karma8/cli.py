@@ -295,6 +295,24 @@ def remove(
 
 
 @app.command()
+def verify(
+    name: Annotated[str, typer.Argument(help="Only this file (default: every file).")] = "",
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Scrub: read every fragment and report damaged ones (exit status 1 if any)."""
+    report = _run(functools.partial(_client(config, api).verify, name))
+    for d in report["damaged"]:
+        typer.echo(f"DAMAGED {d['name']} part {d['part']} on bucket {d['bucket']}: {d['problem']}")
+    typer.echo(
+        f"checked {report['files']} file(s), {report['fragments']} fragment(s): "
+        f"{len(report['damaged'])} damaged"
+    )
+    if report["damaged"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     api: ApiOpt = None,

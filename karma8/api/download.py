@@ -52,7 +52,7 @@ async def handle_download(session: Session, name: str) -> None:
     """Serve ``/download/{name}``."""
     services = session.services
     with contextlib.ExitStack() as lease:
-        file = await _lease_current_version(session, name, lease)
+        file = await lease_current_version(session, name, lease)
         upload = file.upload
         layout = Layout(file.size, upload.parts, upload.unit)
         clients = [services.cluster.client(f.bucket_id) for f in file.fragments if f.size]
@@ -76,7 +76,7 @@ async def handle_download(session: Session, name: str) -> None:
     )
 
 
-async def _lease_current_version(session: Session, name: str, lease: contextlib.ExitStack) -> FileRow:
+async def lease_current_version(session: Session, name: str, lease: contextlib.ExitStack) -> FileRow:
     """Look ``name`` up and hold a read lease on the version found.
 
     The lease is taken first and the version checked to be still current afterwards: the

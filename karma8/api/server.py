@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from karma8.api.download import handle_download
 from karma8.api.queries import handle_delete, handle_files, handle_stat, handle_status
+from karma8.api.scrub import handle_verify
 from karma8.api.session import Services, Session
 from karma8.api.upload import handle_upload
 from karma8.core.protocol import CloseCode, Op, Request, close_code_for, encode_error, parse_path
@@ -73,6 +74,8 @@ class ApiHandler:
             await handle_stat(session, req.name)
         elif req.op is Op.DELETE:
             await handle_delete(session, req.name)
+        elif req.op is Op.VERIFY:
+            await handle_verify(session, req.name)
         else:
             await handle_status(session)
 

@@ -86,9 +86,15 @@ class Session:
             raise BucketUnavailable(client.bucket_id, "stream stalled") from None
 
     async def send(self, message: str | bytes) -> None:
-        """Send one frame, within the idle timeout (a client that stops reading)."""
+        """Send one frame, within the idle timeout (a client that stops reading).
+
+        The send is shielded from outside cancellation: a frame cut off half-way would
+        leave the client unable to parse anything after it, including the error frame
+        that explains why the transfer stopped. Cancellation arrives once the frame is out;
+        a client that stops reading still ends it through the idle timeout.
+        """
         try:
-            with trio.fail_after(self.config.idle_timeout):
+            with trio.CancelScope(shield=True), trio.fail_after(self.config.idle_timeout):
                 await self.ws.send_message(message)
         except trio.TooSlowError:
             raise Timeout(f"client read nothing for {self.config.idle_timeout:g} s") from None

@@ -180,6 +180,10 @@ class Client:
         """Delete ``name`` (its fragments are removed in the background)."""
         await self._query(f"/delete/{encode_name(name)}")
 
+    async def verify(self, name: str = "") -> dict[str, Any]:
+        """Scrub one file (or all): every fragment is read by its bucket and checked."""
+        return await self._query(f"/verify/{encode_name(name)}" if name else "/verify")
+
     async def status(self) -> dict[str, Any]:
         """The buckets the API server knows, live or not, with their usage."""
         return await self._query("/status")

@@ -28,6 +28,7 @@ class Op(enum.Enum):
     STAT = "stat"
     DELETE = "delete"
     STATUS = "status"
+    VERIFY = "verify"
 
 
 _NAMED = {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE}
@@ -91,7 +92,7 @@ def parse_path(path: str) -> Request:
         op = Op(head)
     except ValueError:
         raise BadRequest(f"unknown path {parts.path!r}") from None
-    if op in _NAMED:
+    if op in _NAMED or (op is Op.VERIFY and rest):
         return Request(op, name=decode_name(rest))
     if rest:
         raise BadRequest(f"/{op.value} takes no name")

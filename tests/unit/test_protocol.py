@@ -49,9 +49,16 @@ def test_unnamed_ops(op: Op) -> None:
     assert parse_path(f"/{op.value}") == Request(op)
 
 
+def test_verify_takes_an_optional_name() -> None:
+    assert parse_path("/verify") == Request(Op.VERIFY)
+    assert parse_path("/verify/a/b%20c") == Request(Op.VERIFY, name="a/b c")
+    with pytest.raises(BadName):
+        parse_path("/verify/a/../b")
+
+
 def test_every_op_is_covered() -> None:
-    # The two tests above between them name every Op; a new one needs a test.
-    assert {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE, Op.FILES, Op.STATUS} == set(Op)
+    # The tests above between them name every Op; a new one needs a test.
+    assert {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE, Op.FILES, Op.STATUS, Op.VERIFY} == set(Op)
 
 
 @pytest.mark.parametrize(
