@@ -1,0 +1,119 @@
+"""The API server SIGKILLed in the middle of uploads: nothing lost, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import partial
+from pathlib import Path
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from karma8.client import Client
+from karma8.config import ClientConfig, MiB
+from karma8.core.protocol import UploadHeader, encode_upload_header
+from karma8.registry.db import RegistryDB
+from tests.integration.harness import (
+    BucketProcess,
+    free_port,
+    make_file,
+    open_api_process,
+    open_raw,
+    start_bucket,
+    stop_process,
+    upload_rows,
+    wait_until,
+)
+
+
+def kill_api(root: Path) -> None:
+    """SIGKILL the ``karma8 api`` process serving ``root / "api"``."""
+    marker = f"--data-dir\0{root / 'api'}\0".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"karma8\0api\0" in cmdline and marker in cmdline:
+            os.kill(int(proc.name), signal.SIGKILL)
+            return
+    raise AssertionError("no API process found")
+
+
+def _no_fragments(db: RegistryDB, upload_id: str) -> bool:
+    return db.fragments(upload_id) == []
+
+
+async def _live(client: Client, n: int) -> bool:
+    return int((await client.status())["live"]) == n
+
+
+async def test_api_killed_mid_upload(tmp_path: Path) -> None:
+    membership = free_port()
+    buckets: list[BucketProcess] = []
+    src = tmp_path / "keep"
+    digest = make_file(src, 2 * MiB + 9)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def start(i: int) -> None:
+                buckets.append(await start_bucket(tmp_path / f"bucket-{i}", membership))
+
+            for i in range(6):
+                nursery.start_soon(start, i)
+
+        async with open_api_process(tmp_path, membership) as url:
+            client = Client(ClientConfig(api=url))
+            await wait_until(lambda: _live(client, 6), "6 live buckets")
+            await client.upload(src, "keep")
+
+            async def doomed_upload(name: str) -> None:
+                try:
+                    async with open_raw(url, f"/upload/{name}") as ws:
+                        await ws.send_message(encode_upload_header(UploadHeader(size=512 * MiB)))
+                        while True:
+                            await ws.send_message(b"\x07" * MiB)
+                except ConnectionClosed:
+                    pass  # the API died under us
+
+            async with trio.open_nursery() as uploads:
+                for name in ("doomed-1", "doomed-2"):
+                    uploads.start_soon(doomed_upload, name)
+                await wait_until(
+                    lambda: sum(bool(b.tmp_files()) for b in buckets) >= 6,
+                    "both uploads to be writing on the buckets",
+                )
+                kill_api(tmp_path)  # the uploads end when their connections break
+
+        db = RegistryDB(tmp_path / "api" / "registry.sqlite3")
+        try:
+            assert [s for _, s in upload_rows(db, "doomed-1")] == ["in_progress"]
+        finally:
+            db.close()
+
+        async with open_api_process(tmp_path, membership) as url:
+            client = Client(ClientConfig(api=url))
+            await wait_until(lambda: _live(client, 6), "the buckets to re-register")
+            keep_id = str((await client.stat("keep"))["upload_id"])
+            await wait_until(
+                lambda: (
+                    all(p.name.startswith(keep_id) for b in buckets for p in b.fragment_files())
+                    and not any(b.tmp_files() for b in buckets)
+                ),
+                "the interrupted uploads' data to be gone from every bucket",
+            )
+            db = RegistryDB(tmp_path / "api" / "registry.sqlite3")
+            try:
+                for name in ("doomed-1", "doomed-2"):
+                    ((upload_id, state),) = upload_rows(db, name)
+                    assert state == "failed"
+                    await wait_until(partial(_no_fragments, db, upload_id), "pending deletions to finish")
+                    assert db.lookup(name) is None
+            finally:
+                db.close()
+            assert [f["name"] for f in await client.list()] == ["keep"]
+            assert (await client.download("keep", tmp_path / "out")).sha256 == digest
+    finally:
+        for b in buckets:
+            await stop_process(b.proc, signal.SIGTERM)
