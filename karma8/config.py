@@ -101,6 +101,9 @@ class ApiConfig(_Section):
     heartbeat_interval: Seconds = Field(2.0, description="How often buckets are told to heartbeat.")
     connect_timeout: Seconds = Field(5.0, description="Limit for opening a gRPC stream to a bucket.")
     idle_timeout: Seconds = Field(60.0, description="Limit for a client that stops sending or reading.")
+    handshake_timeout: Seconds = Field(
+        10.0, description="Limit for a client to complete (or close) the WebSocket handshake."
+    )
     cleanup_timeout: Seconds = Field(30.0, description="Deadline of the shielded cleanup of a failed upload.")
     janitor_interval: Seconds = Field(5.0, description="How often pending fragment deletions are retried.")
     grpc_stream_window: PositiveSize = Field(

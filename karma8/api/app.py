@@ -76,6 +76,8 @@ async def serve_api(
                         None,
                         max_message_size=config.max_frame,
                         receive_buffer_size=config.receive_buffer,
+                        connect_timeout=config.handshake_timeout,
+                        disconnect_timeout=config.handshake_timeout,
                     )
                 )
                 nursery.start_soon(janitor.run)
