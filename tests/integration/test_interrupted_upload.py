@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import trio
 
 from karma8.config import MiB
 from karma8.core.protocol import UploadHeader, encode_upload_header
@@ -194,3 +195,38 @@ async def test_bucket_failure_mid_upload(tmp_path: Path, how: str) -> None:
         digest = make_file(small, 100_000)
         assert (await cluster.client.upload(small, "after")).sha256 == digest
         await stop_process(victim.proc)
+
+
+@pytest.mark.parametrize("how", ["kill", "stall"])
+async def test_bucket_failure_mid_download(tmp_path: Path, how: str) -> None:
+    """A bucket dies or hangs while a download streams: the client gets bucket_unavailable
+    promptly and no file, never a truncated one reported as success."""
+    async with open_cluster(tmp_path, idle_timeout=2.0) as cluster:
+        src = tmp_path / "big"
+        with src.open("wb") as f:
+            f.truncate(384 * MiB)
+        await cluster.client.upload(src, "big")
+        dst = tmp_path / "dst"
+        error: list[RemoteError] = []
+
+        async def download() -> None:
+            with pytest.raises(RemoteError) as info:
+                await cluster.client.download("big", dst)
+            error.append(info.value)
+
+        def receiving() -> bool:
+            return any(p.stat().st_size > 16 * MiB for p in tmp_path.glob(".dst.*"))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(download)
+                await wait_until(receiving, "the download to be under way")
+                victim = cluster.buckets[3]
+                victim.proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        assert error[0].code == "bucket_unavailable", error[0]
+        assert not dst.exists()
+        assert not list(tmp_path.glob(".dst.*"))
+        if how == "stall":
+            victim.proc.send_signal(signal.SIGCONT)
+        else:
+            await victim.proc.wait()
