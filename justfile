@@ -24,3 +24,7 @@ proto:
 # Throughput and memory benchmark (see docs/performance.md)
 bench *ARGS:
     source scripts/venv.sh && python scripts/bench.py {{ARGS}}
+
+# Chaos run: traffic while uploads, clients, buckets and the API are killed (see docs/chaos.md)
+chaos *ARGS:
+    source scripts/venv.sh && python scripts/chaos.py {{ARGS}}

@@ -1,0 +1,201 @@
+"""Chaos test of karma8: concurrent traffic while uploads, clients, buckets and the API die.
+
+It starts its own local stack (one ``python -m karma8 api`` and ``--buckets`` ``python -m
+karma8 bucket`` processes, in ``--data`` or a temporary directory) and for ``--duration``
+seconds runs ``--concurrency`` workers that upload files of random sizes with known sha256
+(names from a small pool, so versions replace each other), download them and check the
+data, and delete some. Meanwhile it injects faults on schedules: uploads whose socket is
+closed mid-stream, ``karma8 upload`` processes SIGKILLed mid-upload, buckets and the API
+SIGKILLed and restarted. Every random choice follows from ``--seed``.
+
+Then it stops the faults, makes sure every process is up, waits for reconciliation and
+checks: every acknowledged upload that was not replaced or deleted later downloads with its
+sha256; nothing that was never acknowledged is listed (an upload whose outcome is unknown
+may be listed, with exactly its sha256); the fragment files on the bucket disks are exactly
+the fragments of committed files, and no temporary file is left. It prints a summary table
+and exits 1 on any violation, 0 otherwise (2 if the stack cannot start at all).
+See docs/chaos.md.
+
+Usage::
+
+    python scripts/chaos.py --duration 60                    # a short run
+    python scripts/chaos.py --duration 600 --seed 42 --keep  # the long run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+from chaos_check import report, wait_reconciled
+from chaos_faults import kill_api, kill_buckets, kill_clients, kill_sockets
+from chaos_model import ChaosError, Interval, Ledger, Options, Stats, derive, format_summary
+from chaos_ops import Chaos, pool_names, verify_listing, worker
+from chaos_stack import Stack
+from chaos_store import RegistryView
+
+from karma8.config import parse_size
+from karma8.errors import Karma8Error
+
+#: Operations still running this long after the chaos ended are cancelled (and reported).
+STOP_GRACE = 120.0
+PROGRESS_EVERY = 15.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="chaos.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of chaos [60]")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random choice [random, printed]")
+    p.add_argument("--data", type=Path, default=None, help="data directory [a temporary one]")
+    p.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+    p.add_argument("--buckets", type=int, default=7, help="bucket processes [7]")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent workers [8]")
+    p.add_argument("--max-size", default="8MiB", help="largest upload [8MiB]; sizes are log-uniform from 0")
+    p.add_argument("--names", type=int, default=24, help="size of the pool of file names [24]")
+    p.add_argument("--bucket-kill-every", default="2:6", help="seconds between bucket kills [2:6]")
+    p.add_argument("--bucket-downtime", default="0.5:3", help="seconds a killed bucket stays down [0.5:3]")
+    p.add_argument("--api-kill-every", default="3:8", help="seconds between API kills [3:8]")
+    p.add_argument("--api-downtime", default="0.2:1.5", help="seconds the killed API stays down [0.2:1.5]")
+    p.add_argument("--socket-kill-every", default="1:4", help="seconds between cut uploads [1:4]")
+    p.add_argument("--client-kill-every", default="1:4", help="seconds between killed clients [1:4]")
+    p.add_argument("--settle-timeout", type=float, default=90.0, help="limit for reconciliation [90]")
+    p.add_argument("--log-level", default="info", help="log level of the servers [info]")
+    p.add_argument("--json", type=Path, default=None, dest="json_path", help="also write the summary here")
+    a = p.parse_args(argv)
+    try:
+        max_size = parse_size(a.max_size)
+        if not isinstance(max_size, int) or max_size < 0:
+            raise ValueError(a.max_size)
+        if a.buckets < 6 or a.concurrency < 1 or a.names < 1 or a.duration <= 0:
+            raise ChaosError("need --buckets >= 6, --concurrency >= 1, --names >= 1, --duration > 0")
+        return Options(
+            duration=a.duration,
+            seed=a.seed if a.seed is not None else random.SystemRandom().randrange(2**32),
+            data=a.data,
+            keep=a.keep,
+            buckets=a.buckets,
+            concurrency=a.concurrency,
+            max_size=max_size,
+            names=a.names,
+            bucket_kill_every=Interval.parse(a.bucket_kill_every),
+            bucket_downtime=Interval.parse(a.bucket_downtime),
+            api_kill_every=Interval.parse(a.api_kill_every),
+            api_downtime=Interval.parse(a.api_downtime),
+            socket_kill_every=Interval.parse(a.socket_kill_every),
+            client_kill_every=Interval.parse(a.client_kill_every),
+            settle_timeout=a.settle_timeout,
+            log_level=a.log_level,
+            json_path=a.json_path,
+        )
+    except (ValueError, ChaosError) as exc:
+        p.error(str(exc))
+
+
+def note(message: str) -> None:
+    print(f"chaos: {message}", file=sys.stderr, flush=True)
+
+
+async def progress(ctx: Chaos) -> None:
+    started = trio.current_time()
+    while True:
+        await trio.sleep(PROGRESS_EVERY)
+        s = ctx.stats
+        faults = ", ".join(f"{k} {n}" for k, n in sorted(s.faults.items()))
+        note(
+            f"{trio.current_time() - started:.0f} s: {s.acknowledged} uploads acknowledged,"
+            f" {s.operations['download', 'ok']} downloads verified; faults: {faults or 'none yet'};"
+            f" {len(s.violations)} violation(s)"
+        )
+
+
+async def chaos_phase(ctx: Chaos) -> None:
+    """Workers and fault injectors for ``--duration``; then let them finish."""
+    master = random.Random(ctx.options.seed)
+    worker_rngs = [derive(master) for _ in range(ctx.options.concurrency)]
+    fault_rngs = [derive(master) for _ in range(4)]
+    with trio.move_on_after(ctx.options.duration + STOP_GRACE) as scope:
+        async with trio.open_nursery() as nursery:
+            for i, rng in enumerate(worker_rngs):
+                nursery.start_soon(worker, ctx, i, rng)
+            for injector, rng in zip(
+                (kill_sockets, kill_clients, kill_buckets, kill_api), fault_rngs, strict=True
+            ):
+                nursery.start_soon(injector, ctx, rng)
+            await trio.sleep(ctx.options.duration)
+            note("stopping the faults; waiting for running operations")
+            ctx.stopping.set()
+    if scope.cancelled_caught:
+        ctx.stats.violation(f"operations still running {STOP_GRACE:g} s after the end were cancelled (hang)")
+
+
+async def run(options: Options, root: Path) -> Stats:
+    """One chaos run in ``root``; the stats hold the violations."""
+    stats = Stats()
+    stack = Stack(root, options.buckets, options.log_level)
+    stack.on_crash = lambda message: stats.violation(f"crash: {message}")
+    registry = RegistryView(stack.registry_path)
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    note(f"seed {options.seed}; data in {root}; settings: {', '.join(stack.notes)}")
+    try:
+        await stack.start_all()
+        note(f"stack up: API {stack.url}, {options.buckets} buckets; {options.duration:g} s of chaos")
+        ctx = Chaos(options, stack, registry, Ledger(pool_names(options.names)), stats, work)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stack.watch)
+                nursery.start_soon(progress, ctx)
+                await chaos_phase(ctx)
+                await stack.ensure_up()
+                await stack.wait_live()
+                note("every process is up; waiting for reconciliation")
+                snapshot, disks, comparison, took = await wait_reconciled(ctx)
+                note(f"{'reconciled' if comparison.clean else 'NOT reconciled'} after {took:.1f} s")
+                await report(ctx, snapshot, disks, comparison)
+                await verify_listing(ctx)
+                nursery.cancel_scope.cancel()
+        except* (ChaosError, Karma8Error) as group:
+            for exc in group.exceptions:
+                stats.violation(f"the run could not go on: {exc}")
+    finally:
+        await stack.aclose()
+        registry.close()
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    root = options.data.absolute() if options.data else Path(tempfile.mkdtemp(prefix="karma8-chaos-"))
+    started = time.monotonic()
+    try:
+        stats = trio.run(run, options, root)
+    except ChaosError as exc:
+        note(f"the stack did not start: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        note(f"interrupted; data in {root}")
+        return 130
+    elapsed = time.monotonic() - started
+    print(format_summary(stats, options, elapsed), flush=True)
+    if options.json_path is not None:
+        options.json_path.write_text(json.dumps(stats.as_json(options, elapsed), indent=2) + "\n")
+    if options.data is None:
+        if options.keep or stats.violations:
+            note(f"data kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 1 if stats.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The faults of a chaos run, each on its own schedule drawn from its own generator.
+
+- ``socket_kill``: an upload over a raw WebSocket whose TCP connection is closed mid-stream
+  (FIN or RST), never sending the final empty frame, so it can never commit.
+- ``client_kill``: ``python -m karma8 upload`` as a subprocess, SIGKILLed once the
+  registry shows its upload in progress. Its outcome is unknown: it may have committed.
+- ``bucket_kill``: SIGKILL of a random bucket, restarted after a downtime.
+- ``api_kill``: SIGKILL of the API server, restarted on the same ports after a downtime.
+
+A fault that could not be injected (the upload failed or completed before the cut) is
+counted as a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import socket
+import struct
+import subprocess
+import sys
+
+import trio
+from chaos_model import Interval, content, log_uniform_size, write_content
+from chaos_ops import Chaos
+from chaos_stack import Child
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from karma8.core.names import encode_name
+from karma8.core.protocol import UploadHeader, encode_upload_header
+from karma8.wsfix import close_transport
+
+#: Uploads cut by a fault are at least this big (capped by --max-size), so there is a stream to cut.
+KILL_FLOOR = 64 * 1024
+FRAME = 256 * 1024
+#: How long a killed client's upload may take to show up in the registry.
+CLIENT_START_TIMEOUT = 20.0
+#: Delay between seeing the client's upload in progress and killing the client.
+CLIENT_KILL_DELAY = Interval(0.0, 0.03)
+POLL = 0.005
+
+
+async def socket_kill(ctx: Chaos, rng: random.Random) -> None:
+    """One upload whose connection dies after a random number of bytes."""
+    name = rng.choice(ctx.ledger.names)
+    size = log_uniform_size(rng, ctx.options.max_size, KILL_FLOOR)
+    seed = rng.getrandbits(64)
+    cut = rng.randint(0, size)
+    reset = rng.random() < 0.5
+    op = ctx.next_op()
+    async with ctx.locks[name]:
+        data = await trio.to_thread.run_sync(content, seed, size)
+        sha = hashlib.sha256(data).hexdigest()
+        how = "RST" if reset else "FIN"
+        try:
+            async with open_websocket_url(
+                ctx.stack.url + "/upload/" + encode_name(name), connect_timeout=5.0, disconnect_timeout=1.0
+            ) as ws:
+                try:
+                    await ws.send_message(encode_upload_header(UploadHeader(size)))
+                    for start in range(0, cut, FRAME):
+                        await ws.send_message(data[start : min(cut, start + FRAME)])
+                    stream = ws._stream  # trio-websocket keeps no public handle
+                    if reset and isinstance(stream, trio.SocketStream):
+                        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                finally:
+                    await close_transport(ws)
+        except (HandshakeError, OSError) as exc:
+            ctx.stats.op("socket_kill_upload", "connect_failed")
+            ctx.stats.fault_misses["socket_kill"] += 1
+            ctx.ledger.upload_failed(name, sha, op, f"socket kill could not connect: {type(exc).__name__}")
+            await trio.sleep(0.05)
+            return
+        except ConnectionClosed:
+            # The server refused it first (an error frame); it was never complete.
+            ctx.stats.op("socket_kill_upload", "server_closed_first")
+            ctx.stats.fault_misses["socket_kill"] += 1
+            ctx.ledger.upload_failed(name, sha, op, "server closed first")
+            return
+        ctx.stats.op("socket_kill_upload", f"cut ({how})")
+        ctx.stats.faults["socket_kill"] += 1
+        ctx.ledger.upload_failed(name, sha, op, f"socket closed ({how}) after {cut} of {size} bytes")
+
+
+def _parse_cli_error(text: str) -> str:
+    """The error code from ``karma8: error: CODE: message``."""
+    for line in text.splitlines():
+        if line.startswith("karma8: error: "):
+            return line.removeprefix("karma8: error: ").split(":", 1)[0].strip() or "error"
+    return "error"
+
+
+async def client_kill(ctx: Chaos, rng: random.Random) -> None:
+    """One ``karma8 upload`` process, SIGKILLed while its upload is in progress."""
+    name = rng.choice(ctx.ledger.names)
+    size = log_uniform_size(rng, ctx.options.max_size, KILL_FLOOR)
+    seed = rng.getrandbits(64)
+    delay = CLIENT_KILL_DELAY.draw(rng)
+    op = ctx.next_op()
+    src, out = ctx.work / "client-kill.up", ctx.work / "client-kill.out"
+    async with ctx.locks[name]:
+        sha = await trio.to_thread.run_sync(write_content, src, seed, size)
+        before = await ctx.registry.in_progress(name)
+        with out.open("wb") as output:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "karma8", "upload", str(src), "--name", name, "--api", ctx.stack.url],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                env=ctx.stack.env,
+            )
+        killed = False
+        try:
+            with trio.move_on_after(CLIENT_START_TIMEOUT):
+                # Polling another process's registry: there is no event to wait on.
+                while proc.returncode is None and not (await ctx.registry.in_progress(name)) - before:  # noqa: ASYNC110
+                    await trio.sleep(POLL)
+                await trio.sleep(delay)
+            if proc.returncode is None:
+                proc.kill()
+                killed = True
+            await proc.wait()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                proc.kill()
+                await proc.wait()
+            ctx.ledger.upload_unknown(name, sha, op, "client killed at the end of the run")
+            raise
+        text = out.read_text(errors="replace")
+        with contextlib.suppress(FileNotFoundError):
+            src.unlink()
+        if killed and proc.returncode == -9:
+            ctx.stats.op("client_kill_upload", "killed")
+            ctx.stats.faults["client_kill"] += 1
+            ctx.stats.unknown_outcomes += 1
+            ctx.ledger.upload_unknown(name, sha, op, "client SIGKILLed")
+            await ctx.settle(name, "a SIGKILLed client")
+            return
+        ctx.stats.fault_misses["client_kill"] += 1
+        if proc.returncode == 0:
+            ctx.stats.op("client_kill_upload", "ok")
+            ctx.stats.acknowledged += 1
+            ctx.stats.bytes_uploaded += size
+            if sha not in text:
+                ctx.stats.violation(f"{op} karma8 upload of {name!r} printed {text.strip()!r}, sent {sha}")
+            ctx.ledger.upload_acked(name, sha, op)
+            return
+        code = _parse_cli_error(text)
+        ctx.stats.op("client_kill_upload", code)
+        if code == "connection_failed" and "cannot reach" not in text:
+            ctx.stats.unknown_outcomes += 1
+            ctx.ledger.upload_unknown(name, sha, op, code)
+            await ctx.settle(name, "a lost connection")
+        else:
+            ctx.ledger.upload_failed(name, sha, op, code)
+        await trio.sleep(0.05)
+
+
+async def _cycle(ctx: Chaos, child: Child, kind: str, downtime: float) -> None:
+    """SIGKILL ``child``, wait ``downtime``, start it again."""
+    async with child.lock:
+        if not child.running:
+            return
+        await ctx.stack.kill(child)
+        ctx.stats.faults[kind] += 1
+        await trio.sleep(downtime)
+        await ctx.stack.start(child)
+
+
+async def kill_buckets(ctx: Chaos, rng: random.Random) -> None:
+    """Kill a random bucket every ``--bucket-kill-every`` seconds (one at a time)."""
+    while True:
+        wait = ctx.options.bucket_kill_every.draw(rng)
+        victim = rng.randrange(len(ctx.stack.buckets))
+        downtime = ctx.options.bucket_downtime.draw(rng)
+        if await ctx.sleep_or_stop(wait):
+            return
+        await _cycle(ctx, ctx.stack.buckets[victim], "bucket_kill", downtime)
+
+
+async def kill_api(ctx: Chaos, rng: random.Random) -> None:
+    """Kill the API server every ``--api-kill-every`` seconds."""
+    while True:
+        wait = ctx.options.api_kill_every.draw(rng)
+        downtime = ctx.options.api_downtime.draw(rng)
+        if await ctx.sleep_or_stop(wait):
+            return
+        await _cycle(ctx, ctx.stack.api, "api_kill", downtime)
+
+
+async def kill_sockets(ctx: Chaos, rng: random.Random) -> None:
+    """An upload cut mid-stream every ``--socket-kill-every`` seconds."""
+    while not await ctx.sleep_or_stop(ctx.options.socket_kill_every.draw(rng)):
+        await socket_kill(ctx, rng)
+
+
+async def kill_clients(ctx: Chaos, rng: random.Random) -> None:
+    """A ``karma8 upload`` process killed mid-upload every ``--client-kill-every`` seconds."""
+    while not await ctx.sleep_or_stop(ctx.options.client_kill_every.draw(rng)):
+        await client_kill(ctx, rng)

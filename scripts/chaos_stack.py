@@ -1,0 +1,313 @@
+"""The processes of a chaos run: one ``karma8 api`` and N ``karma8 bucket``, each killed and
+restarted at will (unlike ``karma8 up``, whose supervisor stops everything when a child dies).
+
+The API keeps fixed ports across restarts, so buckets find it again and clients keep one
+URL. Each process logs to ``<data>/logs/<name>.log`` (appended across restarts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from chaos_model import ChaosError
+
+from karma8.client import Client
+from karma8.config import ApiConfig, BucketConfig, ClientConfig
+from karma8.errors import Karma8Error
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+POLL = 0.05
+LOG_TAIL = 20
+
+#: Fast membership, as in the integration tests, so deaths and returns show in seconds.
+FAST_API = {
+    "heartbeat_interval": "0.2",
+    "bucket_timeout": "1.5",
+    "janitor_interval": "0.3",
+}
+#: Reconciliation, when this karma8 has it: frequent rounds, a short orphan grace.
+RECONCILE_API = {"reconcile_interval": "1.0", "orphan_grace": "3.0"}
+#: Buckets retry registration quickly while the API is restarting.
+FAST_BUCKET = {"retry_max": "0.5"}
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for servers that must keep their port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def karma8_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "karma8", *args]
+
+
+def child_env() -> tuple[dict[str, str], list[str]]:
+    """The environment of every child, and notes on the optional settings it uses.
+
+    Settings other developers may not have added yet (reconciliation, the bucket secret)
+    are passed only when this karma8's config knows them: an unknown ``KARMA8_*``
+    variable is an error.
+    """
+    env = dict(os.environ)
+    notes: list[str] = []
+    api_fields, bucket_fields = ApiConfig.model_fields, BucketConfig.model_fields
+    for key, value in FAST_API.items():
+        env[f"KARMA8_API_{key.upper()}"] = value
+    for key, value in RECONCILE_API.items():
+        if key in api_fields:
+            env[f"KARMA8_API_{key.upper()}"] = value
+            notes.append(f"{key}={value}")
+        else:
+            notes.append(f"{key} not supported by this karma8")
+    for key, value in FAST_BUCKET.items():
+        env[f"KARMA8_BUCKET_{key.upper()}"] = value
+    if "bucket_secret" in api_fields and "secret" in bucket_fields:
+        secret = secrets.token_hex(16)
+        env["KARMA8_API_BUCKET_SECRET"] = env["KARMA8_BUCKET_SECRET"] = secret
+        notes.append("bucket secret on")
+    else:
+        notes.append("bucket secret not supported by this karma8")
+    return env, notes
+
+
+@dataclass
+class Child:
+    """One server process of the stack, restartable."""
+
+    name: str
+    args: list[str]
+    ready: Path
+    log: Path
+    proc: trio.Process | None = None
+    #: True while the process is down because we killed or stopped it.
+    expected_down: bool = True
+    starts: int = 0
+    info: dict[str, object] = field(default_factory=dict)
+    #: Held by whoever kills and restarts it, so that two never do at once.
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-LOG_TAIL:])
+
+
+class Stack:
+    """The API process and the bucket processes of one chaos run."""
+
+    def __init__(self, root: Path, buckets: int, log_level: str) -> None:
+        self.root = root
+        self.log_level = log_level
+        self.env, self.notes = child_env()
+        self.port = free_port()
+        self.membership_port = free_port()
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        self.api = Child(
+            "api",
+            [
+                "api",
+                "--data-dir",
+                str(root / "api"),
+                "--port",
+                str(self.port),
+                "--membership-port",
+                str(self.membership_port),
+            ],
+            root / "api.ready",
+            root / "logs" / "api.log",
+        )
+        self.buckets = [
+            Child(
+                f"bucket-{i}",
+                [
+                    "bucket",
+                    "--data-dir",
+                    str(self.bucket_dir(i)),
+                    "--port",
+                    "0",
+                    "--api",
+                    f"127.0.0.1:{self.membership_port}",
+                ],
+                root / f"bucket-{i}.ready",
+                root / "logs" / f"bucket-{i}.log",
+            )
+            for i in range(buckets)
+        ]
+        #: Called with a message when a process dies without being killed by us.
+        self.on_crash: Callable[[str], None] = lambda message: None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "api" / "registry.sqlite3"
+
+    def bucket_dir(self, index: int) -> Path:
+        return self.root / f"bucket-{index}"
+
+    def children(self) -> list[Child]:
+        return [self.api, *self.buckets]
+
+    def client(self) -> Client:
+        return Client(ClientConfig(api=self.url, connect_timeout=5.0, idle_timeout=60.0))
+
+    # -- one process -------------------------------------------------------------------
+
+    async def start(self, child: Child) -> None:
+        """Start ``child`` and wait for its ready file.
+
+        Raises:
+            ChaosError: it exited or did not get ready in time.
+        """
+        if child.running:
+            return
+        await trio.Path(child.ready).unlink(missing_ok=True)
+        with child.log.open("ab") as log:
+            log.write(f"---- chaos: starting {child.name} (start {child.starts + 1})\n".encode())
+            log.flush()
+            child.proc = await trio.lowlevel.open_process(
+                karma8_cmd(*child.args, "--ready-file", str(child.ready), "--log-level", self.log_level),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        child.starts += 1
+        proc = child.proc
+        with trio.move_on_after(START_TIMEOUT):
+            while True:
+                if proc.returncode is not None:
+                    raise ChaosError(
+                        f"{child.name} exited with status {proc.returncode} while starting;"
+                        f" its log ends with:\n{child.log_tail()}"
+                    )
+                try:
+                    child.info = json.loads(await trio.Path(child.ready).read_text())
+                except (FileNotFoundError, json.JSONDecodeError):
+                    await trio.sleep(POLL)
+                    continue
+                child.expected_down = False
+                return
+        proc.kill()
+        raise ChaosError(f"{child.name} did not start within {START_TIMEOUT:g} s:\n{child.log_tail()}")
+
+    async def kill(self, child: Child) -> None:
+        """SIGKILL ``child`` and reap it."""
+        child.expected_down = True
+        if child.proc is not None:
+            with trio.CancelScope(shield=True):
+                if child.proc.returncode is None:
+                    child.proc.send_signal(signal.SIGKILL)
+                await child.proc.wait()
+
+    async def stop(self, child: Child) -> None:
+        """SIGTERM ``child``; SIGKILL it if it does not exit in time."""
+        child.expected_down = True
+        proc = child.proc
+        if proc is None:
+            return
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_TIMEOUT):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    # -- the whole stack ---------------------------------------------------------------
+
+    async def start_all(self) -> None:
+        """Start the API, then every bucket, and wait until all buckets are live."""
+        await self.start(self.api)
+        errors: list[str] = []
+
+        async def start_bucket(bucket: Child) -> None:
+            try:
+                await self.start(bucket)
+            except ChaosError as exc:
+                errors.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for bucket in self.buckets:
+                nursery.start_soon(start_bucket, bucket)
+        if errors:
+            raise ChaosError("\n".join(errors))
+        await self.wait_live()
+
+    async def aclose(self) -> None:
+        """Stop every process we started (buckets first, so none logs a lost API)."""
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for bucket in self.buckets:
+                    nursery.start_soon(self.stop, bucket)
+            await self.stop(self.api)
+
+    async def revive_crashed(self) -> None:
+        """Restart any process that died without us killing it, reporting each crash."""
+        for child in self.children():
+            async with child.lock:
+                if child.proc is not None and not child.running and not child.expected_down:
+                    child.expected_down = True
+                    self.on_crash(
+                        f"{child.name} (pid {child.proc.pid}) exited on its own with status"
+                        f" {child.proc.returncode}; log {child.log} ends with:\n{child.log_tail()}"
+                    )
+                    await self.start(child)
+
+    async def watch(self) -> None:
+        """Forever: notice crashed processes and restart them."""
+        while True:
+            await self.revive_crashed()
+            await trio.sleep(0.5)
+
+    async def ensure_up(self) -> None:
+        """Start whatever is not running (after the faults stopped)."""
+        await self.revive_crashed()
+
+        async def up(child: Child) -> None:
+            async with child.lock:
+                await self.start(child)
+
+        await up(self.api)
+        async with trio.open_nursery() as nursery:
+            for bucket in self.buckets:
+                nursery.start_soon(up, bucket)
+
+    async def live_count(self) -> int:
+        try:
+            return int((await self.client().status())["live"])
+        except Karma8Error:
+            return -1
+
+    async def wait_live(self) -> None:
+        """Wait until the API reports every bucket live.
+
+        Raises:
+            ChaosError: not within ``START_TIMEOUT``.
+        """
+        with trio.move_on_after(START_TIMEOUT):
+            while await self.live_count() != len(self.buckets):  # noqa: ASYNC110 (another process)
+                await trio.sleep(POLL * 4)
+            return
+        raise ChaosError(f"the buckets did not all become live within {START_TIMEOUT:g} s")

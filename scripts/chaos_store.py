@@ -1,0 +1,236 @@
+"""What is stored: the registry (read through a second SQLite connection) and the bucket
+disks (read directly), and how the two compare.
+
+The bucket layout is the one docs/architecture.md describes: fragment files under
+``<data>/fragments/<2 hex>/<upload id>.<part>``, each ending with a 48-byte footer (magic
+``K8FRAG01``, data length, sha256 of the data), and Puts in progress under ``<data>/tmp/``.
+The footer is parsed here from that description, not with the bucket's own code.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from karma8.registry.db import RegistryDB
+
+FOOTER = struct.Struct("<8sQ32s")
+MAGIC = b"K8FRAG01"
+
+#: A fragment's key across the whole stack: (bucket id, fragment id).
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """A fragment of a committed file, as the registry records it."""
+
+    name: str
+    upload_id: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The registry at one moment."""
+
+    committed: dict[Key, Expected]
+    pending: list[tuple[str, str]]
+    in_progress: list[tuple[str, str]]
+    files: dict[str, str]
+    #: Committed uploads that no ``files`` row points at, and files rows whose upload is not committed.
+    inconsistent: list[str]
+
+
+class RegistryView:
+    """Read-only use of the API's registry file from this process (SQLite WAL allows it)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: RegistryDB | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _open(self) -> RegistryDB:
+        if self._db is None:
+            self._db = RegistryDB(self._path)
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _in_progress(self, name: str) -> set[str]:
+        rows = self._open()._query("SELECT id FROM uploads WHERE name = ? AND state = 'in_progress'", (name,))
+        return {str(r[0]) for r in rows}
+
+    async def in_progress(self, name: str) -> set[str]:
+        """Ids of the uploads of ``name`` the registry has in progress."""
+        return await trio.to_thread.run_sync(self._in_progress, name, limiter=self._limiter)
+
+    def _snapshot(self) -> Snapshot:
+        db = self._open()
+        committed: dict[Key, Expected] = {}
+        for upload_id, part, bucket_id, size, sha, name in db._query(
+            "SELECT f.upload_id, f.part, f.bucket_id, f.size, f.sha256, u.name FROM fragments f"
+            " JOIN uploads u ON u.id = f.upload_id WHERE u.state = 'committed'"
+        ):
+            committed[str(bucket_id), f"{upload_id}.{part}"] = Expected(
+                str(name), str(upload_id), int(size), None if sha is None else str(sha)
+            )
+        in_progress = [
+            (str(i), str(n)) for i, n in db._query("SELECT id, name FROM uploads WHERE state = 'in_progress'")
+        ]
+        files = {str(n): str(u) for n, u in db._query("SELECT name, upload_id FROM files")}
+        states = {str(i): str(s) for i, s in db._query("SELECT id, state FROM uploads")}
+        committed_ids = {i for i, s in states.items() if s == "committed"}
+        inconsistent = [
+            f"committed upload {u} is no file's current version"
+            for u in sorted(committed_ids - set(files.values()))
+        ] + [
+            f"file {n!r} points at upload {u} in state {states.get(u, 'unknown')}"
+            for n, u in sorted(files.items())
+            if states.get(u) != "committed"
+        ]
+        return Snapshot(committed, db.pending_deletions(), in_progress, files, inconsistent)
+
+    async def snapshot(self) -> Snapshot:
+        return await trio.to_thread.run_sync(self._snapshot, limiter=self._limiter)
+
+    def _explain(self, key: Key) -> str:
+        """What the registry says about the upload of a fragment (for violation reports)."""
+        db = self._open()
+        bucket_id, fid = key
+        upload_id, _, part = fid.partition(".")
+        upload = db.upload(upload_id)
+        if upload is None:
+            return f"the registry has no upload {upload_id}"
+        rows = {f.part: f.bucket_id for f in db.fragments(upload_id)}
+        placed = rows.get(int(part)) if part.isdigit() else None
+        where = (
+            "no fragment row for this part"
+            if placed is None
+            else (
+                "its row places it on this bucket" if placed == bucket_id else f"its row says bucket {placed}"
+            )
+        )
+        return f"registry: upload {upload_id} of {upload.name!r} is {upload.state}; {where}"
+
+    async def explain(self, key: Key) -> str:
+        return await trio.to_thread.run_sync(self._explain, key, limiter=self._limiter)
+
+
+@dataclass(frozen=True, slots=True)
+class OnDisk:
+    """A fragment file on a bucket's disk."""
+
+    bucket: str
+    path: Path
+    size: int
+    sha256: str | None
+    age: float
+
+
+@dataclass
+class Disks:
+    """Every bucket's fragment files and temporary files."""
+
+    fragments: dict[Key, OnDisk] = field(default_factory=dict)
+    tmp: list[Path] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def _footer(path: Path) -> tuple[int, str | None]:
+    """(data size, sha256 from the footer); sha256 None if the footer is not valid."""
+    with path.open("rb") as f:
+        total = f.seek(0, 2)
+        if total < FOOTER.size:
+            return total, None
+        f.seek(total - FOOTER.size)
+        magic, size, digest = FOOTER.unpack(f.read(FOOTER.size))
+    if magic != MAGIC or size != total - FOOTER.size:
+        return total - FOOTER.size, None
+    return int(size), bytes(digest).hex()
+
+
+def scan_disks(bucket_dirs: list[Path]) -> Disks:
+    """Read every bucket directory (blocking: run in a thread)."""
+    disks = Disks()
+    now = time.time()
+    for root in bucket_dirs:
+        try:
+            bucket_id = (root / "bucket-id").read_text().strip()
+        except FileNotFoundError:
+            continue  # never started
+        frag_root = root / "fragments"
+        paths = sorted(p for p in frag_root.rglob("*") if p.is_file()) if frag_root.exists() else []
+        for path in paths:
+            try:
+                size, sha = _footer(path)
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted while we looked
+            disks.fragments[bucket_id, path.name] = OnDisk(root.name, path, size, sha, age)
+        tmp = root / "tmp"
+        if tmp.exists():
+            disks.tmp += sorted(tmp.iterdir())
+    return disks
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Registry against disks."""
+
+    orphans: list[Key]
+    missing: list[Key]
+    damaged: list[str]
+    tmp: list[Path]
+    pending: list[tuple[str, str]]
+    in_progress: list[tuple[str, str]]
+    inconsistent: list[str]
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.orphans
+            or self.missing
+            or self.damaged
+            or self.tmp
+            or self.pending
+            or self.in_progress
+            or self.inconsistent
+        )
+
+    def brief(self) -> str:
+        return (
+            f"{len(self.orphans)} orphan(s), {len(self.missing)} missing, {len(self.damaged)} damaged,"
+            f" {len(self.tmp)} temporary file(s), {len(self.pending)} pending deletion(s),"
+            f" {len(self.in_progress)} upload(s) in progress, {len(self.inconsistent)} registry problem(s)"
+        )
+
+
+def compare(snapshot: Snapshot, disks: Disks) -> Comparison:
+    """What differs between the committed fragments and the files on disk."""
+    on_disk, expected = disks.fragments.keys(), snapshot.committed.keys()
+    damaged = []
+    for key in sorted(on_disk & expected):
+        got, want = disks.fragments[key], snapshot.committed[key]
+        if got.size != want.size or got.sha256 is None or got.sha256 != want.sha256:
+            damaged.append(
+                f"{got.path}: {got.size} bytes, footer sha256 {got.sha256}; registry: {want.size} bytes,"
+                f" sha256 {want.sha256} (file {want.name!r})"
+            )
+    return Comparison(
+        orphans=sorted(on_disk - expected),
+        missing=sorted(expected - on_disk),
+        damaged=damaged,
+        tmp=disks.tmp,
+        pending=snapshot.pending,
+        in_progress=snapshot.in_progress,
+        inconsistent=snapshot.inconsistent,
+    )

@@ -1,0 +1,49 @@
+"""A short run of scripts/chaos.py: every kind of fault, and nothing lost or left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHAOS = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
+FAULTS = ("socket_kill", "client_kill", "bucket_kill", "api_kill")
+
+
+def test_a_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    # Faults come often so that 20 s see each kind several times.
+    cmd = [
+        sys.executable,
+        str(CHAOS),
+        "--duration=20",
+        "--seed=7",
+        "--max-size=256KiB",
+        "--concurrency=6",
+        "--bucket-kill-every=2:4",
+        "--bucket-downtime=0.3:1",
+        "--api-kill-every=4:6",
+        "--api-downtime=0.2:0.6",
+        "--socket-kill-every=0.5:1.5",
+        "--client-kill-every=0.5:1.5",
+        "--settle-timeout=60",
+        f"--data={tmp_path / 'data'}",
+        f"--json={summary}",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    result = json.loads(summary.read_text())
+    assert result["violations"] == [], output
+    for kind in FAULTS:
+        assert result["faults"].get(kind, 0) >= 1, f"no {kind} injected:\n{output}"
+    assert result["acknowledged"] >= 20, output
+    assert result["files_verified"] >= 1, output
+    assert result["orphans"] == result["missing"] == result["tmp_files"] == 0
+    # The table a person reads says the same.
+    rows = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines() if line.strip()}
+    for kind in FAULTS:
+        assert int(rows[kind][0]) >= 1, run.stdout
+    assert int(rows["violations"][-1]) == 0, run.stdout
+    assert int(rows["files"][-1]) == result["files_verified"], run.stdout
