@@ -9,21 +9,32 @@
    in state LOCAL_CLOSING; the error escapes the reader task and takes the whole server
    down (upstream issue #184, fix proposed in PR #198). :func:`apply` makes the reader
    ignore pings unless the connection is open, as that PR does.
+3. A connection that dies before the opening handshake (a TLS handshake refused for a
+   certificate, a plaintext client on a TLS port, a server that hangs up) is noticed only
+   by the reader task, which stops without a word: the connecting client waits for its
+   whole ``connect_timeout`` and then reports a bare ``ConnectionTimeout``, and the socket
+   stays open on both sides (until the server's 60 s connect timeout). :func:`apply` makes
+   the reader do the TLS handshake first and close the stream at once when it fails; a
+   client then fails at once with a :class:`HandshakeError` that says why.
 
-tests/integration/test_wsfix.py checks that both are still needed and still work, so an
-upgrade that fixes them upstream shows up as a failing test.
+tests/integration/test_wsfix.py checks that all three are still needed and still work, so
+an upgrade that fixes them upstream shows up as a failing test.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection
+from trio_websocket import HandshakeError, WebSocketConnection
 from wsproto.connection import ConnectionState
 
+log = logging.getLogger(__name__)
+
 _original_ping_handler: Any = WebSocketConnection._handle_ping_event
+_original_reader_task: Any = WebSocketConnection._reader_task
 
 
 async def _handle_ping_event(self: WebSocketConnection, event: Any) -> None:
@@ -32,14 +43,38 @@ async def _handle_ping_event(self: WebSocketConnection, event: Any) -> None:
     await _original_ping_handler(self, event)
 
 
+async def _reader_task(self: WebSocketConnection) -> None:
+    stream = self._stream
+    if isinstance(stream, trio.SSLStream):
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = str(exc.__cause__ or exc) or type(exc).__name__
+            if not self.is_client:
+                with contextlib.suppress(OSError):  # the peer may be gone already
+                    log.info("TLS handshake with %s failed: %s", self.remote, reason)
+            await trio.aclose_forcefully(stream)
+            if self.is_client:
+                raise HandshakeError(f"TLS handshake failed: {reason}") from exc
+            return
+    await _original_reader_task(self)
+    if self.is_client and not self._open_handshake.is_set():
+        await trio.aclose_forcefully(self._stream)
+        raise HandshakeError("the server closed the connection during the opening handshake")
+
+
 def apply() -> None:
-    """Install the ping workaround (idempotent)."""
+    """Install the ping and handshake workarounds (idempotent)."""
     WebSocketConnection._handle_ping_event = _handle_ping_event  # type: ignore[method-assign]
+    WebSocketConnection._reader_task = _reader_task  # type: ignore[method-assign]
 
 
 def applied() -> bool:
     """True once :func:`apply` has run."""
-    return WebSocketConnection._handle_ping_event is _handle_ping_event
+    return (
+        WebSocketConnection._handle_ping_event is _handle_ping_event
+        and WebSocketConnection._reader_task is _reader_task
+    )
 
 
 async def close_transport(ws: WebSocketConnection) -> None:

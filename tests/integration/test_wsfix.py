@@ -1,4 +1,4 @@
-"""The two trio-websocket 0.12.2 workarounds in karma8.wsfix: still needed, and working.
+"""The three trio-websocket 0.12.2 workarounds in karma8.wsfix: still needed, and working.
 
 Each test first shows the upstream bug is still there, so an upgrade that fixes it turns
 the test red and says the workaround can go.
@@ -6,12 +6,17 @@ the test red and says the workaround can go.
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 import trio
 import trio.testing
+import trustme
 import wsproto
 import wsproto.utilities
 from trio_websocket import (
+    ConnectionTimeout,
+    HandshakeError,
     WebSocketConnection,
     WebSocketRequest,
     WebSocketServer,
@@ -114,3 +119,59 @@ async def test_ping_on_an_open_connection_is_still_answered_once_applied() -> No
     await conn._handle_ping_event(Ping(b"hello"))
     peer.receive_data(_sent(outgoing))
     assert list(peer.events()) == [Pong(b"hello")]
+
+
+async def _tls_handshake_outcome(
+    ssl_context: ssl.SSLContext | None, server_context: ssl.SSLContext
+) -> tuple[BaseException, float]:
+    """What connecting to a TLS WebSocket server raises, and after how long."""
+
+    async def handler(request: WebSocketRequest) -> None:
+        await request.accept()
+
+    async with trio.open_nursery() as nursery:
+        server: WebSocketServer = await nursery.start(
+            serve_websocket, handler, "127.0.0.1", 0, server_context
+        )
+        scheme = "ws" if ssl_context is None else "wss"
+        start = trio.current_time()
+        with pytest.raises(HandshakeError) as info:
+            async with open_websocket_url(
+                f"{scheme}://127.0.0.1:{server.port}/", ssl_context, connect_timeout=1.0
+            ):
+                pass
+        nursery.cancel_scope.cancel()
+    return info.value, trio.current_time() - start
+
+
+async def test_a_refused_tls_handshake_fails_at_once_once_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, stranger = trustme.CA(), trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    distrustful = ssl.create_default_context()
+    stranger.configure_trust(distrustful)
+
+    # Upstream: the client waits for its whole connect_timeout and says nothing useful.
+    upstream: list[WebSocketConnection] = []
+
+    async def upstream_reader(self: WebSocketConnection) -> None:
+        upstream.append(self)
+        await wsfix._original_reader_task(self)
+
+    monkeypatch.setattr(WebSocketConnection, "_reader_task", upstream_reader)
+    error, took = await _tls_handshake_outcome(distrustful, server_context)
+    assert isinstance(error, ConnectionTimeout), "trio-websocket now fails a TLS handshake at once"
+    assert took >= 1.0
+    monkeypatch.undo()
+    for conn in upstream:  # the sockets upstream leaves open, client and server side
+        await trio.aclose_forcefully(conn._stream)
+
+    wsfix.apply()
+    error, took = await _tls_handshake_outcome(distrustful, server_context)
+    assert "TLS handshake failed" in str(error)
+    assert "certificate verify failed" in str(error)
+    assert took < 1.0
+    # A plaintext client on the TLS port: the server hangs up at once, the client says so.
+    error, took = await _tls_handshake_outcome(None, server_context)
+    assert "closed the connection during the opening handshake" in str(error)
+    assert took < 1.0
