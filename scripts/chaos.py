@@ -68,7 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--api-downtime", default="0.2:1.5", help="seconds the killed API stays down [0.2:1.5]")
     p.add_argument("--socket-kill-every", default="1:4", help="seconds between cut uploads [1:4]")
     p.add_argument("--client-kill-every", default="1:4", help="seconds between killed clients [1:4]")
-    p.add_argument("--settle-timeout", type=float, default=90.0, help="limit for reconciliation [90]")
+    p.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=90.0,
+        help="give up reconciliation after this long without progress [90]",
+    )
     p.add_argument("--log-level", default="info", help="log level of the servers [info]")
     p.add_argument("--json", type=Path, default=None, dest="json_path", help="also write the summary here")
     a = p.parse_args(argv)
@@ -160,7 +165,10 @@ async def run(options: Options, root: Path) -> Stats:
                 await stack.wait_live()
                 note("every process is up; waiting for reconciliation")
                 snapshot, disks, comparison, took = await wait_reconciled(ctx)
-                note(f"{'reconciled' if comparison.clean else 'NOT reconciled'} after {took:.1f} s")
+                if comparison.clean:
+                    note(f"reconciled after {took:.1f} s")
+                else:
+                    note(f"NOT reconciled after {took:.1f} s: {comparison.brief()}")
                 await report(ctx, snapshot, disks, comparison)
                 await verify_listing(ctx)
                 nursery.cancel_scope.cancel()

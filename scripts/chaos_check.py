@@ -3,7 +3,8 @@
 Reconciled means: every bucket live, no pending deletion and no upload in progress in the
 registry, the fragment files on all bucket disks exactly the fragments of committed files
 (each with the size and checksum the registry records), and no temporary file. The wait
-has a deadline; whatever still differs then is reported, one violation per fragment.
+ends when the differences stop shrinking for ``--settle-timeout`` seconds; whatever still
+differs then is reported, one violation per fragment.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from chaos_ops import Chaos
 from chaos_store import Comparison, Disks, Snapshot, compare, scan_disks
 
 POLL = 0.5
+#: The longest the end of a run waits for reconciliation, progress or not.
+SETTLE_CAP = 900.0
 
 
 async def look(ctx: Chaos) -> tuple[Snapshot, Disks, Comparison]:
@@ -24,18 +27,32 @@ async def look(ctx: Chaos) -> tuple[Snapshot, Disks, Comparison]:
 
 
 async def wait_reconciled(ctx: Chaos) -> tuple[Snapshot, Disks, Comparison, float]:
-    """Poll until reconciled or ``--settle-timeout``; return the last look and its time."""
+    """Poll until reconciled; return the last look and how long it took.
+
+    Gives up when the differences have not shrunk for ``--settle-timeout`` seconds (a
+    backlog that is still being worked off is waited for), or after ``SETTLE_CAP``.
+    """
     started = trio.current_time()
     want = len(ctx.stack.buckets)
-    with trio.move_on_after(ctx.options.settle_timeout):
+    best: int | None = None
+    last_progress = started
+    with trio.move_on_after(max(SETTLE_CAP, ctx.options.settle_timeout)):
         while True:
             snapshot, disks, comparison = await look(ctx)
+            if best is None:
+                # What the janitor and the reconciliation still had to clean when chaos stopped.
+                ctx.stats.backlog_fragments = len(comparison.orphans)
+                ctx.stats.backlog_pending = len(comparison.pending)
             if comparison.clean and await ctx.stack.live_count() == want:
-                return snapshot, disks, comparison, trio.current_time() - started
+                break
+            now = trio.current_time()
+            if best is None or comparison.size < best:
+                best, last_progress = comparison.size, now
+            elif now - last_progress > ctx.options.settle_timeout:
+                break
             await trio.sleep(POLL)
-    # One more look, so the report is about the state at the deadline.
-    snapshot, disks, comparison = await look(ctx)
-    return snapshot, disks, comparison, trio.current_time() - started
+    ctx.stats.settle_seconds = trio.current_time() - started
+    return snapshot, disks, comparison, ctx.stats.settle_seconds
 
 
 async def report(ctx: Chaos, snapshot: Snapshot, disks: Disks, comparison: Comparison) -> None:

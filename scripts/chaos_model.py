@@ -199,6 +199,11 @@ class Stats:
     tmp_files: int = 0
     bytes_uploaded: int = 0
     unknown_outcomes: int = 0
+    #: Fragment files not (or no longer) part of a committed file, and pending deletions,
+    #: when the chaos stopped; and how long the cleanup then took.
+    backlog_fragments: int = 0
+    backlog_pending: int = 0
+    settle_seconds: float = 0.0
 
     def op(self, kind: str, outcome: str) -> None:
         self.operations[kind, outcome] += 1
@@ -229,6 +234,9 @@ class Stats:
             "bytes_uploaded": self.bytes_uploaded,
             "files_verified": self.files_verified,
             "acknowledged_verified": self.acknowledged_verified,
+            "backlog_fragments": self.backlog_fragments,
+            "backlog_pending": self.backlog_pending,
+            "settle_seconds": round(self.settle_seconds, 1),
             "orphans": self.orphans,
             "missing": self.missing,
             "tmp_files": self.tmp_files,
@@ -261,6 +269,9 @@ def format_summary(stats: Stats, options: Options, elapsed: float) -> str:
         f"{'MB acknowledged':<34}{uploaded_mb:>8.1f}",
         f"{'files verified':<34}{stats.files_verified:>8}",
         f"{'  of them acknowledged':<34}{stats.acknowledged_verified:>8}",
+        f"{'garbage fragments at the stop':<34}{stats.backlog_fragments:>8}",
+        f"{'pending deletions at the stop':<34}{stats.backlog_pending:>8}",
+        f"{'seconds to reconcile':<34}{stats.settle_seconds:>8.1f}",
         f"{'orphans found':<34}{stats.orphans:>8}",
         f"{'missing found':<34}{stats.missing:>8}",
         f"{'temporary files left':<34}{stats.tmp_files:>8}",

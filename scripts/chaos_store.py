@@ -206,6 +206,19 @@ class Comparison:
             or self.inconsistent
         )
 
+    @property
+    def size(self) -> int:
+        """How many differences there are, all kinds together."""
+        return (
+            len(self.orphans)
+            + len(self.missing)
+            + len(self.damaged)
+            + len(self.tmp)
+            + len(self.pending)
+            + len(self.in_progress)
+            + len(self.inconsistent)
+        )
+
     def brief(self) -> str:
         return (
             f"{len(self.orphans)} orphan(s), {len(self.missing)} missing, {len(self.damaged)} damaged,"
