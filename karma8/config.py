@@ -17,8 +17,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+)
 
+from karma8.core.auth import CREDENTIAL, CREDENTIAL_RULE
 from karma8.errors import ConfigError
 
 KiB = 1024
@@ -66,6 +75,17 @@ ByteSize = Annotated[int, BeforeValidator(parse_size), BeforeValidator(_not_bool
 PositiveSize = Annotated[int, BeforeValidator(parse_size), BeforeValidator(_not_bool), Field(gt=0)]
 Port = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
+
+
+def _credential(value: SecretStr) -> SecretStr:
+    # It travels as "authorization: Bearer <value>", so it must fit in a header as is.
+    if value.get_secret_value() and not CREDENTIAL.fullmatch(value.get_secret_value()):
+        raise ValueError(f"must be empty or {CREDENTIAL_RULE}")
+    return value
+
+
+#: A shared secret or token: empty (unset) or CREDENTIAL; never shown in repr or logs.
+Credential = Annotated[SecretStr, AfterValidator(_credential)]
 
 
 class _Section(BaseModel):
@@ -121,6 +141,20 @@ class ApiConfig(_Section):
     rpc_timeout: Seconds = Field(10.0, description="Limit for one Delete/List/usage call to a bucket.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")
+    bucket_secret: Credential = Field(
+        SecretStr(""), description="Shared secret sent to buckets and required of their heartbeats."
+    )
+    insecure: bool = Field(
+        False, description="Allow running without bucket_secret (unauthenticated buckets)."
+    )
+    client_token: Credential = Field(
+        SecretStr(""), description="Token clients must send (empty: no token required)."
+    )
+    tls_cert: Path | None = Field(None, description="Certificate (PEM): serve wss and TLS membership.")
+    tls_key: Path | None = Field(None, description="Private key (PEM) of tls_cert.")
+    tls_ca: Path | None = Field(
+        None, description="CA (PEM) of the buckets' certificates: dial buckets over TLS."
+    )
 
     @property
     def registry_path(self) -> Path:
@@ -148,6 +182,13 @@ class BucketConfig(_Section):
     shutdown_timeout: Seconds = Field(5.0, description="Deadline for a graceful shutdown.")
     ready_file: Path | None = Field(None, description="Write the bound port here as JSON once serving.")
     uvloop: bool = Field(True, description="Use uvloop when it is installed.")
+    secret: Credential = Field(
+        SecretStr(""), description="Shared secret required of every call and sent with heartbeats."
+    )
+    insecure: bool = Field(False, description="Allow serving without a secret (anyone can read and write).")
+    tls_cert: Path | None = Field(None, description="Certificate (PEM): serve gRPC over TLS.")
+    tls_key: Path | None = Field(None, description="Private key (PEM) of tls_cert.")
+    tls_ca: Path | None = Field(None, description="CA (PEM) of the API's certificate: heartbeat over TLS.")
 
     @property
     def advertised_host(self) -> str:
@@ -172,6 +213,10 @@ class ClientConfig(_Section):
     receive_buffer: PositiveSize = Field(256 * KiB, description="WebSocket socket read size.")
     connect_timeout: Seconds = Field(10.0, description="Limit for connecting to the API server.")
     idle_timeout: Seconds = Field(120.0, description="Limit for a server that stops answering.")
+    token: Credential = Field(SecretStr(""), description="Token sent to the API server (its client_token).")
+    tls_ca: Path | None = Field(
+        None, description="CA (PEM) of the API's certificate for wss:// (default: system CAs)."
+    )
 
 
 class StackConfig(_Section):

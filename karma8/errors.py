@@ -80,6 +80,12 @@ class BucketUnavailable(Karma8Error):
         self.detail = detail
 
 
+class Unauthorized(Karma8Error):
+    """The client presented no valid token (the API server's ``client_token``)."""
+
+    code = "unauthorized"
+
+
 class Conflict(Karma8Error):
     """Another upload of the same name is in progress."""
 

@@ -4,13 +4,20 @@ Each child is the ordinary ``karma8 api`` / ``karma8 bucket`` command with its o
 directory under one root. The supervisor waits until every bucket is live, reports where
 the API listens, and on cancellation (Ctrl-C, SIGTERM) stops the children with SIGTERM,
 then SIGKILL after ``stop_timeout``.
+
+The API server and the buckets share a secret, generated at the first start and kept in
+``<data>/secret`` (mode 0600) so restarts reuse it. Children get it in their environment,
+never on their command line (which ``ps`` shows to every user).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +25,55 @@ from pathlib import Path
 import trio
 
 from karma8.client import Client
-from karma8.config import ClientConfig, StackConfig
+from karma8.config import ApiConfig, ClientConfig, StackConfig, load
+from karma8.core.auth import CREDENTIAL
 from karma8.errors import Karma8Error
 
 log = logging.getLogger(__name__)
 
 POLL = 0.05
 
+#: The shared bucket secret of a stack, under its data directory.
+SECRET_FILE = "secret"
+
 
 class StackError(Karma8Error):
     """The local stack could not start or lost a process."""
 
     code = "stack"
+
+
+def stack_secret(data: Path) -> str:
+    """The stack's bucket secret: read ``data/secret``, or create it (mode 0600) once.
+
+    Raises:
+        StackError: the file is readable by other users or does not hold a valid secret.
+    """
+    path = data / SECRET_FILE
+    if not path.exists():
+        # Written under a unique name, then linked into place: a concurrent start reads
+        # either no file or a complete one, and the first link wins.
+        tmp = data / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                log.info("generated the stack's bucket secret in %s", path)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise StackError(f"{path} is accessible to other users (mode {mode:o}); chmod 600 it")
+    secret = path.read_text().strip()
+    if not CREDENTIAL.fullmatch(secret):
+        raise StackError(f"{path} does not hold a valid secret; delete it to generate a new one")
+    return secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +101,11 @@ async def _wait_ready(path: Path, proc: trio.Process, what: str) -> dict[str, in
 class Supervisor:
     """Starts children, and stops them all when done."""
 
-    def __init__(self, log_level: str, stop_timeout: float, config_file: Path | None) -> None:
+    def __init__(
+        self, log_level: str, stop_timeout: float, config_file: Path | None, env: dict[str, str]
+    ) -> None:
         self._log_level = log_level
+        self._env = env
         self._stop_timeout = stop_timeout
         # Children read their own [api] / [bucket] tables from the same file.
         self._config_args = ["--config", str(config_file.absolute())] if config_file else []
@@ -77,7 +124,7 @@ class Supervisor:
             "--log-level",
             self._log_level,
         ]
-        proc = await trio.lowlevel.open_process(cmd)
+        proc = await trio.lowlevel.open_process(cmd, env=self._env)
         self.children.append((what, proc))
         info = await _wait_ready(ready, proc, what)
         log.debug("%s started (pid %d): %s", what, proc.pid, info)
@@ -121,7 +168,11 @@ async def run_stack(
     """Run the local stack until cancelled; ``started()`` once every bucket is live."""
     data = config.data.absolute()
     data.mkdir(parents=True, exist_ok=True)
-    sup = Supervisor(log_level, config.stop_timeout, config_file)
+    secret = await trio.to_thread.run_sync(stack_secret, data)
+    env = {**os.environ, "KARMA8_API_BUCKET_SECRET": secret, "KARMA8_BUCKET_SECRET": secret}
+    # What the API child reads besides the options given below: its token and TLS.
+    api_config = load(ApiConfig, config_file)
+    sup = Supervisor(log_level, config.stop_timeout, config_file, env)
     try:
         with trio.fail_after(config.start_timeout):
             api = await sup.start(
@@ -153,8 +204,9 @@ async def run_stack(
                         ],
                         data / f"bucket-{i}.ready",
                     )
-            url = f"ws://127.0.0.1:{api['port']}"
-            client = Client(ClientConfig(api=url))
+            url = f"{'wss' if api_config.tls_cert else 'ws'}://127.0.0.1:{api['port']}"
+            token = api_config.client_token.get_secret_value()
+            client = Client(load(ClientConfig, config_file, api=url, token=token or None))
             # Polling another process's state: there is no event to wait on.
             while (await client.status())["live"] < config.buckets:  # noqa: ASYNC110
                 await trio.sleep(POLL)

@@ -17,9 +17,12 @@ from karma8.api.reconcile import Reconciler
 from karma8.api.server import ApiHandler
 from karma8.api.session import Services
 from karma8.config import ApiConfig
+from karma8.errors import ConfigError
 from karma8.registry import open_registry
+from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.membership import serve_membership
+from karma8.tls import api_tls
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +34,30 @@ class ApiEndpoints:
     host: str
     port: int
     membership_port: int
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}"
 
 
 async def serve_api(
     config: ApiConfig, *, task_status: trio.TaskStatus[ApiEndpoints] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run the API server until cancelled; ``started()`` gets its endpoints."""
+    """Run the API server until cancelled; ``started()`` gets its endpoints.
+
+    Raises:
+        ConfigError: no ``bucket_secret`` (and not ``insecure``), or unusable TLS files.
+    """
+    secret = config.bucket_secret.get_secret_value()
+    if not secret and not config.insecure:
+        raise ConfigError(
+            "[api] bucket_secret is not set: set it (KARMA8_API_BUCKET_SECRET) to the buckets' "
+            "secret, or set insecure = true to accept any bucket"
+        )
+    if not secret:
+        log.warning("insecure = true: buckets are not authenticated, anyone can register one")
+    tls = api_tls(config)
     wsfix.apply()
     async with (
         open_registry(config.registry_path) as registry,
@@ -51,7 +68,7 @@ async def serve_api(
             log.warning(
                 "%d upload(s) were interrupted by a restart; their fragments will be deleted", interrupted
             )
-        cluster = Cluster(registry, portal, config)
+        cluster = Cluster(registry, portal, config, ChannelSecurity(secret, tls.buckets))
         await cluster.load()
         leases = ReadLeases()
         janitor = Janitor(registry, cluster, leases, config.janitor_interval, config.rpc_timeout)
@@ -61,11 +78,15 @@ async def serve_api(
         try:
             async with trio.open_nursery() as nursery:
                 membership_port = await nursery.start(
-                    serve_membership,
-                    portal,
-                    config.membership_host,
-                    config.membership_port,
-                    cluster.on_heartbeat,
+                    functools.partial(
+                        serve_membership,
+                        portal,
+                        config.membership_host,
+                        config.membership_port,
+                        cluster.on_heartbeat,
+                        secret=secret,
+                        ssl_context=tls.membership,
+                    )
                 )
                 server = await nursery.start(
                     functools.partial(
@@ -73,7 +94,7 @@ async def serve_api(
                         handler.handle,
                         config.host,
                         config.port,
-                        None,
+                        tls.websocket,
                         max_message_size=config.max_frame,
                         receive_buffer_size=config.receive_buffer,
                         connect_timeout=config.handshake_timeout,
@@ -82,7 +103,9 @@ async def serve_api(
                 )
                 nursery.start_soon(janitor.run)
                 nursery.start_soon(reconciler.run)
-                endpoints = ApiEndpoints(config.host, server.port, membership_port)
+                endpoints = ApiEndpoints(
+                    config.host, server.port, membership_port, tls=tls.websocket is not None
+                )
                 log.info(
                     "API server listening on %s (buckets register at %s:%d)",
                     endpoints.url,

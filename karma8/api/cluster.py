@@ -19,6 +19,7 @@ from karma8.core.placement import Candidate
 from karma8.core.records import Heartbeat, Usage
 from karma8.errors import BucketUnavailable
 from karma8.registry import Registry
+from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import Portal
 from karma8.rpc.buckets import BucketClient, connect_bucket
 
@@ -39,7 +40,10 @@ class BucketState:
 class Cluster:
     """Bucket membership and the gRPC clients of the buckets."""
 
-    def __init__(self, registry: Registry, portal: Portal, config: ApiConfig) -> None:
+    def __init__(
+        self, registry: Registry, portal: Portal, config: ApiConfig, security: ChannelSecurity
+    ) -> None:
+        self._security = security  # the secret and TLS of every bucket channel
         self._registry = registry
         self._portal = portal
         self._config = config
@@ -73,6 +77,7 @@ class Cluster:
             beat.bucket_id,
             beat.address,
             close_timeout=self._config.connect_timeout,
+            security=self._security,
             stream_window=self._config.grpc_stream_window,
             connection_window=self._config.grpc_connection_window,
         )

@@ -20,8 +20,9 @@ from karma8.api.queries import handle_delete, handle_files, handle_stat, handle_
 from karma8.api.scrub import handle_verify
 from karma8.api.session import Services, Session
 from karma8.api.upload import handle_upload
+from karma8.core.auth import AUTHORIZATION, header_value, refusal
 from karma8.core.protocol import CloseCode, Op, Request, close_code_for, encode_error, parse_path
-from karma8.errors import Internal, Karma8Error
+from karma8.errors import Internal, Karma8Error, Unauthorized
 from karma8.wsfix import close_transport
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ApiHandler:
     def __init__(self, services: Services) -> None:
         self._services = services
         self._ids = itertools.count(1)
+        self._token = services.config.client_token.get_secret_value()
 
     async def handle(self, request: WebSocketRequest) -> None:
         """The trio-websocket handler (runs in the server's handler nursery)."""
@@ -47,6 +49,7 @@ class ApiHandler:
         ws = await request.accept()
         session = Session(ws, self._services, session_id, slog)
         try:
+            self._authorize(request)
             await self._dispatch(session, parse_path(request.path))
         except ConnectionClosed as exc:
             slog.info("client went away (%s)", exc.reason)
@@ -62,6 +65,13 @@ class ApiHandler:
             await ws.aclose(CloseCode.NORMAL)
         finally:
             await close_transport(ws)
+
+    def _authorize(self, request: WebSocketRequest) -> None:
+        """Check the client token of the handshake, when the server requires one."""
+        if self._token:
+            reason = refusal(header_value(request.headers, AUTHORIZATION), self._token)
+            if reason is not None:
+                raise Unauthorized(f"client token refused ({reason})")
 
     async def _dispatch(self, session: Session, req: Request) -> None:
         if req.op is Op.UPLOAD:

@@ -25,10 +25,13 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from karma8 import wsfix
 from karma8.config import ClientConfig
+from karma8.core.auth import AUTHORIZATION, bearer
 from karma8.core.names import encode_name, validate_name
 from karma8.core.protocol import UploadHeader, decode_reply, encode_upload_header
 from karma8.errors import BadRequest, ChecksumMismatch, ConnectionFailed
+from karma8.tls import client_tls
 from karma8.wsfix import close_transport
 
 __all__ = ["Client", "FileInfo", "Progress"]
@@ -50,7 +53,12 @@ class Client:
     """A client of one API server."""
 
     def __init__(self, config: ClientConfig | None = None) -> None:
+        """Raises ConfigError when ``tls_ca`` cannot be loaded (for a ``wss://`` URL)."""
+        wsfix.apply()  # a refused TLS handshake fails at once, with its reason
         self.config = config or ClientConfig()
+        self._ssl = client_tls(self.config)
+        token = self.config.token.get_secret_value()
+        self._headers = [(AUTHORIZATION.encode(), bearer(token).encode())] if token else None
 
     @contextlib.asynccontextmanager
     async def _connect(self, path: str) -> AsyncIterator[WebSocketConnection]:
@@ -58,6 +66,8 @@ class Client:
         try:
             async with open_websocket_url(
                 url,
+                self._ssl,
+                extra_headers=self._headers,
                 max_message_size=self.config.max_message,
                 receive_buffer_size=self.config.receive_buffer,
                 connect_timeout=self.config.connect_timeout,

@@ -47,6 +47,7 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
     # 4000-4999 are ours: 4000 + HTTP-like status for request errors.
     BAD_REQUEST = 4400
+    UNAUTHORIZED = 4401
     NOT_FOUND = 4404
     CONFLICT = 4409
 
@@ -54,6 +55,7 @@ class CloseCode(enum.IntEnum):
 _CLOSE_FOR_CODE = {
     "bad_request": CloseCode.BAD_REQUEST,
     "bad_name": CloseCode.BAD_REQUEST,
+    "unauthorized": CloseCode.UNAUTHORIZED,
     "not_found": CloseCode.NOT_FOUND,
     "too_large": CloseCode.TOO_BIG,
     "size_mismatch": CloseCode.BAD_REQUEST,

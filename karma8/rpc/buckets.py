@@ -21,10 +21,12 @@ import grpclib.client
 import grpclib.config
 import grpclib.const
 import grpclib.exceptions
+import h2.exceptions
 import trio
 
 from karma8.core.records import StoredFragment, Usage
 from karma8.errors import BucketUnavailable, ChecksumMismatch, Internal, Karma8Error
+from karma8.rpc.auth import ChannelSecurity, attach_secret
 from karma8.rpc.bridge import Portal, PortalClosed
 from karma8.rpc.gen.karma8 import v1 as pb
 
@@ -44,13 +46,19 @@ def translate_errors(bucket_id: str) -> Iterator[None]:
         raise
     except grpclib.exceptions.GRPCError as exc:
         detail = f"{exc.status.name}: {exc.message or ''}".rstrip(": ")
+        if exc.status is _S.UNAUTHENTICATED:  # our bucket_secret is not the bucket's secret
+            raise BucketUnavailable(bucket_id, "authentication failed") from None
         if exc.status is _S.DATA_LOSS:
             raise ChecksumMismatch(f"bucket {bucket_id}: {exc.message}") from None
         if exc.status is _S.INVALID_ARGUMENT:  # we sent something a bucket refuses: our bug
             raise Internal(f"bucket {bucket_id} refused the request: {exc.message}") from None
         raise BucketUnavailable(bucket_id, detail) from None
-    except (grpclib.exceptions.StreamTerminatedError, grpclib.exceptions.ProtocolError) as exc:
-        raise BucketUnavailable(bucket_id, f"stream broken: {exc}") from None
+    except (
+        grpclib.exceptions.StreamTerminatedError,
+        grpclib.exceptions.ProtocolError,
+        h2.exceptions.StreamClosedError,  # sending on a stream the bucket already ended
+    ) as exc:
+        raise BucketUnavailable(bucket_id, f"stream broken: {exc!r}") from None
     except (OSError, EOFError, PortalClosed) as exc:
         raise BucketUnavailable(bucket_id, f"unreachable: {exc}") from None
 
@@ -72,14 +80,14 @@ class FragmentWriter:
         else:
             message = pb.PutRequest(data=data)
         with translate_errors(self._bucket_id):
-            await self._portal.run(self._stream.send_message, message)
+            await self._portal.run(_send_chunk, self._stream, message)
 
     async def finish(self) -> StoredFragment:
         """End the stream; the bucket fsyncs and renames the fragment into place."""
         if self._first is not None:  # an empty fragment still announces itself
             await self.send(b"")
         with translate_errors(self._bucket_id):
-            await self._portal.run(self._stream.end)
+            await self._portal.run(_end_stream, self._stream)
             reply: pb.PutReply | None = await self._portal.run(self._stream.recv_message)
         if reply is None:
             raise BucketUnavailable(self._bucket_id, "Put ended without a reply")
@@ -202,8 +210,39 @@ async def _send_last(stream: Any, message: Any) -> None:
     await stream.send_message(message, end=True)
 
 
-async def _new_channel(host: str, port: int, config: grpclib.config.Configuration) -> Any:
-    return grpclib.client.Channel(host, port, config=config)
+def _raise_status(stream: Any) -> None:
+    """Raise the status a bucket ended a call with, if it sent one.
+
+    A bucket that refuses a Put (no secret, no space, a bad fragment id) ends the call and
+    resets the stream before reading it all. Our next send then fails with a bare "stream
+    reset"; the status in the headers it sent first says why. grpclib itself reads them
+    this way when a stream context exits on StreamTerminatedError (grpclib 0.4.9, pinned).
+    """
+    stream._maybe_raise()
+
+
+async def _send_chunk(stream: Any, message: Any) -> None:
+    try:
+        await stream.send_message(message)
+    except (grpclib.exceptions.StreamTerminatedError, h2.exceptions.StreamClosedError):
+        _raise_status(stream)
+        raise
+
+
+async def _end_stream(stream: Any) -> None:
+    try:
+        await stream.end()
+    except (grpclib.exceptions.StreamTerminatedError, h2.exceptions.StreamClosedError):
+        _raise_status(stream)
+        raise
+
+
+async def _new_channel(
+    host: str, port: int, config: grpclib.config.Configuration, security: ChannelSecurity
+) -> Any:
+    channel = grpclib.client.Channel(host, port, config=config, ssl=security.ssl)
+    attach_secret(channel, security.secret)
+    return channel
 
 
 async def _close_channel(channel: Any) -> None:
@@ -216,10 +255,14 @@ async def connect_bucket(
     address: str,
     *,
     close_timeout: float,
+    security: ChannelSecurity,
     stream_window: int = 4 * 1024 * 1024,
     connection_window: int = 16 * 1024 * 1024,
 ) -> BucketClient:
     """A client for the bucket at ``address`` (``host:port``); connects lazily.
+
+    Every call presents ``security.secret``; with ``security.ssl`` the channel is TLS and
+    the bucket's certificate must be valid for the host of ``address``.
 
     The HTTP/2 receive windows bound how much a bucket can push ahead of what we consume
     (grpclib acknowledges data as it is read); the 64 KiB default would stall 1 MiB chunks.
@@ -230,5 +273,5 @@ async def connect_bucket(
     config = grpclib.config.Configuration(
         http2_connection_window_size=connection_window, http2_stream_window_size=stream_window
     )
-    channel = await portal.run(_new_channel, host.strip("[]"), int(port), config)
+    channel = await portal.run(_new_channel, host.strip("[]"), int(port), config, security)
     return BucketClient(portal, bucket_id, address, channel, close_timeout)

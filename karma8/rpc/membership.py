@@ -6,7 +6,9 @@ callback through :meth:`Portal.run_trio`, so the API's membership logic is plain
 
 from __future__ import annotations
 
+import functools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,13 +53,32 @@ async def serve_membership(
     port: int,
     on_heartbeat: OnHeartbeat,
     *,
+    secret: str,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the membership endpoint until cancelled; ``started()`` gets the bound port."""
+    """Serve the membership endpoint until cancelled; ``started()`` gets the bound port.
+
+    Heartbeats must carry ``secret`` ("" accepts any); TLS is on with ``ssl_context``.
+    """
     server, bound = await portal.run(
-        start_grpc_server, [_MembershipService(portal, on_heartbeat)], host, port
+        functools.partial(
+            start_grpc_server,
+            [_MembershipService(portal, on_heartbeat)],
+            host,
+            port,
+            secret=secret,
+            who="membership endpoint",
+            ssl_context=ssl_context,
+        )
     )
-    log.info("membership endpoint listening on %s:%d", host, bound)
+    log.info(
+        "membership endpoint listening on %s:%d (%s, %s)",
+        host,
+        bound,
+        "TLS" if ssl_context else "no TLS",
+        "secret required" if secret else "NO secret required",
+    )
     try:
         task_status.started(bound)
         await trio.sleep_forever()

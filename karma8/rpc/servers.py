@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import grpclib.server
 
+from karma8.rpc.auth import require_secret
 
-async def start_grpc_server(handlers: list[Any], host: str, port: int) -> tuple[Any, int]:
-    """Start serving ``handlers``; return the server and its real port (port 0 picks one)."""
+
+async def start_grpc_server(
+    handlers: list[Any],
+    host: str,
+    port: int,
+    *,
+    secret: str,
+    who: str,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[Any, int]:
+    """Start serving ``handlers``; return the server and its real port (port 0 picks one).
+
+    Every call must carry ``secret`` (see :mod:`karma8.rpc.auth`); "" serves without one.
+    ``who`` names this server in the log line of a refused call. With ``ssl_context``
+    the server speaks TLS only.
+    """
     server = grpclib.server.Server(handlers)
-    await server.start(host, port)
+    if secret:
+        require_secret(server, secret, who)
+    await server.start(host, port, ssl=ssl_context)
     listener: Any = server._server  # the asyncio.Server grpclib wraps
     return server, int(listener.sockets[0].getsockname()[1])

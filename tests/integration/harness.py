@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -32,6 +33,9 @@ POLL = 0.02
 
 #: Fast membership so tests see joins and deaths quickly.
 FAST_API = {"heartbeat_interval": 0.2, "bucket_timeout": 1.5, "janitor_interval": 0.3}
+
+#: The shared bucket secret of every test cluster (buckets refuse to start without one).
+TEST_SECRET = secrets.token_urlsafe(24)
 
 
 async def wait_until(
@@ -108,8 +112,10 @@ class BucketProcess:
             self.proc.kill()
 
 
-async def start_bucket(data_dir: Path, membership_port: int) -> BucketProcess:
-    """Start a bucket process and wait until it serves."""
+async def start_bucket(
+    data_dir: Path, membership_port: int, env: dict[str, str] | None = None
+) -> BucketProcess:
+    """Start a bucket process and wait until it serves (``env``: extra variables)."""
     ready = data_dir.with_name(data_dir.name + ".ready")
     ready.unlink(missing_ok=True)
     proc = await trio.lowlevel.open_process(
@@ -125,7 +131,8 @@ async def start_bucket(data_dir: Path, membership_port: int) -> BucketProcess:
             str(ready),
             "--log-level",
             "warning",
-        )
+        ),
+        env={**os.environ, "KARMA8_BUCKET_SECRET": TEST_SECRET, **(env or {})},
     )
     bucket = BucketProcess(data_dir, proc)
 
@@ -161,10 +168,13 @@ class Cluster:
     buckets: list[BucketProcess] = field(default_factory=list)
     api_config: ApiConfig | None = None
     _started: int = 0
+    #: Extra environment of every bucket, and [client] settings of ``client`` (TLS, token).
+    bucket_env: dict[str, str] = field(default_factory=dict)
+    client_settings: dict[str, object] = field(default_factory=dict)
 
     @property
     def client(self) -> Client:
-        return Client(ClientConfig(api=self.url))
+        return Client(ClientConfig.model_validate({"api": self.url, **self.client_settings}))
 
     def registry(self) -> RegistryDB:
         """A second connection to the registry file (SQLite WAL allows it)."""
@@ -172,7 +182,9 @@ class Cluster:
 
     async def add_bucket(self) -> BucketProcess:
         self._started += 1
-        bucket = await start_bucket(self.root / f"bucket-{self._started}", self.membership_port)
+        bucket = await start_bucket(
+            self.root / f"bucket-{self._started}", self.membership_port, self.bucket_env
+        )
         self.buckets.append(bucket)
         return bucket
 
@@ -205,6 +217,7 @@ def api_config(root: Path, **overrides: object) -> ApiConfig:
         "membership_port": 0,
         "data_dir": root / "api",
         "uvloop": True,
+        "bucket_secret": TEST_SECRET,
         **FAST_API,
     }
     values.update(overrides)
@@ -235,6 +248,7 @@ async def open_api_process(root: Path, membership_port: int) -> AsyncIterator[st
     ready = root / "api.ready"
     ready.unlink(missing_ok=True)
     env = {**os.environ, **{f"KARMA8_API_{k.upper()}": str(v) for k, v in FAST_API.items()}}
+    env["KARMA8_API_BUCKET_SECRET"] = TEST_SECRET
     proc = await trio.lowlevel.open_process(
         karma8_cmd(
             "api",

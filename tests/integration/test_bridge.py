@@ -12,9 +12,10 @@ import trio.lowlevel
 from karma8.config import MiB
 from karma8.core.fragments import fragment_id, new_upload_id
 from karma8.errors import BucketUnavailable
+from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.buckets import connect_bucket
-from tests.integration.harness import free_port, start_bucket, stop_process, wait_until
+from tests.integration.harness import TEST_SECRET, free_port, start_bucket, stop_process, wait_until
 
 
 async def test_run_returns_results_and_raises_errors() -> None:
@@ -95,7 +96,11 @@ async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path) -> None:
     try:
         async with open_portal(use_uvloop=False) as portal:
             client = await connect_bucket(
-                portal, bucket.bucket_id, f"127.0.0.1:{bucket.port}", close_timeout=5
+                portal,
+                bucket.bucket_id,
+                f"127.0.0.1:{bucket.port}",
+                close_timeout=5,
+                security=ChannelSecurity(TEST_SECRET),
             )
             fid = fragment_id(new_upload_id(), 0)
             with trio.CancelScope() as scope:
@@ -125,7 +130,9 @@ async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path) -> None:
 
 async def test_unreachable_bucket_is_bucket_unavailable() -> None:
     async with open_portal() as portal:
-        client = await connect_bucket(portal, "nobody", f"127.0.0.1:{free_port()}", close_timeout=1)
+        client = await connect_bucket(
+            portal, "nobody", f"127.0.0.1:{free_port()}", close_timeout=1, security=ChannelSecurity()
+        )
         with pytest.raises(BucketUnavailable) as info:
             await client.delete_upload(new_upload_id())
         assert info.value.bucket_id == "nobody"
