@@ -13,7 +13,7 @@
    certificate, a plaintext client on a TLS port, a server that hangs up) is noticed only
    by the reader task, which stops without a word: the connecting client waits for its
    whole ``connect_timeout`` and then reports a bare ``ConnectionTimeout``, and the socket
-   stays open on both sides (until the server's 60 s connect timeout). :func:`apply` makes
+   stays open on both sides (until the server's connect timeout). :func:`apply` makes
    the reader do the TLS handshake first and close the stream at once when it fails; a
    client then fails at once with a :class:`HandshakeError` that says why.
 
