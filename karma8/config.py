@@ -138,6 +138,7 @@ class ApiConfig(_Section):
     orphan_grace: Seconds = Field(
         3600.0, description="Age after which a fragment unknown to the registry is deleted."
     )
+    janitor_concurrency: Int = Field(16, ge=1, le=1024, description="Uploads deleted at once by the janitor.")
     rpc_timeout: Seconds = Field(10.0, description="Limit for one Delete/List/usage call to a bucket.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")

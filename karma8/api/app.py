@@ -71,7 +71,9 @@ async def serve_api(
         cluster = Cluster(registry, portal, config, ChannelSecurity(secret, tls.buckets))
         await cluster.load()
         leases = ReadLeases()
-        janitor = Janitor(registry, cluster, leases, config.janitor_interval, config.rpc_timeout)
+        janitor = Janitor(
+            registry, cluster, leases, config.janitor_interval, config.rpc_timeout, config.janitor_concurrency
+        )
         reconciler = Reconciler(registry, cluster, config)
         cluster.on_hello = reconciler.request
         handler = ApiHandler(Services(config, registry, cluster, janitor, leases, reconciler))

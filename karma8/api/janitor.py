@@ -56,12 +56,14 @@ class Janitor:
         leases: ReadLeases,
         interval: float,
         rpc_timeout: float,
+        concurrency: int,
     ) -> None:
         self._registry = registry
         self._cluster = cluster
         self._leases = leases
         self._interval = interval
         self._rpc_timeout = rpc_timeout
+        self._concurrency = concurrency
         self._wake = trio.Event()
 
     def poke(self) -> None:
@@ -98,8 +100,16 @@ class Janitor:
         for upload_id, bucket_id in await self._registry.pending_deletions():
             if not self._leases.held(upload_id) and self._cluster.is_live(bucket_id):
                 by_upload.setdefault(upload_id, []).append(bucket_id)
-        for upload_id, bucket_ids in by_upload.items():
-            await self.delete(upload_id, bucket_ids)
+        # Many uploads at once: after heavy traffic thousands of deletions can be pending.
+        limiter = trio.CapacityLimiter(self._concurrency)
+
+        async def one(upload_id: str, bucket_ids: list[str]) -> None:
+            async with limiter:
+                await self.delete(upload_id, bucket_ids)
+
+        async with trio.open_nursery() as nursery:
+            for upload_id, bucket_ids in by_upload.items():
+                nursery.start_soon(one, upload_id, bucket_ids)
 
     async def run(self) -> None:
         """Sweep forever: every ``interval`` seconds and when poked."""

@@ -61,6 +61,12 @@ def translate_errors(bucket_id: str) -> Iterator[None]:
         raise BucketUnavailable(bucket_id, f"stream broken: {exc!r}") from None
     except (OSError, EOFError, PortalClosed) as exc:
         raise BucketUnavailable(bucket_id, f"unreachable: {exc}") from None
+    except RuntimeError as exc:
+        # uvloop's transports raise RuntimeError, not OSError, for a write after the
+        # connection died ("unable to perform operation on <TCPTransport closed=True>").
+        if "unable to perform operation" not in str(exc):
+            raise
+        raise BucketUnavailable(bucket_id, "connection lost") from None
 
 
 class FragmentWriter:
