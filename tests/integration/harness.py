@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -54,16 +55,28 @@ async def wait_until(
 
 
 def free_port() -> int:
-    """A port that was free a moment ago (for servers that must keep their port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that was free a moment ago (for servers that must keep their port).
+
+    Taken below the kernel's ephemeral range: a port from that range can be handed to an
+    outgoing connection between a server's stop and its restart on the same port.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def make_file(path: Path, size: int, seed: int = 0) -> str:
     """Write ``size`` pseudo-random bytes to ``path``; return their sha256."""
     h = hashlib.sha256()
-    rnd = __import__("random").Random(seed)
+    rnd = random.Random(seed)
     with path.open("wb") as f:
         left = size
         while left:
