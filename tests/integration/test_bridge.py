@@ -11,10 +11,10 @@ import trio.lowlevel
 
 from karma8.config import MiB
 from karma8.core.fragments import fragment_id, new_upload_id
-from karma8.errors import BucketUnavailable
+from karma8.errors import BucketUnavailable, Internal
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
-from karma8.rpc.buckets import connect_bucket
+from karma8.rpc.buckets import BucketClient, connect_bucket
 from tests.integration.harness import TEST_SECRET, free_port, start_bucket, stop_process, wait_until
 
 
@@ -86,7 +86,8 @@ async def test_run_trio_from_asyncio() -> None:
         assert await portal.run(on_asyncio) == (42, "'k'")
 
 
-async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path) -> None:
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path, uvloop: bool) -> None:
     """Cancelling a trio task mid-Put must reset the stream, so the bucket stops writing.
 
     The channel stays open: only a RST_STREAM sent by the (shielded) stream exit can make
@@ -94,7 +95,7 @@ async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path) -> None:
     """
     bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
     try:
-        async with open_portal(use_uvloop=False) as portal:
+        async with open_portal(use_uvloop=uvloop) as portal:
             client = await connect_bucket(
                 portal,
                 bucket.bucket_id,
@@ -137,3 +138,45 @@ async def test_unreachable_bucket_is_bucket_unavailable() -> None:
             await client.delete_upload(new_upload_id())
         assert info.value.bucket_id == "nobody"
         await client.aclose()
+
+
+async def _put(client: BucketClient, fid: str, data: bytes) -> None:
+    async with client.open_put(fid, len(data)) as writer:
+        await writer.send(data)
+        await writer.finish()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "0" * 32 + ".0/../x",
+        "0" * 31 + ".0",
+        "A" * 32 + ".0",
+        "0" * 32 + ".64",
+    ],
+)
+async def test_a_bucket_refuses_malformed_fragment_ids(tmp_path: Path, bad: str) -> None:
+    """Whatever id arrives over gRPC, nothing is created outside (or inside) the bucket."""
+    bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
+    try:
+        async with open_portal() as portal:
+            client = await connect_bucket(
+                portal,
+                bucket.bucket_id,
+                f"127.0.0.1:{bucket.port}",
+                close_timeout=5,
+                security=ChannelSecurity(TEST_SECRET),
+            )
+            with pytest.raises(Internal, match="refused"):
+                await _put(client, bad, b"abc")
+            with pytest.raises(Internal, match="refused"):
+                await client.verify(bad)
+            with pytest.raises(Internal, match="refused"):
+                await client.delete_upload(bad)
+            await client.aclose()
+        left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+        assert left == [Path("b/bucket-id"), Path("b.ready")]
+    finally:
+        await stop_process(bucket.proc)
