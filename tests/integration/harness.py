@@ -27,6 +27,9 @@ from karma8.api.app import ApiEndpoints, serve_api
 from karma8.client import Client
 from karma8.config import ApiConfig, ClientConfig
 from karma8.registry.db import RegistryDB
+from karma8.rpc.auth import ChannelSecurity
+from karma8.rpc.bridge import Portal
+from karma8.rpc.buckets import BucketClient, connect_bucket
 from karma8.wsfix import close_transport
 
 DEADLINE = 30.0
@@ -160,6 +163,46 @@ async def start_bucket(
     return bucket
 
 
+async def start_buckets(root: Path, membership_port: int, n: int = 6) -> list[BucketProcess]:
+    """Start ``n`` bucket processes at once, with data in ``root / "bucket-<i>"``."""
+    buckets: list[BucketProcess] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def start(i: int) -> None:
+                buckets.append(await start_bucket(root / f"bucket-{i}", membership_port))
+
+            for i in range(n):
+                nursery.start_soon(start, i)
+    except BaseException:
+        for b in buckets:
+            await stop_process(b.proc)
+        raise
+    return buckets
+
+
+async def connect_test_bucket(
+    portal: Portal, bucket: BucketProcess, secret: str = TEST_SECRET
+) -> BucketClient:
+    """A gRPC client of a test bucket, presenting ``secret``."""
+    return await connect_bucket(
+        portal,
+        bucket.bucket_id,
+        f"127.0.0.1:{bucket.port}",
+        close_timeout=5,
+        security=ChannelSecurity(secret),
+    )
+
+
+async def wait_live(client: Client, n: int) -> None:
+    """Wait until the API server behind ``client`` has exactly ``n`` live buckets."""
+
+    async def enough() -> bool:
+        return int((await client.status())["live"]) == n
+
+    await wait_until(enough, f"{n} live buckets")
+
+
 async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:
     with trio.CancelScope(shield=True):
         if proc.returncode is None:
@@ -205,10 +248,7 @@ class Cluster:
         return int((await self.client.status())["live"])
 
     async def wait_live(self, n: int) -> None:
-        async def enough() -> bool:
-            return await self.live_count() == n
-
-        await wait_until(enough, f"{n} live buckets")
+        await wait_live(self.client, n)
 
     def bucket(self, bucket_id: str) -> BucketProcess:
         return next(b for b in self.buckets if b.bucket_id == bucket_id)

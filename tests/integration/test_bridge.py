@@ -15,7 +15,7 @@ from karma8.errors import BucketUnavailable, Internal
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.buckets import BucketClient, connect_bucket
-from tests.integration.harness import TEST_SECRET, free_port, start_bucket, stop_process, wait_until
+from tests.integration.harness import connect_test_bucket, free_port, start_bucket, stop_process, wait_until
 
 
 async def test_run_returns_results_and_raises_errors() -> None:
@@ -96,13 +96,7 @@ async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path, uvloop: bool
     bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
     try:
         async with open_portal(use_uvloop=uvloop) as portal:
-            client = await connect_bucket(
-                portal,
-                bucket.bucket_id,
-                f"127.0.0.1:{bucket.port}",
-                close_timeout=5,
-                security=ChannelSecurity(TEST_SECRET),
-            )
+            client = await connect_test_bucket(portal, bucket)
             fid = fragment_id(new_upload_id(), 0)
             with trio.CancelScope() as scope:
                 async with client.open_put(fid, 64 * MiB) as writer:
@@ -162,13 +156,7 @@ async def test_a_bucket_refuses_malformed_fragment_ids(tmp_path: Path, bad: str)
     bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
     try:
         async with open_portal() as portal:
-            client = await connect_bucket(
-                portal,
-                bucket.bucket_id,
-                f"127.0.0.1:{bucket.port}",
-                close_timeout=5,
-                security=ChannelSecurity(TEST_SECRET),
-            )
+            client = await connect_test_bucket(portal, bucket)
             with pytest.raises(Internal, match="refused"):
                 await _put(client, bad, b"abc")
             with pytest.raises(Internal, match="refused"):

@@ -15,14 +15,14 @@ from karma8.config import ClientConfig, MiB
 from karma8.core.protocol import UploadHeader, encode_upload_header
 from karma8.registry.db import RegistryDB
 from tests.integration.harness import (
-    BucketProcess,
     free_port,
     make_file,
     open_api_process,
     open_raw,
-    start_bucket,
+    start_buckets,
     stop_process,
     upload_rows,
+    wait_live,
     wait_until,
 )
 
@@ -45,27 +45,15 @@ def _no_fragments(db: RegistryDB, upload_id: str) -> bool:
     return db.fragments(upload_id) == []
 
 
-async def _live(client: Client, n: int) -> bool:
-    return int((await client.status())["live"]) == n
-
-
 async def test_api_killed_mid_upload(tmp_path: Path) -> None:
     membership = free_port()
-    buckets: list[BucketProcess] = []
     src = tmp_path / "keep"
     digest = make_file(src, 2 * MiB + 9)
+    buckets = await start_buckets(tmp_path, membership)
     try:
-        async with trio.open_nursery() as nursery:
-
-            async def start(i: int) -> None:
-                buckets.append(await start_bucket(tmp_path / f"bucket-{i}", membership))
-
-            for i in range(6):
-                nursery.start_soon(start, i)
-
         async with open_api_process(tmp_path, membership) as url:
             client = Client(ClientConfig(api=url))
-            await wait_until(lambda: _live(client, 6), "6 live buckets")
+            await wait_live(client, 6)
             await client.upload(src, "keep")
 
             async def doomed_upload(name: str) -> None:
@@ -94,7 +82,7 @@ async def test_api_killed_mid_upload(tmp_path: Path) -> None:
 
         async with open_api_process(tmp_path, membership) as url:
             client = Client(ClientConfig(api=url))
-            await wait_until(lambda: _live(client, 6), "the buckets to re-register")
+            await wait_live(client, 6)
             keep_id = str((await client.stat("keep"))["upload_id"])
             await wait_until(
                 lambda: (

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import trio
 
 from karma8.client import Client
 from karma8.config import ClientConfig, MiB
@@ -18,9 +16,9 @@ from tests.integration.harness import (
     make_file,
     open_api_process,
     open_cluster,
-    start_bucket,
+    start_buckets,
     stop_process,
-    wait_until,
+    wait_live,
 )
 
 
@@ -83,35 +81,21 @@ async def test_a_dead_bucket_leaves_placement_and_downloads_fail_clearly(
 async def test_registry_survives_an_api_restart(tmp_path: Path) -> None:
     """Files uploaded before a SIGKILL of the API process download after its restart."""
     membership = free_port()
-    buckets = []
     src = tmp_path / "f"
     digest = make_file(src, 7 * MiB + 3)
+    buckets = await start_buckets(tmp_path, membership)
     try:
-        async with trio.open_nursery() as nursery:
-
-            async def start(i: int) -> None:
-                buckets.append(await start_bucket(tmp_path / f"bucket-{i}", membership))
-
-            for i in range(6):
-                nursery.start_soon(start, i)
         async with open_api_process(tmp_path, membership) as url:
             client = Client(ClientConfig(api=url))
-            await wait_until(_live(client, 6), "6 live buckets")
+            await wait_live(client, 6)
             await client.upload(src, "survivor")
         # The API process is SIGKILLed on leaving the block; start a new one.
         async with open_api_process(tmp_path, membership) as url:
             client = Client(ClientConfig(api=url))
-            await wait_until(_live(client, 6), "the buckets to re-register")
+            await wait_live(client, 6)
             assert [f["name"] for f in await client.list()] == ["survivor"]
             got = await client.download("survivor", tmp_path / "out")
             assert got.sha256 == digest
     finally:
         for b in buckets:
             await stop_process(b.proc, signal.SIGTERM)
-
-
-def _live(client: Client, n: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return int((await client.status())["live"]) == n
-
-    return check
