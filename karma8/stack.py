@@ -98,6 +98,24 @@ async def _wait_ready(path: Path, proc: trio.Process, what: str) -> dict[str, in
         return info
 
 
+async def stop_process(proc: trio.Process, sig: int, kill_after: float) -> bool:
+    """Send ``sig``; SIGKILL after ``kill_after`` s if still running (shielded).
+
+    Returns True when the process had to be killed.
+    """
+    killed = False
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            proc.send_signal(sig)
+        with trio.move_on_after(kill_after):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+            killed = True
+    return killed
+
+
 class Supervisor:
     """Starts children, and stops them all when done."""
 
@@ -144,18 +162,15 @@ class Supervisor:
 
     async def stop(self) -> None:
         """SIGTERM every child, SIGKILL those still running after the deadline."""
+
+        async def one(what: str, proc: trio.Process) -> None:
+            if await stop_process(proc, signal.SIGTERM, self._stop_timeout):
+                log.warning("%s (pid %d) did not stop in time; killed it", what, proc.pid)
+
         with trio.CancelScope(shield=True):
-            for _, proc in self.children:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(self._stop_timeout):
-                for _, proc in self.children:
-                    await proc.wait()
-            for what, proc in self.children:
-                if proc.returncode is None:
-                    log.warning("%s (pid %d) did not stop in time; killing it", what, proc.pid)
-                    proc.kill()
-                    await proc.wait()
+            async with trio.open_nursery() as nursery:
+                for what, proc in self.children:
+                    nursery.start_soon(one, what, proc)
 
 
 async def run_stack(

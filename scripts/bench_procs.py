@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import trio
 from bench_model import POLL, BenchError, note
 
+from karma8.stack import stop_process
+
 STACK_START_TIMEOUT = 120.0
 STACK_STOP_TIMEOUT = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -208,15 +210,8 @@ async def _wait_until_up(proc: trio.Process, log_path: Path) -> str:
 
 async def _stop(proc: trio.Process) -> None:
     """SIGINT (what Ctrl-C sends), then SIGKILL if it is still there after the deadline."""
-    with trio.CancelScope(shield=True):
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-            with trio.move_on_after(STACK_STOP_TIMEOUT):
-                await proc.wait()
-        if proc.returncode is None:
-            note(f"karma8 up (pid {proc.pid}) did not stop in {STACK_STOP_TIMEOUT:g} s; killing it")
-            proc.kill()
-            await proc.wait()
+    if await stop_process(proc, signal.SIGINT, STACK_STOP_TIMEOUT):
+        note(f"karma8 up (pid {proc.pid}) did not stop in {STACK_STOP_TIMEOUT:g} s; killed it")
 
 
 @contextlib.asynccontextmanager

@@ -24,6 +24,7 @@ from chaos_model import ChaosError
 from karma8.client import Client
 from karma8.config import ApiConfig, BucketConfig, ClientConfig
 from karma8.errors import Karma8Error
+from karma8.stack import stop_process
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -226,14 +227,7 @@ class Stack:
         proc = child.proc
         if proc is None:
             return
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(STOP_TIMEOUT):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, signal.SIGTERM, STOP_TIMEOUT)
 
     # -- the whole stack ---------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+import karma8.stack
 from karma8.api.app import ApiEndpoints, serve_api
 from karma8.client import Client
 from karma8.config import ApiConfig, ClientConfig
@@ -204,14 +205,8 @@ async def wait_live(client: Client, n: int) -> None:
 
 
 async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:
-    with trio.CancelScope(shield=True):
-        if proc.returncode is None:
-            proc.send_signal(sig)
-        with trio.move_on_after(10):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    """Stop a test's process: ``sig``, then SIGKILL after 10 s."""
+    await karma8.stack.stop_process(proc, sig, 10)
 
 
 @dataclass
@@ -249,6 +244,14 @@ class Cluster:
 
     async def wait_live(self, n: int) -> None:
         await wait_live(self.client, n)
+
+    def uploads_recorded(self) -> int:
+        """How many uploads the registry has any row for (in any state)."""
+        db = self.registry()
+        try:
+            return int(db._query("SELECT count(*) FROM uploads")[0][0])
+        finally:
+            db.close()
 
     def bucket(self, bucket_id: str) -> BucketProcess:
         return next(b for b in self.buckets if b.bucket_id == bucket_id)

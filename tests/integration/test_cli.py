@@ -6,13 +6,9 @@ with ``trio.run_process`` (never blocking the event loop that serves it).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
 import signal
-import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,31 +17,27 @@ import pytest
 import trio
 
 from karma8.config import GiB, MiB
-from karma8.registry.db import RegistryDB
 from tests.integration.harness import (
     Cluster,
     free_port,
     karma8_cmd,
     make_file,
     sha256_of,
+    upload_rows,
     wait_until,
+)
+from tests.integration.up_harness import (
+    EXIT_DEADLINE,
+    cli_env,
+    karma8_up,
+    processes_mentioning,
+    stop_with_ctrl_c,
 )
 
 #: Limit for one CLI command (they take well under a second each).
 CLI_DEADLINE = 60.0
-#: Limit for ``karma8 up`` to report the stack ready (7 processes start).
-UP_DEADLINE = 60.0
-#: Limit for an interrupted process to exit.
-EXIT_DEADLINE = 20.0
 
 NAME = "docs/résumé ü.bin"
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """This environment without KARMA8_* settings of its own, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KARMA8_")}
-    env.update(extra)
-    return env
 
 
 @dataclass(frozen=True)
@@ -86,12 +78,6 @@ async def karma8(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Ru
             cwd=cwd,
         )
     return Run(args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
-
-
-def upload_rows(db: RegistryDB, name: str) -> list[tuple[str, str]]:
-    """(upload id, state) of every upload of ``name``, oldest first."""
-    rows = db._query("SELECT id, state FROM uploads WHERE name = ? ORDER BY created", (name,))
-    return [(str(i), str(s)) for i, s in rows]
 
 
 def size_of(path: Path) -> int:
@@ -332,79 +318,6 @@ async def test_interrupted_upload_leaves_nothing(cluster: Cluster, tmp_path: Pat
 # -- karma8 up ---------------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    """A running ``karma8 up``."""
-
-    proc: trio.Process
-    url: str
-    data: Path
-    stderr: Path
-
-
-def processes_mentioning(text: str) -> list[tuple[int, str]]:
-    """(pid, command line) of every running process whose command line contains ``text``."""
-    found = []
-    needle = text.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes()
-            if needle in cmdline:
-                found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
-    return found
-
-
-@contextlib.asynccontextmanager
-async def karma8_up(data: Path, log: Path) -> AsyncIterator[Stack]:
-    """Start ``karma8 up`` on free ports; yield once it says it is up.
-
-    On the way out a stack still running is stopped (SIGTERM, then SIGKILL), and so is
-    any of its children left behind, so a failing test leaks no process.
-    """
-    env = cli_env(KARMA8_STACK_MEMBERSHIP_PORT=str(free_port()))
-    args = ["up", "--data", str(data), "--port", str(free_port()), "--buckets", "6"]
-    with log.open("ab") as err:
-        proc = await trio.lowlevel.open_process(
-            karma8_cmd(*args), stdout=subprocess.PIPE, stderr=err, env=env, cwd=data.parent
-        )
-    assert proc.stdout is not None
-    try:
-        seen = b""
-        with trio.fail_after(UP_DEADLINE):
-            while (match := re.search(rb"karma8 is up: (ws://\S+) ", seen)) is None:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"karma8 up exited ({proc.poll()}): {seen!r} {log.read_text()}"
-                seen += chunk
-        yield Stack(proc, match.group(1).decode(), data, log)
-    finally:
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.terminate()
-                with trio.move_on_after(EXIT_DEADLINE):
-                    await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            for pid, _ in processes_mentioning(str(data)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await proc.stdout.aclose()
-
-
-async def stop_with_ctrl_c(stack: Stack) -> None:
-    """SIGINT ``karma8 up``: it exits 0 and leaves no process of the stack running."""
-    stack.proc.send_signal(signal.SIGINT)
-    with trio.fail_after(EXIT_DEADLINE):
-        await stack.proc.wait()
-    log = stack.stderr.read_text()
-    assert stack.proc.returncode == 0, log
-    assert "Traceback" not in log, log
-    assert log.rstrip().endswith("karma8 stopped."), log
-    assert processes_mentioning(str(stack.data)) == []
-
-
 def bucket_ids(data: Path) -> list[str]:
     return [(data / f"bucket-{i}" / "bucket-id").read_text().strip() for i in range(1, 7)]
 
@@ -457,3 +370,17 @@ async def test_up_again_keeps_identities_and_files(tmp_path: Path) -> None:
         assert sha256_of(tmp_path / "back") == digest
         await stop_with_ctrl_c(stack)
     assert bucket_ids(data) == ids
+
+
+async def test_up_passes_its_config_file_to_the_api_and_buckets(tmp_path: Path) -> None:
+    """`karma8 up --config` hands the file to its children: their [api] table applies."""
+    data = tmp_path / "stack"
+    config = tmp_path / "karma8.toml"
+    config.write_text('[api]\nmax_file_size = "1KiB"\n\n[bucket]\ncapacity = "1GiB"\n')
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 2048)
+    async with karma8_up(data, tmp_path / "up.log", "--config", str(config)) as stack:
+        (await karma8("upload", str(big), "--api", stack.url, cwd=tmp_path)).error("too_large", "1024")
+        status = json.loads((await karma8("status", "--json", "--api", stack.url, cwd=tmp_path)).ok().out)
+        assert {b["capacity"] for b in status["buckets"]} == {GiB}
+        await stop_with_ctrl_c(stack)

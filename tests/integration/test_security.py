@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -50,7 +47,7 @@ from tests.integration.harness import (
     stop_process,
     wait_until,
 )
-from tests.integration.test_cli import cli_env, processes_mentioning
+from tests.integration.up_harness import cli_env, karma8_up, processes_mentioning, stop_with_ctrl_c
 
 TOKEN = "client-token-0123456789abcdef"
 UP_DEADLINE = 60.0
@@ -336,11 +333,7 @@ async def test_the_api_can_require_a_client_token(tmp_path: Path) -> None:
             with pytest.raises(RemoteError, match="client token refused"):
                 await stranger.status()
         assert cluster.all_files() == []
-        db = cluster.registry()
-        try:
-            assert db._query("SELECT count(*) FROM uploads") == [(0,)]
-        finally:
-            db.close()
+        assert cluster.uploads_recorded() == 0
 
         # On the wire: the error frame, then close code 4401.
         async with open_raw(cluster.url, "/files") as ws:
@@ -358,36 +351,6 @@ async def test_the_api_can_require_a_client_token(tmp_path: Path) -> None:
 # -- karma8 up -------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def karma8_up(data: Path, **env: str) -> AsyncIterator[tuple[trio.Process, str]]:
-    """``karma8 up`` with extra variables; yields the process and its URL, then stops it."""
-    env = cli_env(KARMA8_STACK_MEMBERSHIP_PORT=str(free_port()), **env)
-    args = ["up", "--data", str(data), "--port", str(free_port()), "--buckets", "6"]
-    with (data.parent / "up.log").open("ab") as err:
-        proc = await trio.lowlevel.open_process(
-            karma8_cmd(*args), stdout=subprocess.PIPE, stderr=err, env=env
-        )
-    assert proc.stdout is not None
-    try:
-        seen = b""
-        with trio.fail_after(UP_DEADLINE):
-            while (match := re.search(rb"karma8 is up: (ws://\S+) ", seen)) is None:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"karma8 up exited: {(data.parent / 'up.log').read_text()}"
-                seen += chunk
-        yield proc, match.group(1).decode()
-        proc.send_signal(signal.SIGINT)
-        with trio.fail_after(UP_DEADLINE):
-            assert await proc.wait() == 0
-    finally:
-        with trio.CancelScope(shield=True):
-            await stop_process(proc)
-            for pid, _ in processes_mentioning(str(data)):  # children of a failed run
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await proc.stdout.aclose()
-
-
 async def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(60):
         return await trio.run_process(
@@ -397,7 +360,9 @@ async def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
 
 async def test_up_generates_keeps_and_hides_its_secret(tmp_path: Path) -> None:
     data = tmp_path / "stack"
-    async with karma8_up(data, KARMA8_API_CLIENT_TOKEN=TOKEN) as (up, url):
+    log = tmp_path / "up.log"
+    async with karma8_up(data, log, KARMA8_API_CLIENT_TOKEN=TOKEN) as stack:
+        up, url = stack.proc, stack.url
         secret_file = data / "secret"
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
         secret = secret_file.read_text().strip()
@@ -415,9 +380,12 @@ async def test_up_generates_keeps_and_hides_its_secret(tmp_path: Path) -> None:
         assert refused.returncode == 1
         assert refused.stderr.decode().startswith("karma8: error: unauthorized:"), refused.stderr
         assert (await _cli("status", "--api", url, KARMA8_CLIENT_TOKEN=TOKEN)).returncode == 0
+        await stop_with_ctrl_c(stack)
 
-    async with karma8_up(data) as (_, url):
+    async with karma8_up(data, log) as stack:
+        url = stack.url
         assert (data / "secret").read_text().strip() == secret, "a restart made a new secret"
         ok = await _cli("status", "--api", url)  # no token by default
         assert ok.returncode == 0, ok.stderr
         assert "6 live bucket(s)" in ok.stdout.decode()
+        await stop_with_ctrl_c(stack)
