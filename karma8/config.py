@@ -140,6 +140,24 @@ class ApiConfig(_Section):
     )
     janitor_concurrency: Int = Field(16, ge=1, le=1024, description="Uploads deleted at once by the janitor.")
     rpc_timeout: Seconds = Field(10.0, description="Limit for one Delete/List/usage call to a bucket.")
+    rebalance_auto: bool = Field(
+        True, description="Rebalance by itself when buckets join and when the spread exceeds the threshold."
+    )
+    rebalance_threshold: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Rebalance when the fullest bucket is this much fuller than the emptiest (0.05: 5%);"
+        " a rebalance evens them to half of it.",
+    )
+    rebalance_interval: Seconds = Field(60.0, description="How often the spread is checked.")
+    rebalance_delay: float = Field(
+        5.0, ge=0, description="Wait after a bucket joins before rebalancing (buckets added together)."
+    )
+    rebalance_bandwidth: ByteSize = Field(
+        32 * MiB, description="Bytes per second the rebalancer copies at most (0: unlimited)."
+    )
+    rebalance_concurrency: Int = Field(2, ge=1, le=64, description="Fragments the rebalancer moves at once.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")
     bucket_secret: Credential = Field(

@@ -63,8 +63,9 @@ class NotEnoughBuckets(Karma8Error):
 
     code = "not_enough_buckets"
 
-    def __init__(self, live: int, needed: int) -> None:
-        super().__init__(f"{live} live bucket(s), {needed} needed")
+    def __init__(self, live: int, needed: int, *, with_room: bool = False) -> None:
+        what = "live bucket(s) with room for a part" if with_room else "live bucket(s)"
+        super().__init__(f"{live} {what}, {needed} needed")
         self.live = live
         self.needed = needed
 

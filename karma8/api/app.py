@@ -13,6 +13,7 @@ from trio_websocket import serve_websocket
 from karma8 import wsfix
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
+from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
 from karma8.api.server import ApiHandler
 from karma8.api.session import Services
@@ -68,6 +69,11 @@ async def serve_api(
             log.warning(
                 "%d upload(s) were interrupted by a restart; their fragments will be deleted", interrupted
             )
+        abandoned = await registry.abandon_all_moves()
+        if abandoned:
+            log.warning(
+                "%d fragment move(s) were interrupted by a restart; their copies will be deleted", abandoned
+            )
         cluster = Cluster(registry, portal, config, ChannelSecurity(secret, tls.buckets))
         await cluster.load()
         leases = ReadLeases()
@@ -75,8 +81,14 @@ async def serve_api(
             registry, cluster, leases, config.janitor_interval, config.rpc_timeout, config.janitor_concurrency
         )
         reconciler = Reconciler(registry, cluster, config)
-        cluster.on_hello = reconciler.request
-        handler = ApiHandler(Services(config, registry, cluster, janitor, leases, reconciler))
+        rebalancer = Rebalancer(registry, cluster, janitor, config)
+
+        def on_hello(bucket_id: str) -> None:
+            reconciler.request(bucket_id)
+            rebalancer.joined(bucket_id)
+
+        cluster.on_hello = on_hello
+        handler = ApiHandler(Services(config, registry, cluster, janitor, leases, reconciler, rebalancer))
         try:
             async with trio.open_nursery() as nursery:
                 membership_port = await nursery.start(
@@ -105,6 +117,7 @@ async def serve_api(
                 )
                 nursery.start_soon(janitor.run)
                 nursery.start_soon(reconciler.run)
+                nursery.start_soon(rebalancer.run)
                 endpoints = ApiEndpoints(
                     config.host, server.port, membership_port, tls=tls.websocket is not None
                 )

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import trio
 
 from karma8.config import ApiConfig
-from karma8.core.placement import Candidate
 from karma8.core.records import Heartbeat, Usage
 from karma8.errors import BucketUnavailable
-from karma8.registry import Registry
+from karma8.registry import BucketSpace, Registry
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import Portal
 from karma8.rpc.buckets import BucketClient, connect_bucket
@@ -108,11 +107,17 @@ class Cluster:
         state = self._buckets.get(bucket_id)
         return state is not None and state.client is not None and self._is_live(state)
 
-    def candidates(self) -> list[Candidate]:
-        """Live buckets, for placement."""
+    def live(self) -> list[BucketSpace]:
+        """Live buckets with their capacity and free space, by id (for placement)."""
         return [
-            Candidate(s.bucket_id, s.usage.free) for s in self._buckets.values() if self.is_live(s.bucket_id)
+            BucketSpace(s.bucket_id, s.usage.capacity, s.usage.free)
+            for s in self.states()
+            if self.is_live(s.bucket_id)
         ]
+
+    def capacities(self) -> dict[str, int]:
+        """Live bucket id -> capacity (for rebalancing)."""
+        return {b.bucket_id: b.capacity for b in self.live()}
 
     def client(self, bucket_id: str) -> BucketClient:
         """The client of a live bucket.

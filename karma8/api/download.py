@@ -79,9 +79,10 @@ async def handle_download(session: Session, name: str) -> None:
 async def lease_current_version(session: Session, name: str, lease: contextlib.ExitStack) -> FileRow:
     """Look ``name`` up and hold a read lease on the version found.
 
-    The lease is taken first and the version checked to be still current afterwards: the
-    janitor deletes only versions that are no longer committed and not leased, so a
-    version still committed once leased cannot lose its fragments under the download.
+    The lease is taken first and the file looked up again afterwards: the janitor deletes
+    only copies whose upload is not leased (replaced versions, and the sources of finished
+    moves), so the version and the fragment locations read under the lease stay readable
+    until it is released, even if the rebalancer moves a fragment meanwhile.
     """
     registry = session.services.registry
     for _ in range(3):
@@ -91,10 +92,10 @@ async def lease_current_version(session: Session, name: str, lease: contextlib.E
         upload_id = found.upload.upload_id
         with contextlib.ExitStack() as held:
             held.enter_context(session.services.leases.hold(upload_id))
-            current = await registry.upload(upload_id)
-            if current is not None and current.state == "committed":
+            current = await registry.lookup(name)
+            if current is not None and current.upload.upload_id == upload_id:
                 lease.enter_context(held.pop_all())  # the caller's stack keeps the lease
-                return found
+                return current
         # Replaced meanwhile: look again.
     raise Conflict(f"{name!r} is being replaced too often to download; try again")
 

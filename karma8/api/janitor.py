@@ -1,11 +1,12 @@
 """Deleting fragments that no longer belong to a live file.
 
 Failed uploads, replaced versions and deleted files leave fragment rows whose upload is
-``failed`` or ``deleting``; the janitor deletes those fragments on their buckets and
+``failed`` or ``deleting``; the rebalancer leaves *stale* copies (the source of a finished
+move, the destination of an abandoned one). The janitor deletes both on their buckets and
 forgets each row once its bucket confirmed. Deletion that cannot happen now (bucket not
 live) stays pending and is retried every ``janitor_interval`` and whenever poked.
-Versions still being read by a download are held by a lease and left alone until the
-last reader is done.
+Uploads still being read by a download are held by a lease and left alone until the
+last reader is done; its release pokes the janitor.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
 from karma8.api.cluster import Cluster
+from karma8.core.fragments import fragment_id
 from karma8.errors import BucketUnavailable
 from karma8.registry import Registry
 
@@ -29,6 +31,8 @@ class ReadLeases:
 
     def __init__(self) -> None:
         self._readers: Counter[str] = Counter()
+        #: Called with an upload id when its last reader is done.
+        self.on_release: Callable[[str], None] = lambda upload_id: None
 
     @contextlib.contextmanager
     def hold(self, upload_id: str) -> Iterator[None]:
@@ -40,6 +44,7 @@ class ReadLeases:
             self._readers[upload_id] -= 1
             if not self._readers[upload_id]:
                 del self._readers[upload_id]
+                self.on_release(upload_id)
 
     def held(self, upload_id: str) -> bool:
         """True while some download reads ``upload_id``."""
@@ -65,10 +70,24 @@ class Janitor:
         self._rpc_timeout = rpc_timeout
         self._concurrency = concurrency
         self._wake = trio.Event()
+        #: Uploads a sweep skipped because they were leased.
+        self._waiting: set[str] = set()
+        leases.on_release = self._released
 
     def poke(self) -> None:
         """Sweep soon (something became garbage)."""
         self._wake.set()
+
+    def _released(self, upload_id: str) -> None:
+        if upload_id in self._waiting:
+            self._waiting.discard(upload_id)
+            self.poke()
+
+    def _deletable(self, upload_id: str, bucket_id: str) -> bool:
+        if self._leases.held(upload_id):
+            self._waiting.add(upload_id)
+            return False
+        return self._cluster.is_live(bucket_id)
 
     async def delete(self, upload_id: str, bucket_ids: Iterable[str]) -> bool:
         """Delete ``upload_id``'s fragments on the given buckets, concurrently.
@@ -94,12 +113,28 @@ class Janitor:
                 nursery.start_soon(one, bucket_id)
         return not failures
 
+    async def delete_stale(self, bucket_id: str, upload_id: str, parts: list[int]) -> None:
+        """Delete stale copies of parts of ``upload_id`` on one bucket."""
+        fids = [fragment_id(upload_id, p) for p in parts]
+        try:
+            with trio.fail_after(self._rpc_timeout):
+                await self._cluster.client(bucket_id).delete_upload(upload_id, fids)
+        except (BucketUnavailable, trio.TooSlowError) as exc:
+            log.warning("upload=%s bucket=%s stale copy delete postponed: %s", upload_id, bucket_id, exc)
+            return
+        await self._registry.stale_deleted(bucket_id, upload_id, parts)
+        log.debug("upload=%s bucket=%s deleted stale copies %s", upload_id, bucket_id, parts)
+
     async def sweep(self) -> None:
         """One pass over every pending deletion that can be done now."""
         by_upload: dict[str, list[str]] = {}
         for upload_id, bucket_id in await self._registry.pending_deletions():
-            if not self._leases.held(upload_id) and self._cluster.is_live(bucket_id):
+            if self._deletable(upload_id, bucket_id):
                 by_upload.setdefault(upload_id, []).append(bucket_id)
+        stale: dict[tuple[str, str], list[int]] = {}
+        for row in await self._registry.pending_stale():
+            if self._deletable(row.upload_id, row.bucket_id):
+                stale.setdefault((row.bucket_id, row.upload_id), []).append(row.part)
         # Many uploads at once: after heavy traffic thousands of deletions can be pending.
         limiter = trio.CapacityLimiter(self._concurrency)
 
@@ -107,9 +142,15 @@ class Janitor:
             async with limiter:
                 await self.delete(upload_id, bucket_ids)
 
+        async def copies(bucket_id: str, upload_id: str, parts: list[int]) -> None:
+            async with limiter:
+                await self.delete_stale(bucket_id, upload_id, parts)
+
         async with trio.open_nursery() as nursery:
             for upload_id, bucket_ids in by_upload.items():
                 nursery.start_soon(one, upload_id, bucket_ids)
+            for (bucket_id, upload_id), parts in stale.items():
+                nursery.start_soon(copies, bucket_id, upload_id, parts)
 
     async def run(self) -> None:
         """Sweep forever: every ``interval`` seconds and when poked."""

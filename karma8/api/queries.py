@@ -1,15 +1,22 @@
-"""The one-frame endpoints: /files, /stat, /delete, /status."""
+"""The one-frame endpoints: /files, /stat, /delete, /status, /rebalance."""
 
 from __future__ import annotations
+
+import math
 
 import trio
 
 from karma8.api.cluster import BucketState
 from karma8.api.reconcile import Inventory
 from karma8.api.session import Session
+from karma8.core import balance
+from karma8.core.balance import Fill
 from karma8.core.fragments import fragment_id
 from karma8.core.protocol import encode_ok
 from karma8.errors import NotFound
+
+#: Moves listed in a dry run's reply (the totals always count all of them).
+PLAN_SHOWN = 1000
 
 
 async def handle_files(session: Session, prefix: str) -> None:
@@ -69,21 +76,76 @@ async def handle_delete(session: Session, name: str) -> None:
 
 async def handle_status(session: Session) -> None:
     """``/status``: every known bucket, live or not, with its usage and last reconciliation."""
-    cluster = session.services.cluster
-    inventories = session.services.reconciler.inventories
+    services = session.services
+    cluster = services.cluster
+    inventories = services.reconciler.inventories
+    placed = await services.registry.placed()
     buckets = [
-        _bucket_row(s, cluster.is_live(s.bucket_id), inventories.get(s.bucket_id)) for s in cluster.states()
+        _bucket_row(s, cluster.is_live(s.bucket_id), inventories.get(s.bucket_id), placed.get(s.bucket_id))
+        for s in cluster.states()
     ]
+    fills = [
+        Fill(s.bucket_id, s.usage.used, s.usage.capacity)
+        for s in cluster.states()
+        if cluster.is_live(s.bucket_id)
+    ]
+    rebalancer = services.rebalancer
     await session.send(
         encode_ok(
             parts=session.config.parts,
-            live=sum(b["live"] is True for b in buckets),
+            live=len(fills),
+            spread=_finite(balance.spread(fills)),
             buckets=buckets,
+            rebalancer={
+                **rebalancer.progress.as_dict(),
+                "threshold": session.config.rebalance_threshold,
+                "auto": session.config.rebalance_auto,
+                "last": rebalancer.last.as_dict() if rebalancer.last else None,
+            },
         )
     )
 
 
-def _bucket_row(s: BucketState, live: bool, inv: Inventory | None) -> dict[str, object]:
+async def handle_rebalance(session: Session, dry_run: bool) -> None:
+    """``/rebalance``: start a rebalance now; with ``dry_run``, only show its plan."""
+    services = session.services
+    rebalancer = services.rebalancer
+    fills = await rebalancer.fills()
+    plan = await rebalancer.plan()
+    after = {f.bucket_id: f.used for f in fills}
+    for move in plan:
+        after[move.src] -= move.size
+        after[move.dst] += move.size
+    fills_after = [Fill(f.bucket_id, after[f.bucket_id], f.capacity) for f in fills]
+    summary = {
+        "dry_run": dry_run,
+        "bytes": sum(m.size for m in plan),
+        "count": len(plan),
+        "minimum": balance.minimum_to_move(fills, session.config.parts),
+        "spread": _finite(balance.spread(fills)),
+        "spread_after": _finite(balance.spread(fills_after)),
+    }
+    if dry_run:
+        shown = [
+            {"name": m.name, "part": m.part, "size": m.size, "from": m.src, "to": m.dst}
+            for m in plan[:PLAN_SHOWN]
+        ]
+        await session.send(encode_ok(**summary, moves=shown, truncated=len(plan) > PLAN_SHOWN))
+        return
+    if plan:
+        rebalancer.request("requested by a client")
+        session.log.info("rebalance requested: %d move(s), %d bytes", len(plan), summary["bytes"])
+    await session.send(encode_ok(**summary, started=bool(plan)))
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an empty bucket next to a used one makes the spread None."""
+    return None if math.isinf(value) else round(value, 4)
+
+
+def _bucket_row(
+    s: BucketState, live: bool, inv: Inventory | None, placed: tuple[int, int] | None
+) -> dict[str, object]:
     seen = None if s.last_seen == float("-inf") else round(trio.current_time() - s.last_seen, 3)
     return {
         "id": s.bucket_id,
@@ -92,7 +154,12 @@ def _bucket_row(s: BucketState, live: bool, inv: Inventory | None) -> dict[str, 
         "used": s.usage.used,
         "free": s.usage.free,
         "capacity": s.usage.capacity,
+        "fill": round(s.usage.used / s.usage.capacity, 6) if s.usage.capacity else None,
         "fragments": s.usage.fragments,
+        # What the registry places there (the bucket's own figures lag a heartbeat and
+        # include copies still waiting for deletion).
+        "placed": placed[0] if placed else 0,
+        "placed_fragments": placed[1] if placed else 0,
         # From the last reconciliation (None until the first one).
         "unknown_fragments": inv.unknown if inv else None,
         "missing_fragments": len(inv.missing) if inv else None,

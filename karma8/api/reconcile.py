@@ -74,7 +74,7 @@ class Reconciler:
                 await self._wake.wait()
             self._wake = trio.Event()
             if trio.current_time() >= next_round:
-                self._due.update(c.bucket_id for c in self.cluster.candidates())
+                self._due.update(b.bucket_id for b in self.cluster.live())
                 next_round = trio.current_time() + self.config.reconcile_interval
             while self._due:
                 await self.reconcile(self._due.pop())

@@ -16,7 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from karma8.api.download import handle_download
-from karma8.api.queries import handle_delete, handle_files, handle_stat, handle_status
+from karma8.api.queries import handle_delete, handle_files, handle_rebalance, handle_stat, handle_status
 from karma8.api.scrub import handle_verify
 from karma8.api.session import Services, Session
 from karma8.api.upload import handle_upload
@@ -86,6 +86,8 @@ class ApiHandler:
             await handle_delete(session, req.name)
         elif req.op is Op.VERIFY:
             await handle_verify(session, req.name)
+        elif req.op is Op.REBALANCE:
+            await handle_rebalance(session, req.dry_run)
         else:
             await handle_status(session)
 

@@ -13,9 +13,11 @@ from trio_websocket import WebSocketConnection
 
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
+from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
+from karma8.api.streams import bucket_step, open_bucket_stream
 from karma8.config import ApiConfig
-from karma8.errors import BadRequest, BucketUnavailable, Timeout
+from karma8.errors import BadRequest, Timeout
 from karma8.registry import Registry
 from karma8.rpc.buckets import BucketClient
 
@@ -32,6 +34,7 @@ class Services:
     janitor: Janitor
     leases: ReadLeases
     reconciler: Reconciler
+    rebalancer: Rebalancer
     #: Names with an upload in progress (a second concurrent upload is a conflict).
     uploading: set[str] = field(default_factory=set)
 
@@ -71,19 +74,11 @@ class Session:
         stream: contextlib.AbstractAsyncContextManager[T],
     ) -> T:
         """Enter a bucket stream on ``stack`` within ``connect_timeout``."""
-        try:
-            with trio.fail_after(self.config.connect_timeout):
-                return await stack.enter_async_context(stream)
-        except trio.TooSlowError:
-            raise BucketUnavailable(client.bucket_id, "timed out opening a stream") from None
+        return await open_bucket_stream(stack, client, stream, self.config.connect_timeout)
 
     async def bucket_step(self, client: BucketClient, step: Awaitable[T]) -> T:
         """Await one step of a bucket stream within ``idle_timeout``."""
-        try:
-            with trio.fail_after(self.config.idle_timeout):
-                return await step
-        except trio.TooSlowError:
-            raise BucketUnavailable(client.bucket_id, "stream stalled") from None
+        return await bucket_step(client, step, self.config.idle_timeout)
 
     async def send(self, message: str | bytes) -> None:
         """Send one frame, within the idle timeout (a client that stops reading).

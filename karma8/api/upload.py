@@ -20,7 +20,6 @@ from karma8.api.errors import first_error
 from karma8.api.session import Session
 from karma8.core.fragments import fragment_id, new_upload_id
 from karma8.core.layout import Layout, Striper
-from karma8.core.placement import choose_buckets
 from karma8.core.protocol import encode_ok, parse_upload_header
 from karma8.errors import (
     BadRequest,
@@ -29,7 +28,7 @@ from karma8.errors import (
     Conflict,
     SizeMismatch,
 )
-from karma8.registry import FragmentRow, UploadRow
+from karma8.registry import UploadRow
 from karma8.rpc.buckets import BucketClient
 
 
@@ -46,19 +45,21 @@ async def handle_upload(session: Session, name: str) -> None:
     services.uploading.add(name)
     try:
         upload_id = new_upload_id()
-        bucket_ids = choose_buckets(upload_id, services.cluster.candidates(), config.parts)
-        clients = [services.cluster.client(b) for b in bucket_ids]
         layout = Layout.for_size(header.size, config.parts, config.stripe_unit)
-        log = session.log
-        log.info("upload=%s name=%r size=%d to %s", upload_id, name, header.size, ",".join(bucket_ids))
-        await services.registry.begin_upload(
+        bucket_ids = await services.registry.place_upload(
             UploadRow(
                 upload_id, name, header.size, config.parts, layout.unit, "in_progress", created=time.time()
             ),
-            [FragmentRow(upload_id, p, b, layout.part_size(p), None) for p, b in enumerate(bucket_ids)],
+            [layout.part_size(p) for p in range(config.parts)],
+            services.cluster.live(),
         )
+        log = session.log
+        log.info("upload=%s name=%r size=%d to %s", upload_id, name, header.size, ",".join(bucket_ids))
         started = trio.current_time()
         try:
+            # Inside the try: a bucket that stopped being live since placement fails the
+            # upload through the cleanup below, like any other failure.
+            clients = [services.cluster.client(b) for b in bucket_ids]
             digest, checksums = await _transfer(session, upload_id, layout, clients)
             if header.sha256 is not None and header.sha256 != digest:
                 raise ChecksumMismatch(f"data has sha256 {digest}, client announced {header.sha256}")

@@ -29,6 +29,7 @@ class Op(enum.Enum):
     DELETE = "delete"
     STATUS = "status"
     VERIFY = "verify"
+    REBALANCE = "rebalance"
 
 
 _NAMED = {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE}
@@ -79,6 +80,8 @@ class Request:
     op: Op
     name: str = ""
     prefix: str = ""
+    #: ``/rebalance?dry_run=1``: show the plan, move nothing.
+    dry_run: bool = False
 
 
 def parse_path(path: str) -> Request:
@@ -98,14 +101,22 @@ def parse_path(path: str) -> Request:
         return Request(op, name=decode_name(rest))
     if rest:
         raise BadRequest(f"/{op.value} takes no name")
-    prefix = ""
-    if op is Op.FILES and parts.query:
-        try:
-            query = parse_qs(parts.query, strict_parsing=True, errors="strict")
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("malformed query string") from None
-        prefix = query.get("prefix", [""])[-1]
-    return Request(op, prefix=prefix)
+    query = _query(parts.query) if op in (Op.FILES, Op.REBALANCE) else {}
+    if op is Op.REBALANCE:
+        flag = query.get("dry_run", ["0"])[-1]
+        if flag not in ("0", "1"):
+            raise BadRequest(f"dry_run must be 0 or 1, got {flag!r}")
+        return Request(op, dry_run=flag == "1")
+    return Request(op, prefix=query.get("prefix", [""])[-1])
+
+
+def _query(text: str) -> dict[str, list[str]]:
+    if not text:
+        return {}
+    try:
+        return parse_qs(text, strict_parsing=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("malformed query string") from None
 
 
 @dataclass(frozen=True, slots=True)

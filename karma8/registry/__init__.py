@@ -8,16 +8,36 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import trio
 
+from karma8.core.balance import Fill
 from karma8.core.records import Heartbeat
-from karma8.registry.db import BucketRow, FileRow, FragmentRow, RegistryDB, UploadRow
+from karma8.registry.db import (
+    BucketRow,
+    BucketSpace,
+    FileRow,
+    FragmentRow,
+    MoveRow,
+    RegistryDB,
+    StaleRow,
+    UploadRow,
+)
 
-__all__ = ["BucketRow", "FileRow", "FragmentRow", "Registry", "UploadRow", "open_registry"]
+__all__ = [
+    "BucketRow",
+    "BucketSpace",
+    "FileRow",
+    "FragmentRow",
+    "MoveRow",
+    "Registry",
+    "StaleRow",
+    "UploadRow",
+    "open_registry",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -42,6 +62,11 @@ class Registry:
     async def begin_upload(self, upload: UploadRow, fragments: list[FragmentRow]) -> None:
         await self._run(self.db.begin_upload, upload, fragments)
 
+    async def place_upload(
+        self, upload: UploadRow, part_sizes: Sequence[int], live: Sequence[BucketSpace]
+    ) -> list[str]:
+        return await self._run(self.db.place_upload, upload, part_sizes, live)
+
     async def commit_upload(self, upload_id: str, sha256: str, checksums: dict[int, str]) -> str | None:
         return await self._run(self.db.commit_upload, upload_id, sha256, checksums, time.time())
 
@@ -65,6 +90,35 @@ class Registry:
 
     async def expected_on(self, bucket_id: str) -> dict[str, str]:
         return await self._run(self.db.expected_on, bucket_id)
+
+    async def placed(self) -> dict[str, tuple[int, int]]:
+        return await self._run(self.db.placed)
+
+    async def fills(self, live: Mapping[str, int]) -> list[Fill]:
+        return await self._run(self.db.fills, live)
+
+    async def start_move(
+        self, live: Mapping[str, int], tolerance: float, parts: int, skip: Set[tuple[str, int]] = frozenset()
+    ) -> MoveRow | None:
+        return await self._run(self.db.start_move, live, tolerance, parts, frozenset(skip))
+
+    async def plan_moves(self, live: Mapping[str, int], tolerance: float, parts: int) -> list[MoveRow]:
+        return await self._run(self.db.plan_moves, live, tolerance, parts)
+
+    async def finish_move(self, move: MoveRow) -> bool:
+        return await self._run(self.db.finish_move, move)
+
+    async def abandon_move(self, move: MoveRow) -> None:
+        await self._run(self.db.abandon_move, move)
+
+    async def abandon_all_moves(self) -> int:
+        return await self._run(self.db.abandon_all_moves)
+
+    async def pending_stale(self) -> list[StaleRow]:
+        return await self._run(self.db.pending_stale)
+
+    async def stale_deleted(self, bucket_id: str, upload_id: str, parts: Iterable[int]) -> None:
+        await self._run(self.db.stale_deleted, bucket_id, upload_id, list(parts))
 
     async def lookup(self, name: str) -> FileRow | None:
         return await self._run(self.db.lookup, name)

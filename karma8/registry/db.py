@@ -9,18 +9,31 @@ Upload states: ``in_progress`` -> ``committed`` (the file's current version) ->
 ``failed``. A fragment row stays until its bucket confirmed the delete, so a cleanup
 that could not reach a bucket is retried, and after a crash the registry still knows
 where every byte went.
+
+Rebalancing adds two tables. ``moves`` holds the fragment copies under way (the copy on
+``dst`` is not yet the fragment's home); ``stale`` holds copies that are no longer any
+fragment's home and wait to be deleted: the source of a finished move (once no download
+reads it) and the destination of an abandoned one. ``placed`` is a ledger of the bytes
+and fragments of live (in-progress or committed) uploads per bucket, kept by triggers in
+the same transactions that change fragments and uploads, so placement and the rebalancer
+read it in constant time and it cannot drift from the rows it sums.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from karma8.core import balance
+from karma8.core.fragments import fragment_id
+from karma8.core.placement import Candidate, choose_buckets
 from karma8.core.records import Heartbeat
 from karma8.errors import Internal
 
@@ -55,7 +68,8 @@ CREATE TABLE IF NOT EXISTS fragments (
     sha256      TEXT,
     PRIMARY KEY (upload_id, part)
 );
-CREATE INDEX IF NOT EXISTS fragments_bucket ON fragments(bucket_id);
+DROP INDEX IF EXISTS fragments_bucket;
+CREATE INDEX IF NOT EXISTS fragments_bucket_size ON fragments(bucket_id, size);
 CREATE TABLE IF NOT EXISTS files (
     name        TEXT PRIMARY KEY,
     upload_id   TEXT NOT NULL UNIQUE REFERENCES uploads(id),
@@ -63,6 +77,80 @@ CREATE TABLE IF NOT EXISTS files (
     sha256      TEXT NOT NULL,
     created     REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS moves (
+    upload_id   TEXT NOT NULL,
+    part        INTEGER NOT NULL,
+    src         TEXT NOT NULL,
+    dst         TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    started     REAL NOT NULL,
+    PRIMARY KEY (upload_id, part)
+);
+CREATE TABLE IF NOT EXISTS stale (
+    bucket_id   TEXT NOT NULL,
+    upload_id   TEXT NOT NULL,
+    part        INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    since       REAL NOT NULL,
+    PRIMARY KEY (bucket_id, upload_id, part)
+);
+CREATE TABLE IF NOT EXISTS placed (
+    bucket_id   TEXT PRIMARY KEY,
+    bytes       INTEGER NOT NULL DEFAULT 0,
+    fragments   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER IF NOT EXISTS placed_insert AFTER INSERT ON fragments
+WHEN (SELECT state FROM uploads WHERE id = NEW.upload_id) IN ('in_progress', 'committed')
+BEGIN
+    INSERT OR IGNORE INTO placed (bucket_id) VALUES (NEW.bucket_id);
+    UPDATE placed SET bytes = bytes + NEW.size, fragments = fragments + 1
+    WHERE bucket_id = NEW.bucket_id;
+END;
+CREATE TRIGGER IF NOT EXISTS placed_delete AFTER DELETE ON fragments
+WHEN (SELECT state FROM uploads WHERE id = OLD.upload_id) IN ('in_progress', 'committed')
+BEGIN
+    UPDATE placed SET bytes = bytes - OLD.size, fragments = fragments - 1
+    WHERE bucket_id = OLD.bucket_id;
+END;
+CREATE TRIGGER IF NOT EXISTS placed_update AFTER UPDATE OF bucket_id, size ON fragments
+WHEN (SELECT state FROM uploads WHERE id = NEW.upload_id) IN ('in_progress', 'committed')
+BEGIN
+    UPDATE placed SET bytes = bytes - OLD.size, fragments = fragments - 1
+    WHERE bucket_id = OLD.bucket_id;
+    INSERT OR IGNORE INTO placed (bucket_id) VALUES (NEW.bucket_id);
+    UPDATE placed SET bytes = bytes + NEW.size, fragments = fragments + 1
+    WHERE bucket_id = NEW.bucket_id;
+END;
+CREATE TRIGGER IF NOT EXISTS placed_dead AFTER UPDATE OF state ON uploads
+WHEN OLD.state IN ('in_progress', 'committed') AND NEW.state NOT IN ('in_progress', 'committed')
+BEGIN
+    UPDATE placed SET
+        bytes = bytes - (SELECT SUM(size) FROM fragments
+                         WHERE upload_id = NEW.id AND bucket_id = placed.bucket_id),
+        fragments = fragments - (SELECT COUNT(*) FROM fragments
+                                 WHERE upload_id = NEW.id AND bucket_id = placed.bucket_id)
+    WHERE bucket_id IN (SELECT bucket_id FROM fragments WHERE upload_id = NEW.id);
+END;
+"""
+
+# Rebuilt at every open: cheap, and heals a ledger from before the triggers existed.
+_REBUILD_PLACED = """
+DELETE FROM placed;
+INSERT INTO placed (bucket_id, bytes, fragments)
+    SELECT f.bucket_id, SUM(f.size), COUNT(*) FROM fragments f JOIN uploads u ON u.id = f.upload_id
+    WHERE u.state IN ('in_progress', 'committed') GROUP BY f.bucket_id;
+"""
+
+# The largest fragment on ?1 of at most ?2 bytes that may move to ?3: part of a committed
+# file with nothing on ?3 (no part, no move, no stale copy) and not moving already.
+_MOVABLE = """
+SELECT f.upload_id, f.part, f.size FROM fragments f JOIN uploads u ON u.id = f.upload_id
+WHERE f.bucket_id = ?1 AND f.size <= ?2 AND f.size > 0 AND u.state = 'committed'
+  AND NOT EXISTS (SELECT 1 FROM fragments g WHERE g.upload_id = f.upload_id AND g.bucket_id = ?3)
+  AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.upload_id = f.upload_id AND (m.part = f.part OR m.dst = ?3))
+  AND NOT EXISTS (SELECT 1 FROM stale s WHERE s.bucket_id = ?3 AND s.upload_id = f.upload_id)
+ORDER BY f.size DESC
 """
 
 
@@ -116,6 +204,56 @@ class FileRow:
     fragments: tuple[FragmentRow, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class BucketSpace:
+    """A live bucket's capacity and free disk space, as it last reported them."""
+
+    bucket_id: str
+    capacity: int
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRow:
+    """A fragment copy under way (or planned, in a dry run)."""
+
+    upload_id: str
+    part: int
+    size: int
+    src: str
+    dst: str
+    sha256: str
+    #: The file's name (filled in for plans shown to people).
+    name: str = ""
+
+    @property
+    def fragment_id(self) -> str:
+        return fragment_id(self.upload_id, self.part)
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRow:
+    """A copy of a fragment that is no longer its home, waiting for deletion."""
+
+    bucket_id: str
+    upload_id: str
+    part: int
+
+
+class _Movable:
+    """:class:`karma8.core.balance.Movable` over the registry (one indexed query)."""
+
+    def __init__(self, conn: sqlite3.Connection, skip: Set[tuple[str, int]]) -> None:
+        self._conn = conn
+        self._skip = skip
+
+    def largest(self, src: str, dst: str, limit: int) -> tuple[str, int, int] | None:
+        for upload_id, part, size in self._conn.execute(_MOVABLE, (src, limit, dst)):
+            if (upload_id, part) not in self._skip:
+                return str(upload_id), int(part), int(size)
+        return None
+
+
 class RegistryDB:
     """Synchronous registry over one SQLite connection (thread-safe by a lock)."""
 
@@ -128,7 +266,7 @@ class RegistryDB:
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=5000")
         with self._lock:
-            self._conn.executescript(SCHEMA)
+            self._conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} {_REBUILD_PLACED} COMMIT;")
 
     def close(self) -> None:
         """Close the database."""
@@ -183,22 +321,30 @@ class RegistryDB:
 
     def begin_upload(self, upload: UploadRow, fragments: list[FragmentRow]) -> None:
         """Record a new in-progress upload and where each of its parts goes."""
-        self._tx(
-            [
-                (
-                    "INSERT INTO uploads (id, name, size, parts, unit, state, created)"
-                    " VALUES (?, ?, ?, ?, ?, 'in_progress', ?)",
-                    (upload.upload_id, upload.name, upload.size, upload.parts, upload.unit, upload.created),
-                ),
-                *(
-                    (
-                        "INSERT INTO fragments (upload_id, part, bucket_id, size) VALUES (?, ?, ?, ?)",
-                        (f.upload_id, f.part, f.bucket_id, f.size),
-                    )
-                    for f in fragments
-                ),
-            ]
-        )
+        with self._transaction() as c:
+            _insert_upload(c, upload, fragments)
+
+    def place_upload(
+        self, upload: UploadRow, part_sizes: Sequence[int], live: Sequence[BucketSpace]
+    ) -> list[str]:
+        """Choose the buckets of a new upload and record it, in one transaction.
+
+        Placement reads the ledger of placed bytes and records the new parts in the same
+        transaction, so concurrent uploads each see the ones placed before them.
+
+        Raises:
+            NotEnoughBuckets: fewer live buckets with room than parts.
+        """
+        with self._transaction() as c:
+            used = _planned_usage(c)
+            candidates = [Candidate(b.bucket_id, used.get(b.bucket_id, 0), b.capacity, b.free) for b in live]
+            bucket_ids = choose_buckets(upload.upload_id, candidates, part_sizes)
+            _insert_upload(
+                c,
+                upload,
+                [FragmentRow(upload.upload_id, p, b, part_sizes[p], None) for p, b in enumerate(bucket_ids)],
+            )
+        return bucket_ids
 
     def commit_upload(self, upload_id: str, sha256: str, checksums: dict[int, str], now: float) -> str | None:
         """Make ``upload_id`` the current version of its name, atomically.
@@ -283,13 +429,14 @@ class RegistryDB:
         return [(str(a), str(b)) for a, b in rows]
 
     def fragments_deleted(self, upload_id: str, bucket_id: str) -> None:
-        """A bucket confirmed it no longer holds fragments of ``upload_id``.
+        """A bucket confirmed it no longer holds fragments of ``upload_id`` (any copy).
 
         A ``deleting`` upload with no fragment left is forgotten; a ``failed`` one stays
         as a record of the failure.
         """
         self._tx(
             [
+                ("DELETE FROM stale WHERE upload_id = ? AND bucket_id = ?", (upload_id, bucket_id)),
                 (
                     "DELETE FROM fragments WHERE upload_id = ? AND bucket_id = ?"
                     " AND (SELECT state FROM uploads WHERE id = ?) IN ('failed', 'deleting')",
@@ -304,13 +451,129 @@ class RegistryDB:
         )
 
     def expected_on(self, bucket_id: str) -> dict[str, str]:
-        """Fragment ids the registry places on ``bucket_id``, with their upload's state."""
+        """Fragment ids the registry knows on ``bucket_id``, with their upload's state.
+
+        Copies being moved there count as ``moving``, copies waiting for deletion as
+        ``stale``: neither is garbage, and neither is a committed file's data yet or still.
+        """
         rows = self._query(
             "SELECT f.upload_id || '.' || f.part, u.state FROM fragments f JOIN uploads u"
-            " ON u.id = f.upload_id WHERE f.bucket_id = ?",
+            " ON u.id = f.upload_id WHERE f.bucket_id = ?1"
+            " UNION ALL SELECT upload_id || '.' || part, 'moving' FROM moves WHERE dst = ?1"
+            " UNION ALL SELECT upload_id || '.' || part, 'stale' FROM stale WHERE bucket_id = ?1",
             (bucket_id,),
         )
-        return {str(fid): str(state) for fid, state in rows}
+        expected: dict[str, str] = {}
+        for fid, state in rows:
+            expected.setdefault(str(fid), str(state))
+        return expected
+
+    # -- rebalancing -----------------------------------------------------------------
+
+    def placed(self) -> dict[str, tuple[int, int]]:
+        """Bytes and fragments of live uploads per bucket (the ledger)."""
+        rows = self._query("SELECT bucket_id, bytes, fragments FROM placed ORDER BY bucket_id")
+        return {str(b): (int(n), int(k)) for b, n, k in rows}
+
+    def fills(self, live: Mapping[str, int]) -> list[balance.Fill]:
+        """The fill of each live bucket (id -> capacity), counting moves under way as done."""
+        with self._lock:
+            return _fills(self._conn, live)
+
+    def start_move(
+        self,
+        live: Mapping[str, int],
+        tolerance: float,
+        parts: int,
+        skip: Set[tuple[str, int]] = frozenset(),
+    ) -> MoveRow | None:
+        """Record and return the next move that evens out the live buckets (None: balanced).
+
+        ``live`` maps each live bucket to its capacity; fragments in ``skip`` (upload id,
+        part) are not chosen. See :func:`karma8.core.balance.plan`.
+        """
+        with self._transaction() as c:
+            for move in balance.plan(_fills(c, live), tolerance, parts, _Movable(c, skip)):
+                return _insert_move(c, move, time.time())
+        return None
+
+    def plan_moves(
+        self, live: Mapping[str, int], tolerance: float, parts: int, limit: int = 100_000
+    ) -> list[MoveRow]:
+        """The whole plan :meth:`start_move` would follow, without recording it."""
+        planned: list[MoveRow] = []
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                for move in balance.plan(_fills(c, live), tolerance, parts, _Movable(c, frozenset())):
+                    row = _insert_move(c, move, now)
+                    (name,) = c.execute("SELECT name FROM uploads WHERE id = ?", (move.upload_id,)).fetchone()
+                    planned.append(dataclasses.replace(row, name=str(name)))
+                    if len(planned) >= limit:
+                        break
+            finally:
+                c.execute("ROLLBACK")
+        return planned
+
+    def finish_move(self, move: MoveRow) -> bool:
+        """Make the copy on ``move.dst`` the fragment's home, atomically.
+
+        The source copy becomes stale (deleted once no download reads it). If the file was
+        replaced or deleted meanwhile, nothing switches, the new copy is stale instead and
+        False is returned.
+        """
+        now = time.time()
+        with self._transaction() as c:
+            current = c.execute(
+                "SELECT 1 FROM moves m JOIN uploads u ON u.id = m.upload_id JOIN fragments f"
+                " ON f.upload_id = m.upload_id AND f.part = m.part"
+                " WHERE m.upload_id = ? AND m.part = ? AND m.dst = ? AND f.bucket_id = ?"
+                " AND u.state = 'committed'",
+                (move.upload_id, move.part, move.dst, move.src),
+            ).fetchone()
+            c.execute("DELETE FROM moves WHERE upload_id = ? AND part = ?", (move.upload_id, move.part))
+            if current is not None:
+                c.execute(
+                    "UPDATE fragments SET bucket_id = ? WHERE upload_id = ? AND part = ?",
+                    (move.dst, move.upload_id, move.part),
+                )
+            _insert_stale(c, move.src if current is not None else move.dst, move, now)
+        return current is not None
+
+    def abandon_move(self, move: MoveRow) -> None:
+        """Give a move up: whatever reached ``move.dst`` is stale."""
+        with self._transaction() as c:
+            c.execute("DELETE FROM moves WHERE upload_id = ? AND part = ?", (move.upload_id, move.part))
+            _insert_stale(c, move.dst, move, time.time())
+
+    def abandon_all_moves(self) -> int:
+        """After a restart: every move under way was interrupted."""
+        with self._transaction() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO stale (bucket_id, upload_id, part, size, since)"
+                " SELECT dst, upload_id, part, size, ? FROM moves",
+                (time.time(),),
+            )
+            return c.execute("DELETE FROM moves").rowcount
+
+    def pending_stale(self) -> list[StaleRow]:
+        """Stale copies still to delete, oldest first."""
+        rows = self._query(
+            "SELECT bucket_id, upload_id, part FROM stale ORDER BY since, bucket_id, upload_id, part"
+        )
+        return [StaleRow(str(b), str(u), int(p)) for b, u, p in rows]
+
+    def stale_deleted(self, bucket_id: str, upload_id: str, parts: Iterable[int]) -> None:
+        """``bucket_id`` confirmed it no longer holds these parts of ``upload_id``."""
+        self._tx(
+            (
+                "DELETE FROM stale WHERE bucket_id = ? AND upload_id = ? AND part = ?",
+                (bucket_id, upload_id, p),
+            )
+            for p in parts
+        )
 
     # -- files -----------------------------------------------------------------------
 
@@ -347,3 +610,48 @@ class RegistryDB:
                 c.execute("DELETE FROM files WHERE name = ?", (name,))
                 c.execute("UPDATE uploads SET state = 'deleting', finished = ? WHERE id = ?", (now, row[0]))
         return None if row is None else str(row[0])
+
+
+def _insert_upload(c: sqlite3.Connection, upload: UploadRow, fragments: list[FragmentRow]) -> None:
+    c.execute(
+        "INSERT INTO uploads (id, name, size, parts, unit, state, created)"
+        " VALUES (?, ?, ?, ?, ?, 'in_progress', ?)",
+        (upload.upload_id, upload.name, upload.size, upload.parts, upload.unit, upload.created),
+    )
+    c.executemany(
+        "INSERT INTO fragments (upload_id, part, bucket_id, size) VALUES (?, ?, ?, ?)",
+        [(f.upload_id, f.part, f.bucket_id, f.size) for f in fragments],
+    )
+
+
+def _planned_usage(c: sqlite3.Connection) -> dict[str, int]:
+    """Bytes placed per bucket, counting the moves under way as done."""
+    used = {str(b): int(n) for b, n in c.execute("SELECT bucket_id, bytes FROM placed")}
+    for src, dst, size in c.execute("SELECT src, dst, size FROM moves"):
+        used[src] = used.get(src, 0) - size
+        used[dst] = used.get(dst, 0) + size
+    return used
+
+
+def _fills(c: sqlite3.Connection, live: Mapping[str, int]) -> list[balance.Fill]:
+    used = _planned_usage(c)
+    return [balance.Fill(b, used.get(b, 0), capacity) for b, capacity in sorted(live.items())]
+
+
+def _insert_move(c: sqlite3.Connection, move: balance.Move, now: float) -> MoveRow:
+    (sha256,) = c.execute(
+        "SELECT sha256 FROM fragments WHERE upload_id = ? AND part = ?", (move.upload_id, move.part)
+    ).fetchone()
+    row = MoveRow(move.upload_id, move.part, move.size, move.src, move.dst, str(sha256))
+    c.execute(
+        "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (row.upload_id, row.part, row.src, row.dst, row.size, row.sha256, now),
+    )
+    return row
+
+
+def _insert_stale(c: sqlite3.Connection, bucket_id: str, move: MoveRow, now: float) -> None:
+    c.execute(
+        "INSERT OR IGNORE INTO stale (bucket_id, upload_id, part, size, since) VALUES (?, ?, ?, ?, ?)",
+        (bucket_id, move.upload_id, move.part, move.size, now),
+    )

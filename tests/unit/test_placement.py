@@ -1,4 +1,4 @@
-"""Weighted rendezvous placement of parts on buckets."""
+"""Fill-aware placement of parts on buckets."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from karma8.core.placement import Candidate, choose_buckets
 from karma8.errors import NotEnoughBuckets
 
 GiB = 1 << 30
+MiB = 1 << 20
 
 
-def _candidates(n: int, free: int = GiB) -> list[Candidate]:
-    return [Candidate(f"bucket-{i:02d}", free) for i in range(n)]
+def _candidates(n: int, used: int = 0, capacity: int = GiB) -> list[Candidate]:
+    return [Candidate(f"bucket-{i:02d}", used, capacity, capacity - used) for i in range(n)]
 
 
 def _upload_id(i: int) -> str:
@@ -28,86 +29,100 @@ def _upload_id(i: int) -> str:
     n=st.integers(min_value=1, max_value=20),
     data=st.data(),
 )
-def test_choice_is_distinct_sized_and_from_candidates(upload_id: str, n: int, data: st.DataObject) -> None:
-    count = data.draw(st.integers(min_value=0, max_value=n), label="count")
-    frees = data.draw(st.lists(st.integers(min_value=0, max_value=10 * GiB), min_size=n, max_size=n))
-    candidates = [Candidate(f"b{i}", free) for i, free in enumerate(frees)]
+def test_choice_is_distinct_has_room_and_prefers_the_emptiest(
+    upload_id: str, n: int, data: st.DataObject
+) -> None:
+    count = data.draw(st.integers(min_value=1, max_value=n), label="count")
+    part = data.draw(st.integers(min_value=0, max_value=GiB), label="part size")
+    candidates = []
+    for i in range(n):
+        capacity = data.draw(st.integers(min_value=1, max_value=10 * GiB))
+        used = data.draw(st.integers(min_value=0, max_value=capacity))
+        candidates.append(Candidate(f"b{i}", used, capacity, capacity - used))
+    roomy = [c for c in candidates if c.capacity - c.used >= part]
+    if len(roomy) < count:
+        with pytest.raises(NotEnoughBuckets):
+            choose_buckets(upload_id, candidates, [part] * count)
+        return
 
-    chosen = choose_buckets(upload_id, candidates, count)
+    chosen = choose_buckets(upload_id, candidates, [part] * count)
 
     assert len(chosen) == count
     assert len(set(chosen)) == count
-    assert set(chosen) <= {c.bucket_id for c in candidates}
+    assert set(chosen) <= {c.bucket_id for c in roomy}
+    # Nobody left out would have been emptier after taking the part.
+    by_id = {c.bucket_id: c for c in candidates}
+    worst = max((by_id[b].used + part) / by_id[b].capacity for b in chosen)
+    assert all((c.used + part) / c.capacity >= worst for c in roomy if c.bucket_id not in chosen)
 
 
-def test_same_upload_id_same_choice_in_any_candidate_order() -> None:
+def test_choice_is_deterministic_and_independent_of_candidate_order() -> None:
     candidates = _candidates(10)
-    first = choose_buckets("0123456789abcdef0123456789abcdef", candidates, 6)
-
-    assert choose_buckets("0123456789abcdef0123456789abcdef", candidates, 6) == first
-    assert choose_buckets("0123456789abcdef0123456789abcdef", candidates[::-1], 6) == first
-
-
-def test_fewer_candidates_than_parts() -> None:
-    with pytest.raises(NotEnoughBuckets) as info:
-        choose_buckets(_upload_id(1), _candidates(5), 6)
-
-    assert info.value.live == 5
-    assert info.value.needed == 6
-    assert info.value.code == "not_enough_buckets"
+    first = choose_buckets(_upload_id(1), candidates, [MiB] * 6)
+    assert choose_buckets(_upload_id(1), candidates, [MiB] * 6) == first
+    assert choose_buckets(_upload_id(1), candidates[::-1], [MiB] * 6) == first
 
 
-def test_no_candidates() -> None:
-    with pytest.raises(NotEnoughBuckets) as info:
-        choose_buckets(_upload_id(1), [], 1)
+def test_too_few_buckets() -> None:
+    with pytest.raises(NotEnoughBuckets, match="5 live bucket"):
+        choose_buckets(_upload_id(1), _candidates(5), [1] * 6)
 
-    assert (info.value.live, info.value.needed) == (0, 1)
+
+def test_too_few_buckets_with_room() -> None:
+    candidates = [*_candidates(5), Candidate("full", GiB - 10, GiB, 10)]
+    with pytest.raises(NotEnoughBuckets, match="with room"):
+        choose_buckets(_upload_id(1), candidates, [MiB] * 6)
+
+
+def test_reported_free_space_also_bounds_what_fits() -> None:
+    # A disk shared with other data can be fuller than the registry knows.
+    candidates = [*_candidates(6), Candidate("shared-disk", 0, GiB, MiB - 1)]
+    for i in range(50):
+        assert "shared-disk" not in choose_buckets(_upload_id(i), candidates, [MiB] * 6)
 
 
 def test_duplicate_candidates_count_once() -> None:
-    candidates = [Candidate("a", GiB), Candidate("a", GiB), Candidate("b", GiB), Candidate("b", 2 * GiB)]
-
-    with pytest.raises(NotEnoughBuckets) as info:
-        choose_buckets(_upload_id(7), candidates, 3)
-    assert (info.value.live, info.value.needed) == (2, 3)
-
-    assert sorted(choose_buckets(_upload_id(7), candidates, 2)) == ["a", "b"]
+    candidates = [*_candidates(2), *_candidates(2)]
+    with pytest.raises(NotEnoughBuckets):
+        choose_buckets(_upload_id(7), candidates, [1] * 3)
+    assert sorted(choose_buckets(_upload_id(7), candidates, [1] * 2)) == ["bucket-00", "bucket-01"]
 
 
-def test_different_upload_ids_spread_over_all_buckets() -> None:
-    candidates = _candidates(8)
+def test_equal_buckets_share_the_load() -> None:
+    # Ties are broken by a hash of the upload id: every bucket gets picked.
+    candidates = _candidates(12)
     seen: Counter[str] = Counter()
-    for i in range(500):
-        seen.update(choose_buckets(_upload_id(i), candidates, 6))
-
+    for i in range(600):
+        seen.update(choose_buckets(_upload_id(i), candidates, [MiB] * 6))
     assert set(seen) == {c.bucket_id for c in candidates}
-    # Equal weights: each bucket holds about 6/8 of 500 uploads.
-    assert all(250 < n < 450 for n in seen.values())
+    assert max(seen.values()) < 1.25 * min(seen.values())
 
 
-def test_bucket_with_more_free_space_is_chosen_more_often() -> None:
-    candidates = [Candidate("big", 4 * GiB), *_candidates(4)]
-    wins: Counter[str] = Counter()
-    for i in range(4000):
-        (winner,) = choose_buckets(_upload_id(i), candidates, 1)
-        wins[winner] += 1
-
-    # Proportional to weight: "big" should win about 4/8 of the time, each other 1/8.
-    assert wins["big"] > 1600
-    assert wins["big"] > 2.5 * max(n for b, n in wins.items() if b != "big")
+def test_a_new_empty_bucket_gets_a_part_of_every_upload() -> None:
+    candidates = [*_candidates(6, used=GiB // 2), Candidate("new", 0, GiB, GiB)]
+    for i in range(100):
+        assert "new" in choose_buckets(_upload_id(i), candidates, [MiB] * 6)
 
 
-def test_bucket_with_more_free_space_is_in_more_placements() -> None:
-    candidates = [Candidate("big", 4 * GiB), *_candidates(9)]
-    seen: Counter[str] = Counter()
-    for i in range(2000):
-        seen.update(choose_buckets(_upload_id(i), candidates, 6))
+def test_fill_is_relative_to_capacity() -> None:
+    # Same bytes used, but the big bucket is the emptiest by percentage.
+    small = _candidates(6, used=GiB // 4)
+    big = Candidate("big", GiB // 4, 4 * GiB, 4 * GiB - GiB // 4)
+    for i in range(50):
+        assert "big" in choose_buckets(_upload_id(i), [*small, big], [MiB] * 6)
 
-    assert seen["big"] > 1.2 * max(n for b, n in seen.items() if b != "big")
+
+def test_the_emptiest_bucket_takes_the_largest_part() -> None:
+    candidates = [*_candidates(5, used=GiB // 2), Candidate("empty", 0, GiB, GiB)]
+    sizes = [3, 3, 4, 3, 3]
+    assert choose_buckets(_upload_id(1), candidates, sizes)[2] == "empty"
 
 
-def test_full_bucket_still_counts_as_a_candidate() -> None:
-    # free=0 is clamped to a tiny weight, not excluded (liveness is the caller's filter).
-    candidates = [Candidate("full", 0), *_candidates(5)]
-
-    assert "full" in choose_buckets(_upload_id(3), candidates, 6)
+def test_repeated_placement_keeps_buckets_even() -> None:
+    used = dict.fromkeys((f"b{i}" for i in range(8)), 0)
+    for i in range(400):
+        candidates = [Candidate(b, u, GiB, GiB - u) for b, u in used.items()]
+        size = (i * 7919) % (8 * MiB) + 1
+        for b in choose_buckets(_upload_id(i), candidates, [size] * 6):
+            used[b] += size
+    assert max(used.values()) / min(used.values()) < 1.02

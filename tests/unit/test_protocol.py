@@ -56,9 +56,19 @@ def test_verify_takes_an_optional_name() -> None:
         parse_path("/verify/a/../b")
 
 
+def test_rebalance_takes_a_dry_run_flag() -> None:
+    assert parse_path("/rebalance") == Request(Op.REBALANCE)
+    assert parse_path("/rebalance?dry_run=1") == Request(Op.REBALANCE, dry_run=True)
+    assert parse_path("/rebalance?dry_run=0") == Request(Op.REBALANCE)
+    for bad in ("/rebalance?dry_run=yes", "/rebalance?dry_run", "/rebalance/x"):
+        with pytest.raises(BadRequest):
+            parse_path(bad)
+
+
 def test_every_op_is_covered() -> None:
     # The tests above between them name every Op; a new one needs a test.
-    assert {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE, Op.FILES, Op.STATUS, Op.VERIFY} == set(Op)
+    covered = {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE, Op.FILES, Op.STATUS, Op.VERIFY, Op.REBALANCE}
+    assert covered == set(Op)
 
 
 @pytest.mark.parametrize(

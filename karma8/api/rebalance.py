@@ -1,0 +1,249 @@
+"""The rebalancer: moves fragments from the fullest buckets to the emptiest.
+
+A run asks the registry for one move at a time (:meth:`Registry.start_move`, which plans
+with :func:`karma8.core.balance.plan` and records the move in the same transaction) and
+keeps up to ``rebalance_concurrency`` moves under way. A move:
+
+1. streams the fragment from its bucket (``Get``, which checks the fragment's footer) to
+   the destination (``Put``: temp file, fsync, rename), throttled to
+   ``rebalance_bandwidth`` bytes per second for all moves together;
+2. checks the copy's sha256 against the one recorded when the file was committed;
+3. switches the fragment's row to the destination in one transaction, and only if the
+   file is still the same committed version; the source copy becomes *stale*;
+4. leaves the stale copy to the janitor, which deletes it once no download holds a
+   lease on the file (downloads that started before the switch still read it).
+
+A failed or cancelled move is abandoned: its destination copy becomes stale and the
+janitor deletes it. A crash leaves the move's row in the registry; the next start turns
+it into a stale copy the same way. Nothing a client reads ever changes under it.
+
+Runs start when a bucket joins (after ``rebalance_delay``, so buckets added together are
+balanced at once), when the spread exceeds ``rebalance_threshold`` (checked every
+``rebalance_interval``), and by hand (``karma8 rebalance``). A run evens the buckets out
+to half the threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import trio
+
+from karma8.api.cluster import Cluster
+from karma8.api.janitor import Janitor
+from karma8.api.streams import bucket_step, open_bucket_stream
+from karma8.config import ApiConfig
+from karma8.core import balance
+from karma8.errors import BucketUnavailable, ChecksumMismatch, Karma8Error
+from karma8.registry import MoveRow, Registry
+
+log = logging.getLogger(__name__)
+
+#: Runs in a row while moves keep failing but others succeed (then wait for the next trigger).
+MAX_ROUNDS = 3
+
+
+class Throttle:
+    """Paces byte transfers to ``rate`` bytes per second overall (0: no limit)."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._next = -math.inf
+
+    async def take(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more may go."""
+        if not self._rate:
+            return
+        start = max(trio.current_time(), self._next)
+        self._next = start + nbytes / self._rate
+        await trio.sleep_until(start)
+
+
+@dataclass
+class Progress:
+    """What the rebalancer is doing (``status`` shows it)."""
+
+    state: str = "idle"
+    reason: str = ""
+    #: Bytes the plan expected to move when the run started.
+    planned: int = 0
+    moved: int = 0
+    moves: int = 0
+    failed: int = 0
+    started: float | None = None
+    finished: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Rebalancer:
+    """Keeps the buckets evenly filled by moving fragments between them."""
+
+    def __init__(self, registry: Registry, cluster: Cluster, janitor: Janitor, config: ApiConfig) -> None:
+        self._registry = registry
+        self._cluster = cluster
+        self._janitor = janitor
+        self._config = config
+        self._throttle = Throttle(config.rebalance_bandwidth)
+        self._wake = trio.Event()
+        self._due = math.inf
+        self._reason = ""
+        self.progress = Progress()
+        #: The last finished run.
+        self.last: Progress | None = None
+
+    @property
+    def tolerance(self) -> float:
+        """Where a run stops: half the threshold that starts one."""
+        return self._config.rebalance_threshold / 2
+
+    def request(self, reason: str, delay: float = 0.0) -> None:
+        """Start a run in ``delay`` seconds (sooner if one is already due)."""
+        due = trio.current_time() + delay
+        if due < self._due:
+            self._due, self._reason = due, reason
+        self._wake.set()
+
+    def joined(self, bucket_id: str) -> None:
+        """A bucket (re-)registered: rebalance after ``rebalance_delay`` if automatic."""
+        if self._config.rebalance_auto:
+            self.request(f"bucket {bucket_id} joined", self._config.rebalance_delay)
+
+    async def fills(self) -> list[balance.Fill]:
+        """The live buckets' fills as the registry counts them (moves under way as done)."""
+        return await self._registry.fills(self._cluster.capacities())
+
+    async def plan(self) -> list[MoveRow]:
+        """The moves a run would make now (recorded nowhere)."""
+        return await self._registry.plan_moves(self._cluster.capacities(), self.tolerance, self._config.parts)
+
+    async def run(self) -> None:
+        """Forever: runs when requested, and when a periodic check finds the spread too wide."""
+        next_check = trio.current_time() + self._config.rebalance_interval
+        while True:
+            with trio.move_on_at(min(next_check, self._due)):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            if now >= self._due:
+                reason, self._due = self._reason, math.inf
+                await self.rebalance(reason)
+            elif now >= next_check:
+                next_check = now + self._config.rebalance_interval
+                if self._config.rebalance_auto:
+                    spread = balance.imbalance(await self.fills(), self._config.parts)
+                    if spread > 1 + self._config.rebalance_threshold:
+                        await self.rebalance(
+                            f"spread {spread:.3f} above 1 + {self._config.rebalance_threshold:g}"
+                        )
+
+    async def rebalance(self, reason: str) -> Progress:
+        """One run: move fragments until the buckets are even (or nothing more can move)."""
+        planned = sum(m.size for m in await self.plan())
+        if not planned:
+            log.info("rebalance (%s): the buckets are balanced, nothing to move", reason)
+            return Progress(reason=reason, finished=time.time())
+        log.info("rebalance (%s): %d bytes to move", reason, planned)
+        self.progress = progress = Progress("moving", reason, planned, started=time.time())
+        skip: set[tuple[str, int]] = set()
+        broken: set[str] = set()
+        try:
+            for _ in range(MAX_ROUNDS):
+                failed = progress.failed
+                moved = progress.moves
+                await self._round(progress, skip, broken)
+                if progress.failed == failed or progress.moves == moved:
+                    break
+        finally:
+            progress.state = "idle"
+            progress.finished = time.time()
+            self.progress = Progress()
+            self.last = progress
+        log.info(
+            "rebalance (%s) done: moved %d bytes in %d move(s), %d failed, in %.1f s",
+            reason,
+            progress.moved,
+            progress.moves,
+            progress.failed,
+            progress.finished - (progress.started or progress.finished),
+        )
+        return progress
+
+    async def _round(self, progress: Progress, skip: set[tuple[str, int]], broken: set[str]) -> None:
+        slots = trio.Semaphore(self._config.rebalance_concurrency)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await slots.acquire()
+                live = {b: c for b, c in self._cluster.capacities().items() if b not in broken}
+                move = await self._registry.start_move(live, self.tolerance, self._config.parts, skip)
+                if move is None:
+                    slots.release()
+                    return
+                nursery.start_soon(self._move, move, progress, skip, broken, slots)
+
+    async def _move(
+        self,
+        move: MoveRow,
+        progress: Progress,
+        skip: set[tuple[str, int]],
+        broken: set[str],
+        slots: trio.Semaphore,
+    ) -> None:
+        try:
+            await self._copy(move)
+        except (Karma8Error, trio.TooSlowError) as exc:
+            progress.failed += 1
+            skip.add((move.upload_id, move.part))
+            if isinstance(exc, BucketUnavailable):
+                broken.add(exc.bucket_id)
+            log.warning("move %s %s -> %s failed: %s", move.fragment_id, move.src, move.dst, exc)
+            await self._abandon(move)
+            return
+        except BaseException:
+            await self._abandon(move)
+            raise
+        finally:
+            slots.release()
+        if await self._registry.finish_move(move):
+            progress.moved += move.size
+            progress.moves += 1
+            progress.planned = max(progress.planned, progress.moved)
+            log.debug("moved %s (%d bytes) %s -> %s", move.fragment_id, move.size, move.src, move.dst)
+        else:
+            log.info("move %s: the file changed meanwhile; the copy is discarded", move.fragment_id)
+        self._janitor.poke()
+
+    async def _abandon(self, move: MoveRow) -> None:
+        with trio.move_on_after(self._config.cleanup_timeout, shield=True):
+            await self._registry.abandon_move(move)
+            self._janitor.poke()
+
+    async def _copy(self, move: MoveRow) -> None:
+        """Copy the fragment to its destination; its checksum must be the committed one."""
+        config = self._config
+        src = self._cluster.client(move.src)
+        dst = self._cluster.client(move.dst)
+        async with contextlib.AsyncExitStack() as stack:
+            reader = await open_bucket_stream(
+                stack, src, src.open_get(move.fragment_id, config.stripe_unit), config.connect_timeout
+            )
+            writer = await open_bucket_stream(
+                stack, dst, dst.open_put(move.fragment_id, move.size), config.connect_timeout
+            )
+            copied = 0
+            while (chunk := await bucket_step(src, reader.receive(), config.idle_timeout)) is not None:
+                copied += len(chunk)
+                if copied > move.size:
+                    raise BucketUnavailable(move.src, f"{move.fragment_id} is longer than recorded")
+                await self._throttle.take(len(chunk))
+                await bucket_step(dst, writer.send(chunk), config.idle_timeout)
+            stored = await bucket_step(dst, writer.finish(), config.idle_timeout)
+        if stored.sha256 != move.sha256:
+            raise ChecksumMismatch(
+                f"copy of {move.fragment_id} on {move.dst} has sha256 {stored.sha256}, expected {move.sha256}"
+            )
