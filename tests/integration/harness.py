@@ -16,7 +16,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,11 +299,14 @@ async def open_cluster(root: Path, buckets: int = 6, **api_overrides: object) ->
 
 
 @contextlib.asynccontextmanager
-async def open_api_process(root: Path, membership_port: int) -> AsyncIterator[str]:
-    """A real ``karma8 api`` process; yields its WebSocket URL."""
+async def open_api_process(
+    root: Path, membership_port: int, settings: Mapping[str, object] | None = None
+) -> AsyncIterator[str]:
+    """A real ``karma8 api`` process (``settings``: extra [api] keys); yields its WebSocket URL."""
     ready = root / "api.ready"
     ready.unlink(missing_ok=True)
-    env = {**os.environ, **{f"KARMA8_API_{k.upper()}": str(v) for k, v in FAST_API.items()}}
+    api = {**FAST_API, **(settings or {})}
+    env = {**os.environ, **{f"KARMA8_API_{k.upper()}": str(v) for k, v in api.items()}}
     env["KARMA8_API_BUCKET_SECRET"] = TEST_SECRET
     proc = await trio.lowlevel.open_process(
         karma8_cmd(
