@@ -37,8 +37,14 @@ FAST_API = {
     "bucket_timeout": "1.5",
     "janitor_interval": "0.3",
 }
-#: Reconciliation, when this karma8 has it: frequent rounds, a short orphan grace.
-RECONCILE_API = {"reconcile_interval": "1.0", "orphan_grace": "3.0"}
+#: Reconciliation and rebalancing, when this karma8 has them: frequent rounds, a short
+#: orphan grace, rebalancing soon after a killed bucket returns (it missed uploads).
+RECONCILE_API = {
+    "reconcile_interval": "1.0",
+    "orphan_grace": "3.0",
+    "rebalance_delay": "1.0",
+    "rebalance_interval": "5.0",
+}
 #: Buckets retry registration quickly while the API is restarting.
 FAST_BUCKET = {"retry_max": "0.5"}
 

@@ -97,7 +97,14 @@ class RegistryView:
             for n, u in sorted(files.items())
             if states.get(u) != "committed"
         ]
-        return Snapshot(committed, db.pending_deletions(), in_progress, files, inconsistent)
+        # Copies the rebalancer is writing or left behind are pending deletions too.
+        pending = db.pending_deletions() + [
+            (str(u), str(b))
+            for u, b in db._query(
+                "SELECT upload_id, dst FROM moves UNION SELECT upload_id, bucket_id FROM stale"
+            )
+        ]
+        return Snapshot(committed, pending, in_progress, files, inconsistent)
 
     async def snapshot(self) -> Snapshot:
         return await trio.to_thread.run_sync(self._snapshot, limiter=self._limiter)

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from karma8.client import Client
 from karma8.config import ClientConfig, MiB
 from karma8.core.fragments import fragment_id
@@ -214,7 +216,8 @@ async def test_api_killed_mid_move_loses_nothing_and_leaves_nothing(tmp_path: Pa
             await stop_process(b.proc)
 
 
-async def test_destination_bucket_killed_mid_move(tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", ["src", "dst"])
+async def test_bucket_killed_mid_move(tmp_path: Path, role: str) -> None:
     async with open_cluster(tmp_path, **{**MANUAL, "rebalance_bandwidth": MiB}) as cluster:
         client = cluster.client
         digests = await _upload_files(client, tmp_path, 6, 12 * MiB)
@@ -223,15 +226,21 @@ async def test_destination_bucket_killed_mid_move(tmp_path: Path) -> None:
         await cluster.wait_live(8)
         assert (await _call(cluster.url, "/rebalance"))["started"] is True
         await wait_until(lambda: any(b.tmp_files() for b in cluster.buckets[6:]), "a move to be copying")
-        victim = next(b for b in cluster.buckets[6:] if b.tmp_files())
+        db = cluster.registry()
+        try:
+            (victim_id,) = db._query(f"SELECT {role} FROM moves LIMIT 1")[0]
+        finally:
+            db.close()
+        victim = cluster.bucket(str(victim_id))
         victim.kill()
         await victim.proc.wait()
 
-        # The run goes on without it; its moves to the victim are abandoned.
+        # The run goes on without it; its moves from or to the victim are abandoned.
         await wait_until(lambda: _rebalanced(client, 0.0), "the rebalance to finish")
         last = (await client.status())["rebalancer"]["last"]
         assert last["failed"] >= 1
-        await _all_intact(client, digests, tmp_path)
+        if role == "dst":
+            await _all_intact(client, digests, tmp_path)
 
         # Back with the same disk: the half-written copy is gone and nothing else is there.
         cluster.buckets.remove(victim)
