@@ -146,7 +146,7 @@ class Rebalancer:
         """One run: move fragments until the buckets are even (or nothing more can move)."""
         planned = sum(m.size for m in await self.plan())
         if not planned:
-            log.info("rebalance (%s): the buckets are balanced, nothing to move", reason)
+            log.debug("rebalance (%s): nothing can move closer to balance", reason)
             return Progress(reason=reason, finished=time.time())
         log.info("rebalance (%s): %d bytes to move", reason, planned)
         self.progress = progress = Progress("moving", reason, planned, started=time.time())
