@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ import typer
 
 from karma8.client import Client, FileInfo, Progress
 from karma8.config import ApiConfig, BucketConfig, ClientConfig, StackConfig, load
+from karma8.core import balance
 from karma8.errors import Karma8Error
 from karma8.logs import configure_logging
 
@@ -35,7 +38,7 @@ T = TypeVar("T")
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
 ApiOpt = Annotated[
-    str | None, typer.Option("--api", help="API server URL [env KARMA8_API, default ws://127.0.0.1:8080].")
+    str | None, typer.Option("--api", help="API server URL (env KARMA8_API, default ws://127.0.0.1:8080).")
 ]
 
 
@@ -103,9 +106,9 @@ def _client(config: Path | None, api: str | None) -> Client:
 
 @app.command()
 def up(
-    buckets: Annotated[int | None, typer.Option(help="Number of buckets [default 6].")] = None,
-    data: Annotated[Path | None, typer.Option(help="Data directory [default ./karma8-data].")] = None,
-    port: Annotated[int | None, typer.Option(help="WebSocket port [default 8080].")] = None,
+    buckets: Annotated[int | None, typer.Option(help="Number of buckets (default 6).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data directory (default ./karma8-data).")] = None,
+    port: Annotated[int | None, typer.Option(help="WebSocket port (default 8080).")] = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = "warning",
 ) -> None:
@@ -218,7 +221,7 @@ def _print_json(obj: Any) -> None:
 @app.command()
 def upload(
     src: Annotated[Path, typer.Argument(help="File to upload.")],
-    name: Annotated[str | None, typer.Option(help="Name to store it as [default: file name].")] = None,
+    name: Annotated[str | None, typer.Option(help="Name to store it as (default: the file name).")] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected sha256 (checked before commit).")] = None,
     api: ApiOpt = None,
     config: ConfigOpt = None,
@@ -238,7 +241,7 @@ def upload(
 def download(
     name: Annotated[str, typer.Argument(help="Name of the stored file.")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Destination [default: last segment of NAME].")
+        Path | None, typer.Option("--out", "-o", help="Destination (default: last segment of NAME).")
     ] = None,
     api: ApiOpt = None,
     config: ConfigOpt = None,
@@ -318,18 +321,244 @@ def status(
     api: ApiOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show the buckets: live or not, bytes used and free, fragment count."""
+    """Show the buckets (live, used, free, fill, fragments), the spread and the rebalancer."""
     st = _run(_client(config, api).status)
     if as_json:
         _print_json(st)
         return
     typer.echo(f"{st['live']} live bucket(s), {st['parts']} parts per file")
-    typer.echo(f"{'bucket':<18}{'address':<24}{'live':<6}{'used':>14}{'free':>16}{'frags':>8}")
+    typer.echo(
+        f"{'bucket':<18}{'address':<24}{'live':<6}{'used':>11}{'free':>11}{'capacity':>11}"
+        f"{'fill':>8}{'frags':>8}"
+    )
     for b in st["buckets"]:
         typer.echo(
             f"{b['id']:<18}{b['address']:<24}{'yes' if b['live'] else 'NO':<6}"
-            f"{b['used']:>14}{b['free']:>16}{b['fragments']:>8}"
+            f"{_size(b['used']):>11}{_size(b['free']):>11}{_size(b['capacity']):>11}"
+            f"{_percent(b.get('fill')):>8}{b['fragments']:>8}"
         )
+    typer.echo(f"spread: {_spread(st.get('spread'))} (fullest / emptiest fill of the live buckets)")
+    typer.echo(_rebalancer_line(st.get("rebalancer")))
+
+
+#: How often ``karma8 rebalance`` polls /status while it watches a run.
+WATCH_POLL = 0.5
+#: Seconds between progress lines when stderr is not a terminal.
+WATCH_LINE_EVERY = 5.0
+#: Seconds the rebalancer may stay idle, its last run unchanged, before the plan is checked
+#: again (a run that finds nothing left to move records no run).
+WATCH_IDLE_CHECK = 10.0
+
+
+@app.command("rebalance")
+def rebalance_cmd(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; move nothing.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Start the run and return at once.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Even out the buckets: move fragments from the fullest to the emptiest.
+
+    The moves run in the API server; this command shows their progress.
+    Ctrl-C stops watching, not the rebalance.
+    Exit status 1 if any move failed.
+    """
+    client = _client(config, api)
+    if dry_run:
+        plan = _run(functools.partial(client.rebalance, dry_run=True))
+        if as_json:
+            _print_json(plan)
+        else:
+            _print_plan(plan)
+        return
+
+    async def request() -> tuple[dict[str, Any], dict[str, Any]]:
+        # The rebalancer before the request tells its run from earlier ones.
+        before: dict[str, Any] = (await client.status())["rebalancer"]
+        return before, await client.rebalance()
+
+    before, reply = _run(request)
+    under_way = before["state"] == "moving"
+    if not reply["started"] and not under_way:
+        if as_json:
+            _print_json(reply)
+        else:
+            typer.echo(f"nothing to move (spread {_spread(reply['spread'])})")
+        return
+    if not as_json:
+        if under_way:  # the run under way goes on with the plan; this command watches it
+            typer.echo(f"a rebalance is under way ({before['reason']}): {_moving(before)}")
+        else:
+            typer.echo(f"rebalance started: {_plan_summary(reply)}")
+    if no_wait:
+        if as_json:
+            _print_json(reply)
+        else:
+            typer.echo("it runs in the API server: karma8 status shows its progress")
+        return
+
+    watch = _Watch(client, before)
+    _run(functools.partial(_until_signal, watch.run))
+    if watch.status is None:
+        typer.echo(
+            "karma8: stopped watching; the rebalance goes on in the server (karma8 status shows it)",
+            err=True,
+        )
+        raise typer.Exit(130)
+    run = watch.run_result
+    now = _placed_spread(watch.status)
+    spread = _spread(now)
+    if as_json:
+        _print_json({**reply, "run": run, "spread_now": now})
+    elif run is None:
+        typer.echo(f"nothing left to move; spread now {spread}")
+    else:
+        typer.echo(f"{_run_summary(run)}; spread now {spread}")
+    if run is not None and run["failed"]:
+        raise typer.Exit(1)
+
+
+class _Watch:
+    """Polls /status until the rebalancer is idle with another last run than ``before``'s.
+
+    Comparing runs, not clocks: the server's timestamps come from its own clock.
+    """
+
+    def __init__(self, client: Client, before: dict[str, Any]) -> None:
+        self._client = client
+        self._before_last = before["last"]
+        self._line = _ProgressLine()
+        #: The final status, once the run has ended (None: interrupted).
+        self.status: dict[str, Any] | None = None
+        #: The run that ended (None: the rebalancer found nothing left to move).
+        self.run_result: dict[str, Any] | None = None
+
+    async def run(self) -> None:
+        idle_since = trio.current_time()
+        try:
+            while True:
+                st = await self._client.status()
+                reb = st["rebalancer"]
+                now = trio.current_time()
+                if reb["state"] == "moving":
+                    idle_since = now
+                    self._line.show(f"rebalance: {_moving(reb)}", now)
+                elif reb["last"] is not None and reb["last"] != self._before_last:
+                    self.status, self.run_result = st, reb["last"]
+                    return
+                else:
+                    self._line.show("rebalance: waiting for the rebalancer", now)
+                    if now - idle_since >= WATCH_IDLE_CHECK:
+                        idle_since = now
+                        if not (await self._client.rebalance(dry_run=True))["count"]:
+                            self.status = await self._client.status()
+                            return
+                await trio.sleep(WATCH_POLL)
+        finally:
+            self._line.clear()
+
+
+class _ProgressLine:
+    """One line rewritten in place on a terminal (stderr); a line now and then otherwise."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._shown = False
+        self._at = float("-inf")
+
+    def show(self, text: str, now: float) -> None:
+        if self._tty:
+            sys.stderr.write(f"\r{text}\x1b[K")
+            sys.stderr.flush()
+            self._shown = True
+        elif now - self._at >= WATCH_LINE_EVERY:
+            typer.echo(text, err=True)
+            self._at = now
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+# -- formatting ------------------------------------------------------------------------
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units: 1536 -> '1.5 KiB'."""
+    value, unit = float(n), 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{n} B" if unit == 0 else f"{value:.1f} {_UNITS[unit]}"
+
+
+def _percent(fill: float | None) -> str:
+    if fill is None:
+        return "-"
+    return "<0.01%" if 0 < fill < 0.0001 else f"{100 * fill:.2f}%"
+
+
+def _spread(spread: float | None) -> str:
+    """Fullest / emptiest fill; the server sends null for infinite (an empty bucket)."""
+    return "infinite" if spread is None else f"{spread:.3f}"
+
+
+def _placed_spread(st: dict[str, Any]) -> float | None:
+    """The spread by what the registry places on each live bucket (None: infinite).
+
+    The ``spread`` of /status comes from the buckets' own figures, which lag a heartbeat
+    and still count the copies a run left for deletion.
+    """
+    fills = [balance.Fill(b["id"], b["placed"], b["capacity"]) for b in st["buckets"] if b["live"]]
+    value = balance.spread(fills)
+    return None if math.isinf(value) else round(value, 4)
+
+
+def _when(timestamp: float | None) -> str:
+    return "?" if timestamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _moving(p: dict[str, Any]) -> str:
+    return f"moving {_size(p['moved'])} of {_size(p['planned'])} ({p['moves']} move(s), {p['failed']} failed)"
+
+
+def _run_summary(run: dict[str, Any]) -> str:
+    took = (run["finished"] or 0) - (run["started"] or run["finished"] or 0)
+    return f"moved {_size(run['moved'])} in {run['moves']} move(s), {run['failed']} failed, in {took:.1f} s"
+
+
+def _rebalancer_line(reb: dict[str, Any] | None) -> str:
+    if reb is None:  # an API server from before the rebalancer
+        return "rebalancer: unknown"
+    if reb["state"] == "moving":
+        return f"rebalancer: {_moving(reb)} - {reb['reason']}"
+    line = "rebalancer: idle" + ("" if reb.get("auto", True) else " (automatic runs off)")
+    last = reb.get("last")
+    if last:
+        line += f"; last run {_run_summary(last)}, finished {_when(last['finished'])} ({last['reason']})"
+    return line
+
+
+def _plan_summary(plan: dict[str, Any]) -> str:
+    return (
+        f"{_size(plan['bytes'])} to move in {plan['count']} move(s) (minimum for an even spread:"
+        f" {_size(plan['minimum'])}); spread {_spread(plan['spread'])} -> {_spread(plan['spread_after'])}"
+    )
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    if not plan["count"]:
+        typer.echo(f"nothing to move (spread {_spread(plan['spread'])})")
+        return
+    typer.echo(f"plan: {_plan_summary(plan)}")
+    for m in plan["moves"]:
+        typer.echo(f"  {m['from']} -> {m['to']}  {_size(m['size']):>10}  part {m['part']:<2} {m['name']}")
+    if plan["truncated"]:
+        typer.echo(f"  ... the first {len(plan['moves'])} of {plan['count']} moves shown")
+    typer.echo("dry run: nothing moved")
 
 
 def main() -> None:

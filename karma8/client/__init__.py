@@ -197,3 +197,7 @@ class Client:
     async def status(self) -> dict[str, Any]:
         """The buckets the API server knows, live or not, with their usage."""
         return await self._query("/status")
+
+    async def rebalance(self, dry_run: bool = False) -> dict[str, Any]:
+        """Ask for a rebalance now (it runs in the server); with ``dry_run``, only its plan."""
+        return await self._query("/rebalance?dry_run=1" if dry_run else "/rebalance")

@@ -150,6 +150,9 @@ async def test_ls_stat_status(cluster: Cluster, tmp_path: Path) -> None:
     assert "6 live" in status
     for b in cluster.buckets:
         assert b.bucket_id in status
+    assert status.splitlines()[1].split()[-2:] == ["fill", "frags"]
+    assert status.splitlines()[-2].startswith("spread: ")
+    assert status.splitlines()[-1].startswith("rebalancer: idle")
     st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
     assert st["live"] == 6
     assert {b["id"] for b in st["buckets"]} == {b.bucket_id for b in cluster.buckets}
@@ -198,6 +201,12 @@ ERROR_CASES: dict[str, Callable[[Path], tuple[list[str], dict[str, str], list[st
     "ls-closed-port": lambda d: (["ls", "--api", _closed_api()], {}, ["connection_failed"]),
     "upload-closed-port": lambda d: (
         ["upload", _write(d / "f", "x"), "--api", _closed_api()],
+        {},
+        ["connection_failed"],
+    ),
+    "rebalance-closed-port": lambda d: (["rebalance", "--api", _closed_api()], {}, ["connection_failed"]),
+    "rebalance-dry-run-closed-port": lambda d: (
+        ["rebalance", "--dry-run", "--api", _closed_api()],
         {},
         ["connection_failed"],
     ),
