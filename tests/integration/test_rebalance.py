@@ -64,7 +64,7 @@ def _homes(db: RegistryDB) -> dict[str, set[str]]:
     homes: dict[str, set[str]] = {}
     for upload_id, part, bucket_id in db._query(
         "SELECT f.upload_id, f.part, f.bucket_id FROM fragments f JOIN uploads u ON u.id = f.upload_id"
-        " WHERE u.state = 'committed' AND f.size > 0"
+        " WHERE u.state = 'committed'"
     ):
         homes.setdefault(str(bucket_id), set()).add(fragment_id(str(upload_id), int(part)))
     return homes
