@@ -93,6 +93,8 @@ class Rebalancer:
         self._wake = trio.Event()
         self._due = math.inf
         self._reason = ""
+        #: The run due was scheduled by a join (another join postpones it).
+        self._joins_pending = False
         self.progress = Progress()
         #: The last finished run.
         self.last: Progress | None = None
@@ -102,17 +104,26 @@ class Rebalancer:
         """Where a run stops: half the threshold that starts one."""
         return self._config.rebalance_threshold / 2
 
-    def request(self, reason: str, delay: float = 0.0) -> None:
-        """Start a run in ``delay`` seconds (sooner if one is already due)."""
-        due = trio.current_time() + delay
-        if due < self._due:
-            self._due, self._reason = due, reason
+    def request(self, reason: str) -> None:
+        """Start a run now."""
+        self._due, self._reason, self._joins_pending = trio.current_time(), reason, False
         self._wake.set()
 
     def joined(self, bucket_id: str) -> None:
-        """A bucket (re-)registered: rebalance after ``rebalance_delay`` if automatic."""
-        if self._config.rebalance_auto:
-            self.request(f"bucket {bucket_id} joined", self._config.rebalance_delay)
+        """A bucket (re-)registered: rebalance ``rebalance_delay`` after the last join.
+
+        Each join postpones a run that a join scheduled, so buckets added together are
+        balanced by one run (a run asked for by hand is not postponed).
+        """
+        if not self._config.rebalance_auto:
+            return
+        due = trio.current_time() + self._config.rebalance_delay
+        if self._joins_pending:
+            self._due = max(self._due, due)
+        elif due < self._due:
+            self._due, self._reason = due, f"bucket {bucket_id} joined"
+            self._joins_pending = True
+        self._wake.set()
 
     async def fills(self) -> list[balance.Fill]:
         """The live buckets' fills as the registry counts them (moves under way as done)."""
@@ -131,7 +142,7 @@ class Rebalancer:
             self._wake = trio.Event()
             now = trio.current_time()
             if now >= self._due:
-                reason, self._due = self._reason, math.inf
+                reason, self._due, self._joins_pending = self._reason, math.inf, False
                 await self.rebalance(reason)
             elif now >= next_check:
                 next_check = now + self._config.rebalance_interval
@@ -209,6 +220,8 @@ class Rebalancer:
             raise
         finally:
             slots.release()
+        # A fragment moves at most once per run (a dry run plans it that way too).
+        skip.add((move.upload_id, move.part))
         if await self._registry.finish_move(move):
             progress.moved += move.size
             progress.moves += 1

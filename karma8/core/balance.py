@@ -10,8 +10,12 @@ fragments from the fullest bucket above its target to the emptiest below its tar
 each time the largest fragment that fits in both gaps (what the source holds too much
 and what the destination lacks), so no move overshoots a target and the bytes moved
 never exceed that minimum. It stops as soon as the fullest and the emptiest bucket are
-within ``tolerance`` of each other (relative to their targets), or when no fragment
-fits any gap.
+within ``tolerance`` of each other (relative to their targets).
+
+When no fragment fits any gap but the buckets are still uneven (few, large fragments:
+a young cluster), it may overshoot a target, but only with a move that makes the sum of
+all distances to the targets smaller and keeps both buckets within the current range
+of fills: the spread never grows, every move makes progress, and planning ends.
 
 The fragments themselves live in the registry; :class:`Movable` is how the plan asks
 for one (the registry answers with an indexed query), so planning needs no memory
@@ -59,6 +63,10 @@ class Movable(Protocol):
         It must belong to a committed file that has no part on ``dst`` yet (counting moves
         under way) and must not be moving already. Returns (upload id, part, size).
         """
+        ...
+
+    def smallest(self, src: str, dst: str, above: int) -> tuple[str, int, int] | None:
+        """Like :meth:`largest`, but the smallest fragment of more than ``above`` bytes."""
         ...
 
 
@@ -150,5 +158,30 @@ def _next_move(state: dict[str, Fill], goal: dict[str, float], movable: Movable)
             found = movable.largest(src.bucket_id, dst.bucket_id, limit)
             if found is not None:
                 upload_id, part, size = found
+                return Move(upload_id, part, size, src.bucket_id, dst.bucket_id)
+    return _overshooting_move(state, goal, over, under, movable)
+
+
+def _overshooting_move(
+    state: dict[str, Fill], goal: dict[str, float], over: list[Fill], under: list[Fill], movable: Movable
+) -> Move | None:
+    ratios = [f.used / goal[f.bucket_id] for f in state.values() if goal[f.bucket_id] > 0]
+    if not ratios:
+        return None
+    high, low = max(ratios), min(ratios)
+    for src in over:
+        surplus = src.used - goal[src.bucket_id]
+        for dst in under:
+            lack = goal[dst.bucket_id] - dst.used
+            found = movable.smallest(src.bucket_id, dst.bucket_id, max(0, math.floor(min(surplus, lack))))
+            if found is None:
+                continue
+            upload_id, part, size = found
+            if (
+                size < surplus + lack  # the distances to the targets shrink
+                and size <= dst.capacity - dst.used
+                and (dst.used + size) / goal[dst.bucket_id] <= high
+                and (src.used - size) / goal[src.bucket_id] >= low
+            ):
                 return Move(upload_id, part, size, src.bucket_id, dst.bucket_id)
     return None

@@ -22,7 +22,6 @@ read it in constant time and it cannot drift from the rows it sums.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sqlite3
 import threading
 import time
@@ -142,16 +141,18 @@ INSERT INTO placed (bucket_id, bytes, fragments)
     WHERE u.state IN ('in_progress', 'committed') GROUP BY f.bucket_id;
 """
 
-# The largest fragment on ?1 of at most ?2 bytes that may move to ?3: part of a committed
-# file with nothing on ?3 (no part, no move, no stale copy) and not moving already.
+# Fragments on ?1 that may move to ?3: parts of committed files with nothing on ?3 (no
+# part, no move, no stale copy), not moving already; ?2 bounds their size.
 _MOVABLE = """
 SELECT f.upload_id, f.part, f.size FROM fragments f JOIN uploads u ON u.id = f.upload_id
-WHERE f.bucket_id = ?1 AND f.size <= ?2 AND f.size > 0 AND u.state = 'committed'
+WHERE f.bucket_id = ?1 AND {size} AND f.size > 0 AND u.state = 'committed'
   AND NOT EXISTS (SELECT 1 FROM fragments g WHERE g.upload_id = f.upload_id AND g.bucket_id = ?3)
   AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.upload_id = f.upload_id AND (m.part = f.part OR m.dst = ?3))
   AND NOT EXISTS (SELECT 1 FROM stale s WHERE s.bucket_id = ?3 AND s.upload_id = f.upload_id)
-ORDER BY f.size DESC
+ORDER BY f.size {order}
 """
+_LARGEST = _MOVABLE.format(size="f.size <= ?2", order="DESC")
+_SMALLEST = _MOVABLE.format(size="f.size > ?2", order="ASC")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,9 +249,15 @@ class _Movable:
         self._skip = skip
 
     def largest(self, src: str, dst: str, limit: int) -> tuple[str, int, int] | None:
-        for upload_id, part, size in self._conn.execute(_MOVABLE, (src, limit, dst)):
+        return self._first(_LARGEST, src, limit, dst)
+
+    def smallest(self, src: str, dst: str, above: int) -> tuple[str, int, int] | None:
+        return self._first(_SMALLEST, src, above, dst)
+
+    def _first(self, sql: str, src: str, size: int, dst: str) -> tuple[str, int, int] | None:
+        for upload_id, part, found in self._conn.execute(sql, (src, size, dst)):
             if (upload_id, part) not in self._skip:
-                return str(upload_id), int(part), int(size)
+                return str(upload_id), int(part), int(found)
         return None
 
 
@@ -500,17 +507,34 @@ class RegistryDB:
     def plan_moves(
         self, live: Mapping[str, int], tolerance: float, parts: int, limit: int = 100_000
     ) -> list[MoveRow]:
-        """The whole plan :meth:`start_move` would follow, without recording it."""
+        """The moves a run of :meth:`start_move` would make, without recording anything.
+
+        Inside a transaction that is rolled back, each planned move is applied as if it
+        had finished (the fragment's row switched, its stale copy already deleted), which
+        is what a run sees when its moves succeed, and each fragment moves at most once.
+        """
         planned: list[MoveRow] = []
+        moved: set[tuple[str, int]] = set()
         with self._lock:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                now = time.time()
-                for move in balance.plan(_fills(c, live), tolerance, parts, _Movable(c, frozenset())):
-                    row = _insert_move(c, move, now)
-                    (name,) = c.execute("SELECT name FROM uploads WHERE id = ?", (move.upload_id,)).fetchone()
-                    planned.append(dataclasses.replace(row, name=str(name)))
+                for move in balance.plan(_fills(c, live), tolerance, parts, _Movable(c, moved)):
+                    sha256, name = c.execute(
+                        "SELECT f.sha256, u.name FROM fragments f JOIN uploads u ON u.id = f.upload_id"
+                        " WHERE f.upload_id = ? AND f.part = ?",
+                        (move.upload_id, move.part),
+                    ).fetchone()
+                    c.execute(
+                        "UPDATE fragments SET bucket_id = ? WHERE upload_id = ? AND part = ?",
+                        (move.dst, move.upload_id, move.part),
+                    )
+                    moved.add((move.upload_id, move.part))
+                    planned.append(
+                        MoveRow(
+                            move.upload_id, move.part, move.size, move.src, move.dst, str(sha256), str(name)
+                        )
+                    )
                     if len(planned) >= limit:
                         break
             finally:

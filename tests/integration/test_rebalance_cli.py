@@ -120,15 +120,16 @@ async def test_rebalance_and_status_from_the_cli(tmp_path: Path) -> None:
         dry = (await karma8("rebalance", "--dry-run", cwd=tmp_path, env=env)).ok()
         moves = [line.split() for line in dry.out.splitlines() if " -> " in line and line.startswith("  ")]
         assert moves, dry.out
-        assert {m[2] for m in moves} <= new, dry.out
-        assert {m[0] for m in moves} <= old, dry.out
+        # Both new buckets receive; with few, large fragments some moves even out old ones too.
+        assert new <= {m[2] for m in moves}, dry.out
+        assert all(m[0] != m[2] for m in moves), dry.out
         assert dry.out.startswith("plan: "), dry.out
         assert "spread infinite -> " in dry.out, "the new buckets are empty"
         assert dry.out.rstrip().endswith("dry run: nothing moved"), dry.out
         plan = json.loads((await karma8("rebalance", "--dry-run", "--json", cwd=tmp_path, env=env)).ok().out)
         assert plan["count"] == len(moves) == len(plan["moves"])
         assert plan["truncated"] is False
-        assert {m["to"] for m in plan["moves"]} <= new
+        assert new <= {m["to"] for m in plan["moves"]}
         assert 0 < plan["bytes"] == sum(m["size"] for m in plan["moves"])
         assert plan["minimum"] > 0
         assert plan["spread"] is None

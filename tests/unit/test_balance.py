@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -29,6 +30,15 @@ class FakeMovable:
             if 0 < size <= limit and upload not in on_dst and (upload, part) not in self.moving
         ]
         return max(fits, key=lambda f: f[2], default=None)
+
+    def smallest(self, src: str, dst: str, above: int) -> tuple[str, int, int] | None:
+        on_dst = {u for u, _ in self.layout[dst]}
+        fits = [
+            (upload, part, size)
+            for (upload, part), size in self.layout[src].items()
+            if size > above and upload not in on_dst and (upload, part) not in self.moving
+        ]
+        return min(fits, key=lambda f: f[2], default=None)
 
     def apply(self, move: Move) -> None:
         size = self.layout[move.src].pop((move.upload_id, move.part))
@@ -121,3 +131,25 @@ def test_a_fragment_too_big_for_any_gap_stays() -> None:
     movable = FakeMovable({f"b{i}": ({("u", i): 100} if i < 6 else {}) for i in range(7)})
     capacity = dict.fromkeys(movable.layout, 1000)
     assert _run(movable, capacity, tolerance=0.025) == []
+
+
+def test_when_no_fragment_fits_a_gap_moves_may_overshoot_but_never_widen_the_spread() -> None:
+    # Three files of six 200-byte parts on six buckets, two empty buckets: every gap
+    # (150 above, 450 below the target) is smaller than a fragment.
+    movable = FakeMovable(
+        {f"b{i}": ({(f"u{f}", i): 200 for f in range(3)} if i < 6 else {}) for i in range(8)}
+    )
+    capacity = dict.fromkeys(movable.layout, 10_000)
+    before = movable.fills(capacity)
+    spreads = [imbalance(before, 6)]
+    moves = []
+    for move in plan(before, 0.025, 6, movable):
+        movable.apply(move)
+        moves.append(move)
+        spreads.append(imbalance(movable.fills(capacity), 6))
+    assert moves
+    assert all(later <= earlier for earlier, later in itertools.pairwise(spreads))
+    assert spreads[-1] < 2  # from infinite: both new buckets now hold data
+    for frags in movable.layout.values():
+        uploads = [u for u, _ in frags]
+        assert len(uploads) == len(set(uploads))

@@ -52,6 +52,15 @@ def _one_movable(db: RegistryDB) -> str:
     return _put(db, 1, "a", part=30)
 
 
+def _assert_next_move_avoids(db: RegistryDB, upload_id: str, bucket_id: str) -> None:
+    """The next move is not a part of ``upload_id`` to ``bucket_id`` (and leaves no trace)."""
+    move = db.start_move(_capacities(4), 0.0, PARTS)
+    if move is not None:
+        assert (move.upload_id, move.dst) != (upload_id, bucket_id)
+        db.abandon_move(move)
+        db.stale_deleted(move.dst, move.upload_id, [move.part])
+
+
 def _recomputed(db: RegistryDB) -> dict[str, tuple[int, int]]:
     rows = db._query(
         "SELECT f.bucket_id, SUM(f.size), COUNT(*) FROM fragments f JOIN uploads u ON u.id = f.upload_id"
@@ -120,12 +129,13 @@ def test_a_move_switches_the_row_and_leaves_the_source_stale(db: RegistryDB) -> 
     # Under way: the copy on b3 is known (not an orphan), the fragment still lives on src.
     assert db.expected_on("b3") == {fid: "moving"}
     assert db.expected_on(move.src)[fid] == "committed"
-    assert db.start_move(_capacities(4), 0.0, PARTS) is None  # only parts of "a" fit, b3 has one
+    # No second part of "a" may go to b3 while this one moves there.
+    _assert_next_move_avoids(db, upload_id, "b3")
 
     assert db.finish_move(move)
     assert {f.part: f.bucket_id for f in db.fragments(upload_id)}[move.part] == "b3"
     assert db.expected_on(move.src)[fid] == "stale"
-    assert db.expected_on("b3") == {fid: "committed"}
+    assert db.expected_on("b3")[fid] == "committed"
     assert [(s.bucket_id, s.part) for s in db.pending_stale()] == [(move.src, move.part)]
     assert _nonzero(db.placed()) == _recomputed(db)
     db.stale_deleted(move.src, upload_id, [move.part])
@@ -149,14 +159,14 @@ def test_abandoned_moves_leave_their_copies_stale(db: RegistryDB) -> None:
     db.abandon_move(first)
     assert [(s.bucket_id, s.part) for s in db.pending_stale()] == [("b3", first.part)]
     # The stale copy blocks b3 for that file until it is deleted: no part may meet it there.
-    assert db.start_move(_capacities(4), 0.0, PARTS) is None
+    _assert_next_move_avoids(db, first.upload_id, "b3")
     db.stale_deleted("b3", first.upload_id, [first.part])
     second = db.start_move(_capacities(4), 0.0, PARTS)
     assert second is not None
     # A restart abandons whatever was under way.
     assert db.abandon_all_moves() == 1
-    assert [(s.bucket_id, s.part) for s in db.pending_stale()] == [("b3", second.part)]
-    assert db.expected_on("b3") == {second.fragment_id: "stale"}
+    assert [(s.bucket_id, s.part) for s in db.pending_stale()] == [(second.dst, second.part)]
+    assert db.expected_on(second.dst)[second.fragment_id] == "stale"
 
 
 def test_deleting_an_upload_on_a_bucket_also_clears_its_stale_copies(db: RegistryDB) -> None:
