@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +17,20 @@ from typing import Annotated, Any, TypeVar
 import trio
 import typer
 
+from karma8.cli_report import (
+    Watch,
+    human_size,
+    moving_text,
+    percent,
+    placed_spread,
+    plan_summary,
+    print_plan,
+    rebalancer_line,
+    run_summary,
+    spread_text,
+)
 from karma8.client import Client, FileInfo, Progress
 from karma8.config import ApiConfig, BucketConfig, ClientConfig, StackConfig, load
-from karma8.core import balance
 from karma8.errors import Karma8Error
 from karma8.logs import configure_logging
 
@@ -334,20 +343,11 @@ def status(
     for b in st["buckets"]:
         typer.echo(
             f"{b['id']:<18}{b['address']:<24}{'yes' if b['live'] else 'NO':<6}"
-            f"{_size(b['used']):>11}{_size(b['free']):>11}{_size(b['capacity']):>11}"
-            f"{_percent(b.get('fill')):>8}{b['fragments']:>8}"
+            f"{human_size(b['used']):>11}{human_size(b['free']):>11}{human_size(b['capacity']):>11}"
+            f"{percent(b.get('fill')):>8}{b['fragments']:>8}"
         )
-    typer.echo(f"spread: {_spread(st.get('spread'))} (fullest / emptiest fill of the live buckets)")
-    typer.echo(_rebalancer_line(st.get("rebalancer")))
-
-
-#: How often ``karma8 rebalance`` polls /status while it watches a run.
-WATCH_POLL = 0.5
-#: Seconds between progress lines when stderr is not a terminal.
-WATCH_LINE_EVERY = 5.0
-#: Seconds the rebalancer may stay idle, its last run unchanged, before the plan is checked
-#: again (a run that finds nothing left to move records no run).
-WATCH_IDLE_CHECK = 10.0
+    typer.echo(f"spread: {spread_text(st.get('spread'))} (fullest / emptiest fill of the live buckets)")
+    typer.echo(rebalancer_line(st.get("rebalancer")))
 
 
 @app.command("rebalance")
@@ -370,7 +370,7 @@ def rebalance_cmd(
         if as_json:
             _print_json(plan)
         else:
-            _print_plan(plan)
+            print_plan(plan)
         return
 
     async def request() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -384,13 +384,13 @@ def rebalance_cmd(
         if as_json:
             _print_json(reply)
         else:
-            typer.echo(f"nothing to move (spread {_spread(reply['spread'])})")
+            typer.echo(f"nothing to move (spread {spread_text(reply['spread'])})")
         return
     if not as_json:
         if under_way:  # the run under way goes on with the plan; this command watches it
-            typer.echo(f"a rebalance is under way ({before['reason']}): {_moving(before)}")
+            typer.echo(f"a rebalance is under way ({before['reason']}): {moving_text(before)}")
         else:
-            typer.echo(f"rebalance started: {_plan_summary(reply)}")
+            typer.echo(f"rebalance started: {plan_summary(reply)}")
     if no_wait:
         if as_json:
             _print_json(reply)
@@ -398,7 +398,7 @@ def rebalance_cmd(
             typer.echo("it runs in the API server: karma8 status shows its progress")
         return
 
-    watch = _Watch(client, before)
+    watch = Watch(client, before)
     _run(functools.partial(_until_signal, watch.run))
     if watch.status is None:
         typer.echo(
@@ -407,158 +407,16 @@ def rebalance_cmd(
         )
         raise typer.Exit(130)
     run = watch.run_result
-    now = _placed_spread(watch.status)
-    spread = _spread(now)
+    now = placed_spread(watch.status)
+    spread = spread_text(now)
     if as_json:
         _print_json({**reply, "run": run, "spread_now": now})
     elif run is None:
         typer.echo(f"nothing left to move; spread now {spread}")
     else:
-        typer.echo(f"{_run_summary(run)}; spread now {spread}")
+        typer.echo(f"{run_summary(run)}; spread now {spread}")
     if run is not None and run["failed"]:
         raise typer.Exit(1)
-
-
-class _Watch:
-    """Polls /status until the rebalancer is idle with another last run than ``before``'s.
-
-    Comparing runs, not clocks: the server's timestamps come from its own clock.
-    """
-
-    def __init__(self, client: Client, before: dict[str, Any]) -> None:
-        self._client = client
-        self._before_last = before["last"]
-        self._line = _ProgressLine()
-        #: The final status, once the run has ended (None: interrupted).
-        self.status: dict[str, Any] | None = None
-        #: The run that ended (None: the rebalancer found nothing left to move).
-        self.run_result: dict[str, Any] | None = None
-
-    async def run(self) -> None:
-        idle_since = trio.current_time()
-        try:
-            while True:
-                st = await self._client.status()
-                reb = st["rebalancer"]
-                now = trio.current_time()
-                if reb["state"] == "moving":
-                    idle_since = now
-                    self._line.show(f"rebalance: {_moving(reb)}", now)
-                elif reb["last"] is not None and reb["last"] != self._before_last:
-                    self.status, self.run_result = st, reb["last"]
-                    return
-                else:
-                    self._line.show("rebalance: waiting for the rebalancer", now)
-                    if now - idle_since >= WATCH_IDLE_CHECK:
-                        idle_since = now
-                        if not (await self._client.rebalance(dry_run=True))["count"]:
-                            self.status = await self._client.status()
-                            return
-                await trio.sleep(WATCH_POLL)
-        finally:
-            self._line.clear()
-
-
-class _ProgressLine:
-    """One line rewritten in place on a terminal (stderr); a line now and then otherwise."""
-
-    def __init__(self) -> None:
-        self._tty = sys.stderr.isatty()
-        self._shown = False
-        self._at = float("-inf")
-
-    def show(self, text: str, now: float) -> None:
-        if self._tty:
-            sys.stderr.write(f"\r{text}\x1b[K")
-            sys.stderr.flush()
-            self._shown = True
-        elif now - self._at >= WATCH_LINE_EVERY:
-            typer.echo(text, err=True)
-            self._at = now
-
-    def clear(self) -> None:
-        if self._shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
-# -- formatting ------------------------------------------------------------------------
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def _size(n: int) -> str:
-    """Bytes in binary units: 1536 -> '1.5 KiB'."""
-    value, unit = float(n), 0
-    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
-        value, unit = value / 1024, unit + 1
-    return f"{n} B" if unit == 0 else f"{value:.1f} {_UNITS[unit]}"
-
-
-def _percent(fill: float | None) -> str:
-    if fill is None:
-        return "-"
-    return "<0.01%" if 0 < fill < 0.0001 else f"{100 * fill:.2f}%"
-
-
-def _spread(spread: float | None) -> str:
-    """Fullest / emptiest fill; the server sends null for infinite (an empty bucket)."""
-    return "infinite" if spread is None else f"{spread:.3f}"
-
-
-def _placed_spread(st: dict[str, Any]) -> float | None:
-    """The spread by what the registry places on each live bucket (None: infinite).
-
-    The ``spread`` of /status comes from the buckets' own figures, which lag a heartbeat
-    and still count the copies a run left for deletion.
-    """
-    fills = [balance.Fill(b["id"], b["placed"], b["capacity"]) for b in st["buckets"] if b["live"]]
-    value = balance.spread(fills)
-    return None if math.isinf(value) else round(value, 4)
-
-
-def _when(timestamp: float | None) -> str:
-    return "?" if timestamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-
-
-def _moving(p: dict[str, Any]) -> str:
-    return f"moving {_size(p['moved'])} of {_size(p['planned'])} ({p['moves']} move(s), {p['failed']} failed)"
-
-
-def _run_summary(run: dict[str, Any]) -> str:
-    took = (run["finished"] or 0) - (run["started"] or run["finished"] or 0)
-    return f"moved {_size(run['moved'])} in {run['moves']} move(s), {run['failed']} failed, in {took:.1f} s"
-
-
-def _rebalancer_line(reb: dict[str, Any] | None) -> str:
-    if reb is None:  # an API server from before the rebalancer
-        return "rebalancer: unknown"
-    if reb["state"] == "moving":
-        return f"rebalancer: {_moving(reb)} - {reb['reason']}"
-    line = "rebalancer: idle" + ("" if reb.get("auto", True) else " (automatic runs off)")
-    last = reb.get("last")
-    if last:
-        line += f"; last run {_run_summary(last)}, finished {_when(last['finished'])} ({last['reason']})"
-    return line
-
-
-def _plan_summary(plan: dict[str, Any]) -> str:
-    return (
-        f"{_size(plan['bytes'])} to move in {plan['count']} move(s) (minimum for an even spread:"
-        f" {_size(plan['minimum'])}); spread {_spread(plan['spread'])} -> {_spread(plan['spread_after'])}"
-    )
-
-
-def _print_plan(plan: dict[str, Any]) -> None:
-    if not plan["count"]:
-        typer.echo(f"nothing to move (spread {_spread(plan['spread'])})")
-        return
-    typer.echo(f"plan: {_plan_summary(plan)}")
-    for m in plan["moves"]:
-        typer.echo(f"  {m['from']} -> {m['to']}  {_size(m['size']):>10}  part {m['part']:<2} {m['name']}")
-    if plan["truncated"]:
-        typer.echo(f"  ... the first {len(plan['moves'])} of {plan['count']} moves shown")
-    typer.echo("dry run: nothing moved")
 
 
 def main() -> None:
