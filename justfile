@@ -28,3 +28,7 @@ bench *ARGS:
 # Chaos run: traffic while uploads, clients, buckets and the API are killed (see docs/chaos.md)
 chaos *ARGS:
     source scripts/venv.sh && python scripts/chaos.py {{ARGS}}
+
+# Evenness benchmark: 6 buckets, 2 added, rebalance, more data (see docs/placement.md)
+balance *ARGS:
+    source scripts/venv.sh && python scripts/balance.py {{ARGS}}
