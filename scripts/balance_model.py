@@ -13,6 +13,7 @@ rendezvous hashing by free space, ``-free / ln(h)``), to show what each part con
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
@@ -186,10 +187,9 @@ def minimum_to_move(used: Mapping[str, int], capacity: Mapping[str, int], parts:
 
 
 @dataclass(frozen=True, slots=True)
-class Options:
-    """What ``scripts/balance.py`` was asked to do (both modes)."""
+class Setup:
+    """The corpus and the buckets of a run (both modes)."""
 
-    seed: int = 1
     files: int = 300
     low: int = KiB
     high: int = 32 * MiB
@@ -197,6 +197,13 @@ class Options:
     added: int = 2
     capacity: int = 4 * GiB
     new_capacity: int = 4 * GiB
+
+
+@dataclass(frozen=True, slots=True)
+class Options(Setup):
+    """What ``scripts/balance.py`` was asked to do (both modes)."""
+
+    seed: int = 1
     #: The API's ``rebalance_threshold``; a rebalance evens the buckets to half of it.
     threshold: float = 0.05
     #: The API's ``rebalance_bandwidth`` in bytes per second (0: unlimited).
@@ -221,30 +228,17 @@ class Options:
         )
 
     def sim_options(self) -> SimOptions:
-        return SimOptions(
-            files=self.files,
-            low=self.low,
-            high=self.high,
-            initial=self.initial,
-            added=self.added,
-            capacity=self.capacity,
-            new_capacity=self.new_capacity,
-            tolerance=self.threshold / 2,
-        )
+        setup = {f.name: getattr(self, f.name) for f in dataclasses.fields(Setup)}
+        return SimOptions(**setup, tolerance=self.threshold / 2)
 
 
 # -- simulation ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class SimOptions:
-    files: int = 300
-    low: int = KiB
-    high: int = 32 * MiB
-    initial: int = 6
-    added: int = 2
-    capacity: int = 4 * GiB
-    new_capacity: int = 4 * GiB
+class SimOptions(Setup):
+    """A simulation: the run's set-up, and what the API server would be configured with."""
+
     parts: int = 6
     stripe_unit: int = MiB
     #: Where a rebalance stops: half of ``rebalance_threshold`` (0.05 by default).

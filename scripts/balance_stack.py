@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 from balance_model import BalanceError
+from bench_procs import log_tail
 
 from karma8.client import Client
 from karma8.config import ClientConfig
@@ -32,7 +33,6 @@ from karma8.stack import stop_process
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 POLL = 0.1
-LOG_TAIL = 20
 PROBLEMS_SHOWN = 10
 
 #: API settings that only shorten waits (the bucket figures in /status follow heartbeats,
@@ -50,11 +50,7 @@ class Child:
     info: dict[str, Any] = field(default_factory=dict)
 
     def log_tail(self) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-LOG_TAIL:])
+        return log_tail(self.log)
 
 
 class Stack:

@@ -172,10 +172,11 @@ def _open_log(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a process's log."""
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
+    return "(no log)"
 
 
 def _report_stack_log(path: Path) -> None:
@@ -195,16 +196,14 @@ async def _wait_until_up(proc: trio.Process, log_path: Path) -> str:
         with trio.fail_after(STACK_START_TIMEOUT):
             while True:
                 if proc.returncode is not None:
-                    raise BenchError(
-                        f"karma8 up exited with status {proc.returncode}:\n{_log_tail(log_path)}"
-                    )
+                    raise BenchError(f"karma8 up exited with status {proc.returncode}:\n{log_tail(log_path)}")
                 match = UP_LINE.search(await trio.Path(log_path).read_text(errors="replace"))
                 if match:
                     return match.group(1)
                 await trio.sleep(POLL)
     except trio.TooSlowError:
         raise BenchError(
-            f"karma8 up not ready after {STACK_START_TIMEOUT:g} s:\n{_log_tail(log_path)}"
+            f"karma8 up not ready after {STACK_START_TIMEOUT:g} s:\n{log_tail(log_path)}"
         ) from None
 
 
@@ -227,7 +226,7 @@ async def open_local_stack(data: Path, log_path: Path) -> AsyncIterator[str]:
     try:
         yield await _wait_until_up(proc, log_path)
         if proc.returncode is not None:
-            raise BenchError(f"the stack exited during the run:\n{_log_tail(log_path)}")
+            raise BenchError(f"the stack exited during the run:\n{log_tail(log_path)}")
     finally:
         await _stop(proc)
         _report_stack_log(log_path)

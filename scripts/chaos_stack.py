@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from bench_procs import log_tail
 from chaos_model import ChaosError
 
 from karma8.client import Client
@@ -29,7 +30,6 @@ from karma8.stack import stop_process
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
-LOG_TAIL = 20
 
 #: Fast membership, as in the integration tests, so deaths and returns show in seconds.
 FAST_API = {
@@ -110,11 +110,7 @@ class Child:
         return self.proc is not None and self.proc.returncode is None
 
     def log_tail(self) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-LOG_TAIL:])
+        return log_tail(self.log)
 
 
 class Stack:

@@ -27,10 +27,10 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.up_harness import (
-    EXIT_DEADLINE,
     cli_env,
     karma8_up,
     processes_mentioning,
+    signal_when,
     stop_with_ctrl_c,
 )
 
@@ -280,21 +280,12 @@ async def test_interrupted_upload_leaves_nothing(cluster: Cluster, tmp_path: Pat
             env=cli_env(),
             cwd=tmp_path,
         )
-    try:
 
-        def data_on_a_bucket() -> bool:
-            assert proc.poll() is None, f"upload exited early ({proc.returncode}): {err_log.read_text()}"
-            return any(size_of(p) > 0 for b in cluster.buckets for p in b.tmp_files())
+    def data_on_a_bucket() -> bool:
+        assert proc.poll() is None, f"upload exited early ({proc.returncode}): {err_log.read_text()}"
+        return any(size_of(p) > 0 for b in cluster.buckets for p in b.tmp_files())
 
-        await wait_until(data_on_a_bucket, "upload data to reach a bucket")
-        proc.send_signal(sig)
-        with trio.fail_after(EXIT_DEADLINE):
-            await proc.wait()
-    finally:
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+    await signal_when(proc, data_on_a_bucket, "upload data to reach a bucket", sig)
 
     assert out_log.read_text() == "", "the upload reported success"
     if sig == signal.SIGINT:

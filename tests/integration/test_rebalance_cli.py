@@ -26,7 +26,7 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.test_cli import karma8
-from tests.integration.up_harness import EXIT_DEADLINE, cli_env
+from tests.integration.up_harness import cli_env, signal_when
 
 #: File sizes: a few MiB in all, large and small, some with parts of unequal sizes.
 SIZES = (3 * MiB + 17, 2 * MiB, MiB + 5, 700_000, 300_001, 64 * KiB + 3, 1000, 5)
@@ -77,21 +77,12 @@ async def interrupt_a_watch(tmp_path: Path, env: dict[str, str]) -> None:
         proc = await trio.lowlevel.open_process(
             karma8_cmd("rebalance"), stdout=out_f, stderr=err_f, env=env, cwd=tmp_path
         )
-    try:
 
-        def watching() -> bool:
-            assert proc.poll() is None, f"exited early ({proc.returncode}): {err.read_text()}"
-            return err.read_text().startswith("rebalance: ")
+    def watching() -> bool:
+        assert proc.poll() is None, f"exited early ({proc.returncode}): {err.read_text()}"
+        return err.read_text().startswith("rebalance: ")
 
-        await wait_until(watching, "karma8 rebalance to show progress")
-        proc.send_signal(signal.SIGINT)
-        with trio.fail_after(EXIT_DEADLINE):
-            await proc.wait()
-    finally:
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+    await signal_when(proc, watching, "karma8 rebalance to show progress", signal.SIGINT)
     assert proc.returncode == 130, err.read_text()
     assert out.read_text().startswith("rebalance started: ")
     assert err.read_text().splitlines()[-1] == (

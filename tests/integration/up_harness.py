@@ -7,14 +7,14 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from karma8.stack import stop_process
-from tests.integration.harness import free_port, karma8_cmd
+from tests.integration.harness import free_port, karma8_cmd, wait_until
 
 #: Limit for ``karma8 up`` to report the stack ready (7 processes start).
 UP_DEADLINE = 60.0
@@ -82,6 +82,23 @@ async def karma8_up(data: Path, log: Path, *args: str, **env: str) -> AsyncItera
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             await proc.stdout.aclose()
+
+
+async def signal_when(proc: trio.Process, ready: Callable[[], bool], what: str, sig: int) -> None:
+    """Send ``sig`` to ``proc`` once ``ready()``, then wait for it to exit.
+
+    If the test fails first, the process is killed rather than left behind.
+    """
+    try:
+        await wait_until(ready, what)
+        proc.send_signal(sig)
+        with trio.fail_after(EXIT_DEADLINE):
+            await proc.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 async def stop_with_ctrl_c(stack: Stack) -> None:
