@@ -24,6 +24,7 @@ import grpclib.exceptions
 import h2.exceptions
 import trio
 
+from karma8 import speedups
 from karma8.core.records import StoredFragment, Usage
 from karma8.errors import BucketUnavailable, ChecksumMismatch, Internal, Karma8Error
 from karma8.rpc.auth import ChannelSecurity, attach_secret
@@ -273,6 +274,7 @@ async def connect_bucket(
     The HTTP/2 receive windows bound how much a bucket can push ahead of what we consume
     (grpclib acknowledges data as it is read); the 64 KiB default would stall 1 MiB chunks.
     """
+    speedups.apply()
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise BucketUnavailable(bucket_id, f"bad address {address!r}")

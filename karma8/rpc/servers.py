@@ -7,6 +7,7 @@ from typing import Any
 
 import grpclib.server
 
+from karma8 import speedups
 from karma8.rpc.auth import require_secret
 
 
@@ -25,6 +26,7 @@ async def start_grpc_server(
     ``who`` names this server in the log line of a refused call. With ``ssl_context``
     the server speaks TLS only.
     """
+    speedups.apply()
     server = grpclib.server.Server(handlers)
     if secret:
         require_secret(server, secret, who)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
+from karma8 import speedups
 from karma8.config import MiB
 from karma8.core.fragments import fragment_id, new_upload_id
 from karma8.errors import BucketUnavailable, Internal
@@ -166,5 +168,32 @@ async def test_a_bucket_refuses_malformed_fragment_ids(tmp_path: Path, bad: str)
             await client.aclose()
         left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
         assert left == [Path("b/bucket-id"), Path("b.ready")]
+    finally:
+        await stop_process(bucket.proc)
+
+
+async def test_bucket_connections_use_large_http2_frames(tmp_path: Path) -> None:
+    """Both ends announce 256 KiB frames (karma8.speedups); data round-trips unchanged."""
+    bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
+    try:
+        async with open_portal() as portal:
+            client = await connect_test_bucket(portal, bucket)
+            fid = fragment_id(new_upload_id(), 0)
+            data = bytes(range(256)) * 4096 * 3  # 3 MiB
+            async with client.open_put(fid, len(data)) as writer:
+                await writer.send(data)
+                stored = await writer.finish()
+            assert stored.sha256 == hashlib.sha256(data).hexdigest()
+            back = b""
+            async with client.open_get(fid, MiB) as reader:
+                while (chunk := await reader.receive()) is not None:
+                    back += chunk
+            assert back == data
+
+            async def frame_size() -> int:
+                return int(client._channel._protocol.connection._connection.max_outbound_frame_size)
+
+            assert await portal.run(frame_size) == speedups.MAX_FRAME_SIZE
+            await client.aclose()
     finally:
         await stop_process(bucket.proc)
