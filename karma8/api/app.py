@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import serve_websocket
 
-from karma8 import wsfix
+from karma8 import speedups, wsfix
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
 from karma8.api.rebalance import Rebalancer
@@ -60,6 +60,8 @@ async def serve_api(
         log.warning("insecure = true: buckets are not authenticated, anyone can register one")
     tls = api_tls(config)
     wsfix.apply()
+    speedups.apply()
+    speedups.apply_websocket()
     async with (
         open_registry(config.registry_path) as registry,
         open_portal(use_uvloop=config.uvloop) as portal,

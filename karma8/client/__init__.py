@@ -25,7 +25,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from karma8 import wsfix
+from karma8 import speedups, wsfix
 from karma8.config import ClientConfig
 from karma8.core.auth import AUTHORIZATION, bearer
 from karma8.core.names import encode_name, validate_name
@@ -55,6 +55,7 @@ class Client:
     def __init__(self, config: ClientConfig | None = None) -> None:
         """Raises ConfigError when ``tls_ca`` cannot be loaded (for a ``wss://`` URL)."""
         wsfix.apply()  # a refused TLS handshake fails at once, with its reason
+        speedups.apply_websocket()  # fast WebSocket masking
         self.config = config or ClientConfig()
         self._ssl = client_tls(self.config)
         token = self.config.token.get_secret_value()

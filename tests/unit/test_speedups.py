@@ -7,6 +7,8 @@ import inspect
 import grpclib.protocol
 import h2.connection
 import hyperframe.frame
+import pytest
+from wsproto.frame_protocol import XorMaskerSimple
 
 from karma8 import speedups
 
@@ -38,3 +40,24 @@ def test_grpclib_still_keeps_the_default_frame_size() -> None:
     assert "initiate_connection()" in source
     speedups.apply()
     assert grpclib.protocol.H2Protocol.connection_made is speedups._connection_made
+
+
+def test_wsproto_still_masks_with_translate() -> None:
+    # If wsproto learns a fast masker, drop fix 3.
+    assert ".translate(" in inspect.getsource(speedups._original_mask)
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [3], [4], [5, 7, 1, 1024, 3], [MiB + 3, 2, MiB]])
+def test_masking_gives_what_wsproto_gives(sizes: list[int]) -> None:
+    # Chunks of any length in a row: the key must continue where the last chunk ended.
+    key = bytes([0x12, 0x9A, 0xFF, 0x01])
+    ours = XorMaskerSimple(key)
+    theirs = XorMaskerSimple(key)
+    for i, size in enumerate(sizes):
+        data = bytes((i * 31 + j) % 251 for j in range(size))
+        expected = speedups._original_mask(theirs, data)
+        got = speedups._mask(ours, memoryview(data) if i % 2 else data)
+        assert got == expected
+        assert isinstance(got, bytearray)
+    speedups.apply_websocket()
+    assert XorMaskerSimple.process is speedups._mask
