@@ -2,21 +2,29 @@
 
 By default it starts its own local stack (``python -m karma8 up`` as a child process, on
 free ports, in a temporary data directory) and stops it with SIGINT at the end; ``--api``
-uses a running stack instead (``--data`` then helps find its processes). For each size it
-writes a pseudo-random source file, copies it with a plain disk copy (the throughput
-baseline), then uploads and downloads it ``--repeat`` times with the client library,
-checking sha256 every time.
+uses a running stack instead (``--data`` then helps find its processes). The cases:
 
-Reported: MB/s (10^6 bytes per second, median and range), the ratio to the disk copy, CPU
-seconds per GiB moved for the API server, the buckets (summed) and the client (this
-process), and each process's peak RSS during each transfer. Exit status: 0 when every
-transfer round-tripped intact (performance targets are informational), 1 on a checksum
-mismatch or a stack failure.
+- big files: for each size it writes a pseudo-random source file, copies it with a plain
+  disk copy (the throughput baseline), then uploads and downloads it ``--repeat`` times;
+- small files: ``--small-files`` files of ``--small-size`` (200 x 64 KiB) uploaded, then
+  downloaded, ``--concurrency`` (8) at a time, ``--repeat`` times.
+
+``--vs-swift`` also runs every case against the Swift peer (``swiftpeer.sh``, started here
+unless it is up, ``rep1`` policy) in the same run, alternating karma8 and Swift every
+repeat (karma8 first on odd repeats, Swift first on even ones), and prints the ratios
+karma8 / Swift next to the targets of issue 5.
+
+Reported: MB/s (10^6 bytes per second) or files/s, median and range; the ratio to the disk
+copy; CPU seconds per GiB moved for each group of server processes and the client (this
+process); each group's peak RSS during each transfer. Every download is checked against
+the source's sha256. Exit status: 0 when every transfer round-tripped intact (performance
+targets are informational), 1 on a checksum mismatch or a stack failure.
 
 Usage::
 
-    python scripts/bench.py                                  # 1 GiB and 4 GiB, once each
+    python scripts/bench.py                                  # 1 GiB and 4 GiB, 200 x 64 KiB, once each
     python scripts/bench.py --sizes 64M,256M --repeat 3 --json bench.json
+    python scripts/bench.py --vs-swift --size 1G --repeat 3
     python scripts/bench.py --api ws://127.0.0.1:8080 --data karma8-data
 """
 
@@ -26,6 +34,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import http.client
 import os
 import platform
 import shlex
@@ -34,21 +43,31 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import trio
-from bench_model import MB, POLL, BenchError, Options, SizeRun, Transfer, note, size_label
-from bench_procs import Watched, cpu_seconds, find_stack_processes, open_local_stack, reset_peak, status_bytes
+from bench_cases import Karma8Target, System, round_trip, small_round
+from bench_meter import Meter, settle
+from bench_model import (
+    MB,
+    SWIFT_ROLES,
+    BenchError,
+    Options,
+    SizeRun,
+    SmallRun,
+    Source,
+    SystemRuns,
+    note,
+    size_label,
+)
+from bench_procs import Watched, find_stack_processes, open_local_stack, status_bytes
 from bench_report import Results, format_report, write_json
+from bench_swift import DEFAULT_SCRIPT, URL, SwiftTarget, authenticate, find_swift_processes, open_swift_peer
 
 from karma8.client import Client
 from karma8.config import ClientConfig, GiB, MiB, load, parse_size
 from karma8.errors import Karma8Error
-
-T = TypeVar("T")
 
 BLOCK = MiB
 #: Pools of random 1 MiB blocks; coprime sizes make the XOR of two repeat only every 221 MiB.
@@ -56,18 +75,27 @@ POOL_A, POOL_B = 13, 17
 DEFAULT_SIZES = "1G,4G"
 #: Free disk needed, in multiples of the largest size: source, stored fragments, download.
 DISK_FACTOR = 3
-SAMPLE_INTERVAL = 0.05
-RECLAIM_TIMEOUT = 60.0
 
 
 # -- options ---------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    return int(str(parse_size(text)))
 
 
 def parse_args(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", help="one file size (e.g. 1G, 512M)")
     parser.add_argument("--sizes", help=f"comma-separated sizes [default {DEFAULT_SIZES}]")
-    parser.add_argument("--repeat", type=int, default=1, help="round trips per size [1]")
+    parser.add_argument("--repeat", type=int, default=1, help="round trips per case [1]")
+    parser.add_argument("--small-files", type=int, default=200, help="small files per case; 0: none [200]")
+    parser.add_argument("--small-size", default="64K", help="size of each small file [64K]")
+    parser.add_argument("--concurrency", type=int, default=8, help="small-file transfers at a time [8]")
+    parser.add_argument("--vs-swift", action="store_true", help="also run every case against the Swift peer")
+    parser.add_argument(
+        "--swift-peer", type=Path, default=DEFAULT_SCRIPT, help=f"swiftpeer.sh [default {DEFAULT_SCRIPT}]"
+    )
     parser.add_argument("--api", help="use this running stack (ws://host:port) instead of starting one")
     parser.add_argument("--data", type=Path, help="stack data directory (started here, or the running one's)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory, stack data and log")
@@ -77,13 +105,28 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("give --size or --sizes, not both")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.small_files < 0 or args.concurrency < 1:
+        parser.error("--small-files must be at least 0 and --concurrency at least 1")
     try:
-        sizes = tuple(int(str(parse_size(s))) for s in (args.size or args.sizes or DEFAULT_SIZES).split(","))
+        sizes = tuple(_size(s) for s in (args.size or args.sizes or DEFAULT_SIZES).split(","))
+        small_size = _size(args.small_size)
     except ValueError as exc:
         parser.error(str(exc))
-    if min(sizes) <= 0:
+    if min(sizes) <= 0 or small_size <= 0:
         parser.error("sizes must be positive")
-    return Options(sizes, args.repeat, args.api, args.data, args.keep, args.json_path)
+    return Options(
+        sizes,
+        args.repeat,
+        args.api,
+        args.data,
+        args.keep,
+        args.json_path,
+        args.small_files,
+        small_size,
+        args.concurrency,
+        args.vs_swift,
+        args.swift_peer,
+    )
 
 
 # -- machine facts ---------------------------------------------------------------------
@@ -97,18 +140,22 @@ def _proc_field(path: str, key: str) -> str:
     return "?"
 
 
-def _git_revision() -> str:
+def _git(*args: str) -> str:
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(root), "describe", "--always", "--dirty"],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
+        out = subprocess.run(["git", "-C", str(root), *args], check=False, capture_output=True, text=True)
     except OSError:
-        return "?"
-    return rev.stdout.strip() or "?"
+        return ""
+    return out.stdout.strip()
+
+
+def _git_revision() -> str:
+    return _git("describe", "--always", "--dirty") or "?"
+
+
+def _uncommitted() -> str:
+    """The tracked files that differ from the revision: what "-dirty" stands for."""
+    return ", ".join(_git("diff", "--name-only", "HEAD").split()) or "none"
 
 
 def _memory() -> str:
@@ -132,6 +179,7 @@ def machine_facts() -> dict[str, str]:
         "kernel": platform.release(),
         "python": f"{platform.python_version()} ({platform.python_implementation()})",
         "karma8": _git_revision(),
+        "uncommitted": _uncommitted(),
     }
 
 
@@ -142,28 +190,25 @@ def _random_block() -> int:
     return int.from_bytes(os.urandom(BLOCK), "little")
 
 
-def write_random_file(path: Path, size: int) -> str:
-    """Write ``size`` pseudo-random bytes to ``path``; return their sha256.
+def write_random_file(path: Path, size: int, *, md5: bool = False) -> Source:
+    """Write ``size`` pseudo-random bytes to ``path``; their sha256 (and md5, which Swift checks).
 
     Block i is the XOR of a block from each of two small urandom pools and of i itself: every
     block differs, at about 1 GB/s (os.urandom alone is about half as fast).
     """
     left = [_random_block() for _ in range(POOL_A)]
     right = [_random_block() for _ in range(POOL_B)]
-    hasher = hashlib.sha256()
+    hashers = [hashlib.sha256(), *([hashlib.md5(usedforsecurity=False)] if md5 else [])]
     with path.open("wb") as f:
         for index in range(-(-size // BLOCK)):
             block = (left[index % POOL_A] ^ right[index % POOL_B] ^ index).to_bytes(BLOCK, "little")
             block = block[: size - index * BLOCK]
-            hasher.update(block)
+            for hasher in hashers:
+                hasher.update(block)
             f.write(block)
         os.fsync(f.fileno())
-    return hasher.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digests = [h.hexdigest() for h in hashers]
+    return Source(path, size, digests[0], digests[1] if md5 else None)
 
 
 def disk_copy(src: Path, dst: Path) -> float:
@@ -186,153 +231,55 @@ def check_disk_space(workdir: Path, largest: int) -> None:
         )
 
 
-# -- measuring one transfer ------------------------------------------------------------
-
-
-def _cpu_snapshot(pids: Sequence[int]) -> dict[int, float | None]:
-    return {pid: cpu_seconds(pid) for pid in pids}
-
-
-def _cpu_by_role(
-    watched: Watched, before: dict[int, float | None], after: dict[int, float | None]
-) -> dict[str, float | None]:
-    result: dict[str, float | None] = {}
-    for role, pids in watched.groups().items():
-        deltas = [(after[p], before[p]) for p in pids]
-        ok = pids and all(a is not None and b is not None for a, b in deltas)
-        result[role] = sum(a - b for a, b in deltas if a is not None and b is not None) if ok else None
-    return result
-
-
-def _rss_now(pids: Sequence[int]) -> dict[int, int]:
-    return {pid: rss for pid in pids if (rss := status_bytes(pid, "VmRSS")) is not None}
-
-
-def _rss_by_role(watched: Watched, peaks: dict[int, int]) -> dict[str, int | None]:
-    return {
-        role: max((peaks[p] for p in pids if p in peaks), default=None)
-        for role, pids in watched.groups().items()
-    }
-
-
-async def sample_rss(pids: Sequence[int], peaks: dict[int, int]) -> None:
-    """Record each process's largest VmRSS, every SAMPLE_INTERVAL, until cancelled."""
-    while True:
-        for pid, rss in _rss_now(pids).items():
-            peaks[pid] = max(rss, peaks.get(pid, 0))
-        await trio.sleep(SAMPLE_INTERVAL)
-
-
-def _add_hwm(pids: Iterable[int], peaks: dict[int, int]) -> None:
-    """Fold in VmHWM, which also sees the peaks between samples."""
-    for pid in pids:
-        hwm = status_bytes(pid, "VmHWM")
-        if hwm is not None:
-            peaks[pid] = max(hwm, peaks.get(pid, 0))
-
-
-async def settle() -> None:
-    """Flush dirty pages, so that an fsync in the next measurement pays only for its own data."""
-    await trio.to_thread.run_sync(os.sync)
-
-
-@dataclass(slots=True)
-class Meter:
-    """Measures transfers; keeps each process's lifetime VmHWM across the per-transfer resets."""
-
-    watched: Watched
-    lifetime: dict[int, int] = field(default_factory=dict)
-
-    def _reset_peaks(self, pids: Sequence[int]) -> list[int]:
-        """Reset VmHWM (keeping the lifetime peak it held); the pids where that worked."""
-        _add_hwm(pids, self.lifetime)
-        return [pid for pid in pids if reset_peak(pid)]
-
-    def lifetime_peaks(self) -> dict[str, int | None]:
-        _add_hwm(self.watched.pids(), self.lifetime)
-        return _rss_by_role(self.watched, self.lifetime)
-
-    async def measure(self, size: int, transfer: Callable[[], Awaitable[T]]) -> tuple[Transfer, T]:
-        """Run ``transfer`` while sampling RSS; its time, CPU and memory by role."""
-        await settle()
-        watched, pids = self.watched, self.watched.pids()
-        reset = self._reset_peaks(pids)
-        rss_before = _rss_by_role(watched, _rss_now(pids))
-        peaks: dict[int, int] = {}
-        before = _cpu_snapshot(pids)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sample_rss, pids, peaks)
-            start = time.perf_counter()
-            result = await transfer()
-            seconds = time.perf_counter() - start
-            nursery.cancel_scope.cancel()
-        cpu = _cpu_by_role(watched, before, _cpu_snapshot(pids))
-        _add_hwm(reset, peaks)
-        rss_after = _rss_by_role(watched, _rss_now(pids))
-        return Transfer(size, seconds, cpu, rss_before, _rss_by_role(watched, peaks), rss_after), result
-
-
 # -- the benchmark ---------------------------------------------------------------------
 
 
-async def used_bytes(client: Client) -> int:
-    status = await client.status()
-    return sum(int(b["used"]) for b in status["buckets"])
+def _in_turn(systems: Sequence[System], repeat: int) -> Sequence[System]:
+    """Alternate: karma8 first on odd repeats, the peer first on even ones."""
+    return systems if repeat % 2 else systems[::-1]
 
 
-async def delete_and_reclaim(client: Client, name: str, baseline: int) -> None:
-    """Delete ``name`` and wait until the buckets report its space freed (bounded disk use)."""
-    await client.delete(name)
-    with trio.move_on_after(RECLAIM_TIMEOUT) as scope:
-        # Usage arrives with bucket heartbeats: there is no event to wait on.
-        while await used_bytes(client) > baseline:  # noqa: ASYNC110
-            await trio.sleep(POLL)
-    if scope.cancelled_caught:
-        note(f"warning: buckets still use more than before {name!r} after {RECLAIM_TIMEOUT:g} s")
-
-
-async def round_trip(client: Client, meter: Meter, run: SizeRun, src: Path, workdir: Path) -> None:
-    name = f"bench/{src.name}"
-    dst = workdir / f"download-{src.name}"
-    up, info = await meter.measure(run.size, lambda: client.upload(src, name))
-    if info.sha256 != run.sha256 or info.size != run.size:
-        raise BenchError(
-            f"upload of {name}: server has {info.size} B sha256 {info.sha256}, source {run.sha256}"
-        )
-    down, _ = await meter.measure(run.size, lambda: client.download(name, dst))
-    got = await trio.to_thread.run_sync(sha256_file, dst)
-    await trio.Path(dst).unlink()
-    if got != run.sha256:
-        raise BenchError(f"download of {name}: sha256 {got}, source {run.sha256}")
-    run.upload.append(up)
-    run.download.append(down)
-    note(f"  upload {up.mb_per_s:7.1f} MB/s, download {down.mb_per_s:7.1f} MB/s, sha256 ok")
-
-
-async def bench_size(client: Client, meter: Meter, size: int, repeat: int, workdir: Path) -> SizeRun:
+async def bench_size(systems: Sequence[System], size: int, repeat: int, workdir: Path, md5: bool) -> None:
     label = size_label(size).replace(" ", "")
-    src = workdir / f"source-{label}.bin"
-    copy = workdir / f"copy-{label}.bin"
+    path, copy = workdir / f"source-{label}.bin", workdir / f"copy-{label}.bin"
     note(f"{size_label(size)}: writing the source file")
     try:
-        run = SizeRun(size, await trio.to_thread.run_sync(write_random_file, src, size))
+        src = await trio.to_thread.run_sync(lambda: write_random_file(path, size, md5=md5))
+        disk_copy_seconds: list[float] = []  # one baseline for every system
+        runs = {s.target.name: SizeRun(size, src.sha256, disk_copy_seconds) for s in systems}
+        for system in systems:
+            system.results.runs.append(runs[system.target.name])
         for i in range(1, repeat + 1):
             await settle()
-            run.disk_copy_seconds.append(await trio.to_thread.run_sync(disk_copy, src, copy))
+            disk_copy_seconds.append(await trio.to_thread.run_sync(disk_copy, path, copy))
             await trio.Path(copy).unlink()
-            note(f"{size_label(size)} #{i}: disk copy {size / run.disk_copy_seconds[-1] / MB:.1f} MB/s")
-            baseline = await used_bytes(client)
-            await round_trip(client, meter, run, src, workdir)
-            await delete_and_reclaim(client, f"bench/{src.name}", baseline)
+            note(f"{size_label(size)} #{i}: disk copy {size / disk_copy_seconds[-1] / MB:.1f} MB/s")
+            for system in _in_turn(systems, i):
+                note("  " + await round_trip(system, runs[system.target.name], src, workdir))
     finally:
         with contextlib.suppress(FileNotFoundError):
-            src.unlink()
+            path.unlink()
         with contextlib.suppress(FileNotFoundError):
             copy.unlink()
-    return run
 
 
-async def bench_stack(url: str, data: Path | None, options: Options, workdir: Path, results: Results) -> None:
+async def bench_small(systems: Sequence[System], options: Options, workdir: Path) -> None:
+    runs = {
+        s.target.name: SmallRun(options.small_files, options.small_size, options.concurrency) for s in systems
+    }
+    label = next(iter(runs.values())).label()
+    path = workdir / f"small-{options.small_size}.bin"
+    src = await trio.to_thread.run_sync(lambda: write_random_file(path, options.small_size, md5=True))
+    for system in systems:
+        system.results.small.append(runs[system.target.name])
+    for i in range(1, options.repeat + 1):
+        note(f"{label} at concurrency {options.concurrency} #{i}")
+        for system in _in_turn(systems, i):
+            note("  " + await small_round(system, runs[system.target.name], src, workdir))
+    await trio.Path(path).unlink()
+
+
+async def karma8_system(url: str, data: Path | None, results: Results) -> System:
     watched = find_stack_processes(url, data)
     if watched.api is None:
         note("warning: API server process not found; its CPU and RSS are not reported")
@@ -341,23 +288,50 @@ async def bench_stack(url: str, data: Path | None, options: Options, workdir: Pa
     client = Client(load(ClientConfig, api=url))
     status = await client.status()  # fails early if the API server is unreachable
     results.stack += f"; {status['live']} live buckets"
-    meter = Meter(watched)
+    results.karma8.pids = watched.groups()
+    return System(Karma8Target(client), Meter(watched.groups()), results.karma8)
+
+
+async def swift_system(started: bool, results: Results) -> System:
+    account = await trio.to_thread.run_sync(authenticate)
+    procs = find_swift_processes()
+    results.swift = SystemRuns("Swift", SWIFT_ROLES, procs.groups())
+    results.swift_peer = (
+        f"{'started here' if started else 'already running'} at {URL}, policy rep1; "
+        f"{len(procs.proxy)} proxy, {len(procs.objects)} object server, {len(procs.others)} other processes"
+    )
+    return System(SwiftTarget(account), Meter(procs.groups()), results.swift)
+
+
+async def bench_systems(systems: Sequence[System], options: Options, workdir: Path) -> None:
     for size in options.sizes:
-        results.runs.append(await bench_size(client, meter, size, options.repeat, workdir))
-    results.lifetime_hwm = meter.lifetime_peaks()
+        await bench_size(systems, size, options.repeat, workdir, md5=options.vs_swift)
+    if options.small_files:
+        await bench_small(systems, options, workdir)
+    for system in systems:
+        system.results.lifetime_hwm = system.meter.lifetime_peaks()
 
 
 async def run_bench(options: Options, workdir: Path, results: Results) -> None:
     start = time.perf_counter()
-    if options.api is not None:
-        results.stack = f"running stack at {options.api}"
-        await bench_stack(options.api, options.data, options, workdir, results)
-    else:
-        data = options.data or workdir / "data"
-        async with open_local_stack(data, workdir / "stack.log") as url:
+    async with contextlib.AsyncExitStack() as stack:
+        started = False
+        if options.vs_swift:
+            script = options.swift_peer or DEFAULT_SCRIPT
+            started = await stack.enter_async_context(open_swift_peer(script, workdir / "swift.log"))
+        data = options.data
+        if options.api is not None:
+            url = options.api
+            results.stack = f"running stack at {url}"
+        else:
+            data = options.data or workdir / "data"
+            url = await stack.enter_async_context(open_local_stack(data, workdir / "stack.log"))
             results.stack = f"local stack started here ({url}, data in {data})"
             note(f"karma8 is up at {url}")
-            await bench_stack(url, data, options, workdir, results)
+        systems = [await karma8_system(url, data, results)]
+        if options.vs_swift:
+            systems.append(await swift_system(started, results))
+        await bench_systems(systems, options, workdir)
     results.seconds = time.perf_counter() - start
     results.facts["loadavg_end"] = _load_average()
 
@@ -398,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             check_disk_space(workdir, max(options.sizes))
             trio.run(run_bench, options, workdir, results)
-        except* (BenchError, Karma8Error, OSError) as group:
+        except* (BenchError, Karma8Error, OSError, http.client.HTTPException) as group:
             failures += [str(exc) for exc in _leaves(group)]
         except* KeyboardInterrupt:
             failures.append("interrupted")

@@ -7,11 +7,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from karma8.config import GiB, MiB
+from karma8.config import GiB, KiB, MiB
 
 MB = 1_000_000
 POLL = 0.1
-ROLES = ("api", "buckets", "client")
+CLIENT = "client"
+#: The processes measured, by role: the servers, then the client (this process, never compared).
+KARMA8_ROLES = ("api", "buckets", CLIENT)
+SWIFT_ROLES = ("proxy", "objects", "others", CLIENT)
 
 
 class BenchError(Exception):
@@ -31,18 +34,38 @@ class Options:
     data: Path | None
     keep: bool
     json_path: Path | None
+    #: The small-file case: this many files of small_size, concurrency at a time (0 files: no case).
+    small_files: int = 200
+    small_size: int = 64 * KiB
+    concurrency: int = 8
+    #: Also run every case against the Swift peer started by this script.
+    vs_swift: bool = False
+    swift_peer: Path | None = None
 
 
 def size_label(size: int) -> str:
-    for unit, name in ((GiB, "GiB"), (MiB, "MiB")):
+    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
         if size >= unit and size % unit == 0:
             return f"{size // unit} {name}"
     return f"{size} B"
 
 
 @dataclass(frozen=True, slots=True)
+class Source:
+    """A file to upload and what its copies must hash to (md5 only where Swift needs it)."""
+
+    path: Path
+    size: int
+    sha256: str
+    md5: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Transfer:
-    """One measured transfer. CPU is in seconds, RSS in bytes; None: process not found."""
+    """One measured transfer of ``count`` files, ``size`` bytes in all.
+
+    CPU is in seconds, RSS in bytes, by role; None: process not found.
+    """
 
     size: int
     seconds: float
@@ -50,23 +73,66 @@ class Transfer:
     rss_before: dict[str, int | None]
     peak_rss: dict[str, int | None]
     rss_after: dict[str, int | None]
+    count: int = 1
 
     @property
     def mb_per_s(self) -> float:
         return self.size / self.seconds / MB
 
+    @property
+    def files_per_s(self) -> float:
+        return self.count / self.seconds
+
     def cpu_per_gib(self, role: str) -> float | None:
         cpu = self.cpu[role]
         return None if cpu is None else cpu / (self.size / GiB)
 
+    def server_cpu_per_gib(self) -> float | None:
+        """All the servers' CPU (every role but the client) per GiB moved."""
+        per_role = [self.cpu_per_gib(role) for role in self.cpu if role != CLIENT]
+        known = [c for c in per_role if c is not None]
+        return sum(known) if known and len(known) == len(per_role) else None
+
 
 @dataclass(slots=True)
 class SizeRun:
+    """Round trips of one big file."""
+
     size: int
     sha256: str
     disk_copy_seconds: list[float] = field(default_factory=list)
     upload: list[Transfer] = field(default_factory=list)
     download: list[Transfer] = field(default_factory=list)
 
-    def disk_mb_per_s(self) -> float:
-        return statistics.median(self.size / s / MB for s in self.disk_copy_seconds)
+    def disk_mb_per_s(self) -> float | None:
+        return (
+            statistics.median(self.size / s / MB for s in self.disk_copy_seconds)
+            if self.disk_copy_seconds
+            else None
+        )
+
+
+@dataclass(slots=True)
+class SmallRun:
+    """Rounds of ``files`` small files of ``size`` bytes, ``concurrency`` transfers at a time."""
+
+    files: int
+    size: int
+    concurrency: int
+    upload: list[Transfer] = field(default_factory=list)
+    download: list[Transfer] = field(default_factory=list)
+
+    def label(self) -> str:
+        return f"{self.files} x {size_label(self.size)}"
+
+
+@dataclass(slots=True)
+class SystemRuns:
+    """Everything measured on one system (karma8 or the Swift peer)."""
+
+    name: str
+    roles: tuple[str, ...]
+    pids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    runs: list[SizeRun] = field(default_factory=list)
+    small: list[SmallRun] = field(default_factory=list)
+    lifetime_hwm: dict[str, int | None] = field(default_factory=dict)

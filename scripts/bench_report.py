@@ -1,4 +1,4 @@
-"""The benchmark report: the plain-text table, the memory summary and the JSON dump."""
+"""The benchmark report: the plain-text tables, the memory summary and the JSON dump."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench_model import MB, ROLES, Options, SizeRun, Transfer, size_label
+from bench_compare import API_RSS_TARGET, BUCKET_RSS_TARGET, compare, format_comparison
+from bench_model import CLIENT, KARMA8_ROLES, MB, Options, SizeRun, SmallRun, SystemRuns, Transfer, size_label
 from bench_procs import Watched
-
-API_RSS_TARGET = 150 * MB  # issue 2
 
 
 @dataclass(slots=True)
@@ -21,12 +20,13 @@ class Results:
     stack: str
     watched: Watched
     idle_api_rss: int | None = None
-    runs: list[SizeRun] = field(default_factory=list)
-    lifetime_hwm: dict[str, int | None] = field(default_factory=dict)
+    karma8: SystemRuns = field(default_factory=lambda: SystemRuns("karma8", KARMA8_ROLES))
+    swift: SystemRuns | None = None
+    swift_peer: str = ""
     seconds: float = 0.0
 
 
-# -- the report ------------------------------------------------------------------------
+# -- the tables ------------------------------------------------------------------------
 
 
 def _num(value: float | None, fmt: str = "{:.2f}") -> str:
@@ -46,54 +46,73 @@ def _peak(transfers: Sequence[Transfer], role: str) -> int | None:
     return max((r for t in transfers if (r := t.peak_rss[role]) is not None), default=None)
 
 
-def _server_cpu(t: Transfer) -> float | None:
-    api, buckets = t.cpu_per_gib("api"), t.cpu_per_gib("buckets")
-    return None if api is None or buckets is None else api + buckets
+#: RSS columns name one process: the largest of the group.
+SINGULAR = {"buckets": "bucket", "objects": "object", "others": "other"}
+LEFT = "{:<12} {:<9} {:>22} {:<7} {:>6}"
+COLUMN = "{:>7}"
 
 
-LEFT = "{:<8} {:<9} {:>22} {:>6}"
-CPU = "{:>7} {:>7} {:>7} {:>7}"
-RSS = "{:>7} {:>7} {:>7}"
+def _columns(values: Sequence[str]) -> str:
+    return " ".join(COLUMN.format(v) for v in values)
 
 
 def _row(left: Sequence[str], cpu: Sequence[str], rss: Sequence[str]) -> str:
-    return f"{LEFT.format(*left)} | {CPU.format(*cpu)} | {RSS.format(*rss)}".rstrip()
+    return f"{LEFT.format(*left)} | {_columns(cpu)} | {_columns(rss)}".rstrip()
 
 
 def _rate(rates: Sequence[float]) -> str:
     return f"{statistics.median(rates):.1f} [{min(rates):.1f}-{max(rates):.1f}]"
 
 
-def _transfer_row(run: SizeRun, op: str, transfers: Sequence[Transfer]) -> str:
-    rates = [t.mb_per_s for t in transfers]
-    ratio = statistics.median(rates) / run.disk_mb_per_s()
-    cpu = [_median([t.cpu_per_gib(role) for t in transfers]) for role in ROLES]
-    cpu.append(_median([_server_cpu(t) for t in transfers]))
-    rss = [_mb(_peak(transfers, role)) for role in ROLES]
-    return _row([size_label(run.size), op, _rate(rates), f"{ratio:.2f}"], [_num(c) for c in cpu], rss)
+def _measures(roles: Sequence[str], transfers: Sequence[Transfer]) -> tuple[list[str], list[str]]:
+    cpu = [_median([t.cpu_per_gib(role) for t in transfers]) for role in roles]
+    cpu.append(_median([t.server_cpu_per_gib() for t in transfers]))
+    return [_num(c) for c in cpu], [_mb(_peak(transfers, role)) for role in roles]
 
 
-def _disk_row(run: SizeRun) -> str:
-    rates = [run.size / s / MB for s in run.disk_copy_seconds]
-    return _row([size_label(run.size), "disk copy", _rate(rates), "1.00"], [""] * 4, [""] * 3)
+def _size_rows(roles: Sequence[str], run: SizeRun) -> Iterator[str]:
+    label, disk = size_label(run.size), run.disk_mb_per_s()
+    if run.disk_copy_seconds:
+        rates = [run.size / s / MB for s in run.disk_copy_seconds]
+        yield _row(
+            [label, "disk copy", _rate(rates), "MB/s", "1.00"], [""] * (len(roles) + 1), [""] * len(roles)
+        )
+    for op, transfers in (("upload", run.upload), ("download", run.download)):
+        rates = [t.mb_per_s for t in transfers]
+        ratio = "" if disk is None else f"{statistics.median(rates) / disk:.2f}"
+        yield _row([label, op, _rate(rates), "MB/s", ratio], *_measures(roles, transfers))
 
 
-def format_table(results: Results) -> list[str]:
-    cpu_width, rss_width = len(CPU.format(*[""] * 4)), len(RSS.format(*[""] * 3))
+def _small_rows(roles: Sequence[str], run: SmallRun) -> Iterator[str]:
+    for op, transfers in (("upload", run.upload), ("download", run.download)):
+        rates = [t.files_per_s for t in transfers]
+        yield _row([run.label(), op, _rate(rates), "files/s", ""], *_measures(roles, transfers))
+
+
+def format_table(system: SystemRuns) -> list[str]:
+    roles = system.roles
+    cpu_width = len(_columns([""] * (len(roles) + 1)))
+    rss_width = len(_columns([""] * len(roles)))
     groups = f"{'CPU s per GiB moved':^{cpu_width}} | {'peak RSS (MB)':^{rss_width}}"
     heading = _row(
-        ["size", "op", "MB/s median [min-max]", "x disk"],
-        ["api", "buckets", "client", "server"],
-        ["api", "bucket", "client"],
+        ["case", "op", "median [min-max]", "unit", "x disk"],
+        [*roles, "server"],
+        [SINGULAR.get(role, role) for role in roles],
     )
-    lines = [(" " * len(LEFT.format(*[""] * 4)) + " | " + groups).rstrip(), heading, "-" * len(heading)]
-    for run in results.runs:
-        lines += [
-            _disk_row(run),
-            _transfer_row(run, "upload", run.upload),
-            _transfer_row(run, "download", run.download),
-        ]
+    lines = [
+        system.name,
+        (" " * len(LEFT.format(*[""] * 5)) + " | " + groups).rstrip(),
+        heading,
+        "-" * len(heading),
+    ]
+    for run in system.runs:
+        lines += _size_rows(roles, run)
+    for small in system.small:
+        lines += _small_rows(roles, small)
     return lines
+
+
+# -- memory ----------------------------------------------------------------------------
 
 
 def _run_peak(run: SizeRun, role: str) -> int | None:
@@ -101,7 +120,7 @@ def _run_peak(run: SizeRun, role: str) -> int | None:
 
 
 def _extremes(results: Results) -> tuple[SizeRun, SizeRun]:
-    by_size = sorted(results.runs, key=lambda run: run.size)
+    by_size = sorted(results.karma8.runs, key=lambda run: run.size)
     return by_size[0], by_size[-1]
 
 
@@ -115,79 +134,139 @@ def _growth(results: Results, role: str) -> str:
 
 def _api_steps(results: Results) -> Iterator[str]:
     """Where the API's RSS grows: during a transfer, and what it keeps afterwards."""
-    for run in results.runs:
+    cases: list[tuple[str, SizeRun | SmallRun]] = [(size_label(r.size), r) for r in results.karma8.runs]
+    cases += [(r.label(), r) for r in results.karma8.small]
+    for label, run in cases:
         for up, down in zip(run.upload, run.download, strict=True):
             for op, t in (("upload", up), ("download", down)):
                 path = " > ".join(
                     _mb(v) for v in (t.rss_before["api"], t.peak_rss["api"], t.rss_after["api"])
                 )
-                yield f"  {size_label(run.size):<8} {op:<9} {path}"
+                yield f"  {label:<12} {op:<9} {path}"
+
+
+def _under(results: Results, role: str, limit: int) -> str:
+    runs: list[SizeRun | SmallRun] = [*results.karma8.runs, *results.karma8.small]
+    peaks = [p for run in runs if (p := _peak([*run.upload, *run.download], role)) is not None]
+    if not peaks:
+        return "n/a"
+    return f"{'yes' if max(peaks) <= limit else 'NO'} (highest {max(peaks) / MB:.1f} MB)"
 
 
 def format_memory(results: Results) -> list[str]:
     smallest, largest = _extremes(results)
     sizes = f"{size_label(largest.size)} / {size_label(smallest.size)}"
-    peaks = [p for run in results.runs if (p := _run_peak(run, "api")) is not None]
-    under = "n/a" if not peaks else ("yes" if max(peaks) < API_RSS_TARGET else "NO")
-    highest = f" (highest {max(peaks) / MB:.1f} MB)" if peaks else ""
-    hwm = results.lifetime_hwm
+    hwm = results.karma8.lifetime_hwm
     return [
         f"API RSS idle before transfers   : {_mb(results.idle_api_rss)} MB (memory baseline)",
         f"API peak RSS {sizes:<19}: {_growth(results, 'api')}",
         f"bucket peak RSS {sizes:<16}: {_growth(results, 'buckets')}",
-        f"API peak under {API_RSS_TARGET // MB} MB (issue 2)  : {under}{highest}",
+        f"API peak <= {API_RSS_TARGET // MB} MB (issue 5)     : {_under(results, 'api', API_RSS_TARGET)}",
+        f"bucket peak <= {BUCKET_RSS_TARGET // MB} MB (issue 5)   : "
+        f"{_under(results, 'buckets', BUCKET_RSS_TARGET)}",
         f"VmHWM at end (process lifetime) : api {_mb(hwm.get('api'))} MB, buckets max "
-        f"{_mb(hwm.get('buckets'))} MB, client {_mb(hwm.get('client'))} MB",
+        f"{_mb(hwm.get('buckets'))} MB, client {_mb(hwm.get(CLIENT))} MB",
         "API RSS per transfer, in run order (MB): before > peak > after",
         *_api_steps(results),
     ]
 
 
+# -- the report ------------------------------------------------------------------------
+
+
+def _cases(options: Options) -> str:
+    small = (
+        f"; {options.small_files} x {size_label(options.small_size)} at concurrency {options.concurrency}"
+        if options.small_files
+        else ""
+    )
+    return f"sizes {', '.join(map(size_label, options.sizes))}{small}"
+
+
 def format_report(results: Results, options: Options) -> str:
     facts = results.facts
     w = results.watched
+    peer = [f"swift   : {results.swift_peer}"] if results.swift is not None else []
     lines = [
-        "karma8 benchmark",
+        "karma8 benchmark" + (" vs Swift" if results.swift is not None else ""),
         f"command : {results.command}",
         f"date    : {facts['date']}",
         f"machine : {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']} RAM, Linux {facts['kernel']}, "
         f"load average at start {facts['loadavg']}",
         f"python  : {facts['python']}; karma8 {facts['karma8']}",
+        f"changes : uncommitted in the tree measured: {facts.get('uncommitted', '?')}",
         f"stack   : {results.stack}; api pid {w.api or 'not found'}, {len(w.buckets)} bucket processes",
-        f"run     : sizes {', '.join(map(size_label, options.sizes))}; {options.repeat} round trip(s) each; "
+        *peer,
+        f"run     : {_cases(options)}; {options.repeat} round trip(s) each; "
         f"took {results.seconds:.0f} s; load average at end {facts['loadavg_end']}",
         "",
-        "MB = 10^6 bytes. x disk = karma8 MB/s / plain disk copy MB/s (read + write + fsync, 1 MiB blocks).",
-        "CPU s per GiB = (utime + stime) during the transfer / GiB moved; buckets summed;",
-        "  server = api + buckets (client excluded).",
+        "MB = 10^6 bytes. x disk = MB/s / plain disk copy MB/s (read + write + fsync, 1 MiB blocks).",
+        "CPU s per GiB = (utime + stime) during the transfer / GiB moved, each group of processes summed;",
+        "  server = every server process (client excluded); client = this process.",
         "peak RSS = max of VmRSS sampled every 50 ms and VmHWM reset before each transfer;",
-        "  bucket = the largest bucket process.",
+        "  the largest process of each group (bucket, object server, other = account/container/memcached).",
         "",
-        *format_table(results),
-        "",
-        *format_memory(results),
+        *format_table(results.karma8),
     ]
+    if results.swift is not None:
+        lines += ["", *format_table(results.swift)]
+        lines += ["", *format_comparison(compare(results.karma8, results.swift), options.repeat)]
+    lines += ["", *format_memory(results)]
     return "\n".join(lines)
 
 
-def write_json(path: Path, results: Results, options: Options) -> None:
-    data = {
-        "command": results.command,
-        "facts": results.facts,
-        "stack": results.stack,
-        "options": {**asdict(options), "data": str(options.data), "json_path": str(options.json_path)},
-        "pids": asdict(results.watched),
-        "idle_api_rss": results.idle_api_rss,
-        "lifetime_hwm": results.lifetime_hwm,
-        "seconds": results.seconds,
+def _runs_json(system: SystemRuns) -> dict[str, object]:
+    return {
+        "name": system.name,
+        "pids": system.pids,
+        "lifetime_hwm": system.lifetime_hwm,
         "runs": [
             {
                 **asdict(run),
                 "disk_mb_per_s": run.disk_mb_per_s(),
                 "upload_mb_per_s": [t.mb_per_s for t in run.upload],
                 "download_mb_per_s": [t.mb_per_s for t in run.download],
+                "upload_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.upload],
+                "download_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.download],
             }
-            for run in results.runs
+            for run in system.runs
+        ],
+        "small": [
+            {
+                **asdict(run),
+                "upload_files_per_s": [t.files_per_s for t in run.upload],
+                "download_files_per_s": [t.files_per_s for t in run.download],
+                "upload_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.upload],
+                "download_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.download],
+            }
+            for run in system.small
         ],
     }
+
+
+def write_json(path: Path, results: Results, options: Options) -> None:
+    karma8 = _runs_json(results.karma8)
+    data: dict[str, object] = {
+        "command": results.command,
+        "facts": results.facts,
+        "stack": results.stack,
+        "options": {
+            **asdict(options),
+            "data": str(options.data),
+            "json_path": str(options.json_path),
+            "swift_peer": str(options.swift_peer),
+        },
+        "pids": asdict(results.watched),
+        "idle_api_rss": results.idle_api_rss,
+        "lifetime_hwm": results.karma8.lifetime_hwm,
+        "seconds": results.seconds,
+        "runs": karma8["runs"],
+        "small": karma8["small"],
+    }
+    if results.swift is not None:
+        data["swift_peer"] = results.swift_peer
+        data["swift"] = _runs_json(results.swift)
+        data["comparison"] = [
+            {**asdict(row), "ratio": row.ratio} for row in compare(results.karma8, results.swift)
+        ]
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,162 @@
+"""The benchmark cases, the same for every system: a big file's round trip, small files at concurrency.
+
+A target is the system under test behind one small interface: karma8 through its client
+library, or the Swift peer (bench_swift). Each case measures the upload and the download
+separately and then checks every downloaded byte against the source's sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+from bench_meter import Meter
+from bench_model import POLL, BenchError, SizeRun, SmallRun, Source, SystemRuns, note
+
+from karma8.client import Client
+
+RECLAIM_TIMEOUT = 60.0
+
+
+class Target(Protocol):
+    name: str
+
+    async def upload(self, src: Source, name: str) -> None: ...
+
+    async def download(self, src: Source, name: str, dst: Path) -> None: ...
+
+    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> None: ...
+
+    async def download_many(
+        self, src: Source, names: Sequence[str], dsts: Sequence[Path], concurrency: int
+    ) -> None: ...
+
+    def stored(self, names: Sequence[str], concurrency: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around a case: delete ``names`` afterwards and wait until their space is free."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    """One system under test: how to drive it, how to measure it, where its results go."""
+
+    target: Target
+    meter: Meter
+    results: SystemRuns
+
+
+# -- karma8 ----------------------------------------------------------------------------
+
+
+async def _each(count: int, concurrency: int, op: Callable[[int], Awaitable[object]]) -> None:
+    """``await op(i)`` for i in range(count), ``concurrency`` tasks at a time."""
+    indexes = iter(range(count))
+
+    async def worker() -> None:
+        for i in indexes:  # shared: each index goes to one worker
+            await op(i)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(concurrency, count)):
+            nursery.start_soon(worker)
+
+
+async def used_bytes(client: Client) -> int:
+    status = await client.status()
+    return sum(int(b["used"]) for b in status["buckets"])
+
+
+class Karma8Target:
+    """The benchmark cases against karma8, through the client library (one WebSocket per transfer)."""
+
+    name = "karma8"
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def upload(self, src: Source, name: str) -> None:
+        info = await self.client.upload(src.path, name)
+        if info.sha256 != src.sha256 or info.size != src.size:
+            raise BenchError(
+                f"upload of {name}: server has {info.size} B sha256 {info.sha256}, source {src.sha256}"
+            )
+
+    async def download(self, src: Source, name: str, dst: Path) -> None:
+        await self.client.download(name, dst)
+
+    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> None:
+        await _each(len(names), concurrency, lambda i: self.upload(src, names[i]))
+
+    async def download_many(
+        self, src: Source, names: Sequence[str], dsts: Sequence[Path], concurrency: int
+    ) -> None:
+        await _each(len(names), concurrency, lambda i: self.client.download(names[i], dsts[i]))
+
+    @contextlib.asynccontextmanager
+    async def stored(self, names: Sequence[str], concurrency: int) -> AsyncIterator[None]:
+        """Delete ``names`` afterwards and wait until the buckets report their space freed."""
+        baseline = await used_bytes(self.client)
+        yield
+        await _each(len(names), concurrency, lambda i: self.client.delete(names[i]))
+        with trio.move_on_after(RECLAIM_TIMEOUT) as scope:
+            # Usage arrives with bucket heartbeats: there is no event to wait on.
+            while await used_bytes(self.client) > baseline:  # noqa: ASYNC110
+                await trio.sleep(POLL)
+        if scope.cancelled_caught:
+            note(f"warning: buckets still use more than before {names[0]!r}... after {RECLAIM_TIMEOUT:g} s")
+
+
+# -- the cases -------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+async def _check_and_remove(src: Source, what: str, paths: Sequence[Path]) -> None:
+    for path in paths:
+        got = await trio.to_thread.run_sync(sha256_file, path)
+        await trio.Path(path).unlink()
+        if got != src.sha256:
+            raise BenchError(f"{what}: {path.name} has sha256 {got}, source {src.sha256}")
+
+
+async def round_trip(system: System, run: SizeRun, src: Source, workdir: Path) -> str:
+    """Upload ``src``, download it, check it, delete it; a progress line."""
+    target, meter = system.target, system.meter
+    name = f"bench/{src.path.name}"
+    dst = workdir / f"download-{target.name}-{src.path.name}"
+    async with target.stored([name], 1):
+        up, _ = await meter.measure(src.size, lambda: target.upload(src, name))
+        down, _ = await meter.measure(src.size, lambda: target.download(src, name, dst))
+        await _check_and_remove(src, f"{target.name} download of {name}", [dst])
+    run.upload.append(up)
+    run.download.append(down)
+    return f"{target.name:<6} upload {up.mb_per_s:7.1f} MB/s, download {down.mb_per_s:7.1f} MB/s, sha256 ok"
+
+
+async def small_round(system: System, run: SmallRun, src: Source, workdir: Path) -> str:
+    """``run.files`` uploads of ``src`` then as many downloads, ``run.concurrency`` at a time."""
+    target, meter = system.target, system.meter
+    names = [f"bench-small/{i:05d}" for i in range(run.files)]
+    folder = workdir / f"small-{target.name}"
+    await trio.Path(folder).mkdir(exist_ok=True)
+    dsts = [folder / f"{i:05d}" for i in range(run.files)]
+    total = run.files * run.size
+    async with target.stored(names, run.concurrency):
+        up, _ = await meter.measure(
+            total, lambda: target.upload_many(src, names, run.concurrency), count=run.files
+        )
+        down, _ = await meter.measure(
+            total, lambda: target.download_many(src, names, dsts, run.concurrency), count=run.files
+        )
+        await _check_and_remove(src, f"{target.name} small-file downloads", dsts)
+    run.upload.append(up)
+    run.download.append(down)
+    return f"{target.name:<6} {up.files_per_s:7.1f} uploads/s, {down.files_per_s:7.1f} downloads/s, sha256 ok"

@@ -1,0 +1,146 @@
+"""karma8 against the Swift peer: one row per case and metric, the ratio and the issue's target."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from bench_model import MB, SizeRun, SmallRun, SystemRuns, Transfer, size_label
+
+#: Issue 5: karma8 at least 1.5 x Swift's throughput and file rate, at most Swift's CPU per GiB.
+FASTER = 1.5
+CPU_AT_MOST = 1.0
+#: Issue 5: absolute memory targets for karma8 (Swift's peaks are shown for reference).
+API_RSS_TARGET = 100 * MB
+BUCKET_RSS_TARGET = 64 * MB
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One line of the side-by-side table; values are medians over the repeats (peaks for RSS)."""
+
+    case: str
+    unit: str
+    karma8: float | None
+    karma8_range: tuple[float, float] | None
+    swift: float | None
+    swift_range: tuple[float, float] | None
+    target: str
+    met: bool | None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.karma8 is None or not self.swift else self.karma8 / self.swift
+
+
+def _spread(values: Sequence[float | None]) -> tuple[float | None, tuple[float, float] | None]:
+    known = [v for v in values if v is not None]
+    if not known or len(known) != len(values):
+        return None, None
+    return statistics.median(known), (min(known), max(known))
+
+
+def _row(
+    case: str,
+    unit: str,
+    ours: Sequence[Transfer],
+    theirs: Sequence[Transfer],
+    metric: Callable[[Transfer], float | None],
+    higher_is_better: bool,
+) -> Comparison:
+    k, k_range = _spread([metric(t) for t in ours])
+    s, s_range = _spread([metric(t) for t in theirs])
+    row = Comparison(case, unit, k, k_range, s, s_range, "", None)
+    ratio = row.ratio
+    if higher_is_better:
+        target, met = f">= {FASTER:.2f} x", None if ratio is None else ratio >= FASTER
+    else:
+        target, met = f"<= {CPU_AT_MOST:.2f} x", None if ratio is None else ratio <= CPU_AT_MOST
+    return Comparison(case, unit, k, k_range, s, s_range, target, met)
+
+
+def _cases(ours: SystemRuns, theirs: SystemRuns) -> Iterator[tuple[str, str, list[Transfer], list[Transfer]]]:
+    """(case, unit, karma8's transfers, Swift's) for every direction of every case both ran."""
+    for a, b in zip(ours.runs, theirs.runs, strict=True):
+        label = size_label(a.size)
+        yield f"{label} upload", "MB/s", a.upload, b.upload
+        yield f"{label} download", "MB/s", a.download, b.download
+    for x, y in zip(ours.small, theirs.small, strict=True):
+        label = f"{size_label(x.size)} (c={x.concurrency})"
+        yield f"{label} uploads", "files/s", x.upload, y.upload
+        yield f"{label} downloads", "files/s", x.download, y.download
+
+
+def _peak(runs: Sequence[SizeRun | SmallRun], role: str) -> float | None:
+    peaks = [r for run in runs for t in (*run.upload, *run.download) if (r := t.peak_rss[role]) is not None]
+    return max(peaks) / MB if peaks else None
+
+
+def _memory_row(case: str, ours: float | None, theirs: float | None, limit: int) -> Comparison:
+    met = None if ours is None else ours <= limit / MB
+    return Comparison(case, "MB", ours, None, theirs, None, f"karma8 <= {limit // MB} MB", met)
+
+
+def compare(ours: SystemRuns, theirs: SystemRuns) -> list[Comparison]:
+    cases = list(_cases(ours, theirs))
+    rows = [
+        _row(case, unit, k, s, (lambda t: t.mb_per_s) if unit == "MB/s" else (lambda t: t.files_per_s), True)
+        for case, unit, k, s in cases
+    ]
+    rows += [
+        _row(f"{case} CPU", "s/GiB", k, s, lambda t: t.server_cpu_per_gib(), False) for case, _, k, s in cases
+    ]
+    ours_all: list[SizeRun | SmallRun] = [*ours.runs, *ours.small]
+    theirs_all: list[SizeRun | SmallRun] = [*theirs.runs, *theirs.small]
+    rows += [
+        _memory_row(
+            "peak RSS API / proxy", _peak(ours_all, "api"), _peak(theirs_all, "proxy"), API_RSS_TARGET
+        ),
+        _memory_row(
+            "peak RSS bucket / object server",
+            _peak(ours_all, "buckets"),
+            _peak(theirs_all, "objects"),
+            BUCKET_RSS_TARGET,
+        ),
+    ]
+    return rows
+
+
+# -- the table -------------------------------------------------------------------------
+
+LINE = "{:<32} {:<7} {:>24} {:>24} {:>8}  {:<17} {}"
+
+
+def _value(value: float | None, spread: tuple[float, float] | None) -> str:
+    if value is None:
+        return "n/a"
+    fmt = "{:.1f}" if abs(value) >= 10 else "{:.2f}"
+    if spread is None or spread[0] == spread[1]:
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(spread[0])}-{fmt.format(spread[1])}]"
+
+
+def format_comparison(rows: Sequence[Comparison], repeat: int) -> list[str]:
+    heading = LINE.format("case", "unit", "karma8", "Swift (rep1)", "k8/Swift", "target (issue 5)", "met")
+    lines = [
+        f"karma8 vs Swift: median [min-max] over {repeat} repeat(s), alternating; CPU = servers only "
+        "(client excluded), s per GiB moved",
+        heading,
+        "-" * len(heading),
+    ]
+    for row in rows:
+        ratio = "n/a" if row.ratio is None else f"{row.ratio:.2f}"
+        met = "n/a" if row.met is None else "yes" if row.met else "NO"
+        lines.append(
+            LINE.format(
+                row.case,
+                row.unit,
+                _value(row.karma8, row.karma8_range),
+                _value(row.swift, row.swift_range),
+                ratio,
+                row.target,
+                met,
+            ).rstrip()
+        )
+    return lines

@@ -1,0 +1,100 @@
+"""scripts/bench.py, briefly: a big file and a few small files round-trip, and the report says so.
+
+The --vs-swift run needs the Swift peer installed (../shared/peers/swift/swiftpeer.sh install);
+it is skipped otherwise. Both runs are small: they check the plumbing, not the speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "scripts" / "bench.py"
+SWIFTPEER = ROOT.parent / "shared" / "peers" / "swift" / "swiftpeer.sh"
+
+
+def _swift_base() -> Path:
+    """Where swiftpeer.sh keeps its venv and rings (the same rule as the script's)."""
+    if base := os.environ.get("SWIFTPEER_BASE"):
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swiftpeer"
+
+
+def _swift_missing() -> str | None:
+    if not SWIFTPEER.is_file():
+        return f"the Swift peer script is not at {SWIFTPEER}"
+    if not (_swift_base() / "venv" / "bin" / "python").exists():
+        return f"Swift is not installed ({SWIFTPEER} install)"
+    if not (_swift_base() / "etc" / "object.ring.gz").exists():
+        return f"the Swift peer has no rings ({SWIFTPEER} configure)"
+    return None
+
+
+def _bench(tmp_path: Path, *args: str, timeout: float) -> tuple[dict[str, Any], str]:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), *args, f"--json={out}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result, run.stdout
+
+
+def _check_small(small: dict[str, Any], files: int) -> None:
+    assert small["files"] == files
+    assert small["size"] == 64 * 1024
+    for op in ("upload", "download"):
+        assert len(small[op]) == 1
+        assert small[op][0]["count"] == files
+        assert small[f"{op}_files_per_s"][0] > 0
+
+
+def test_big_and_small_files_round_trip(tmp_path: Path) -> None:
+    result, stdout = _bench(
+        tmp_path, "--size=4M", "--small-files=6", "--concurrency=3", f"--data={tmp_path / 'data'}", timeout=90
+    )
+    [run] = result["runs"]
+    assert run["size"] == 4 * 1024 * 1024
+    assert len(run["upload_mb_per_s"]) == len(run["download_mb_per_s"]) == 1
+    [small] = result["small"]
+    _check_small(small, 6)
+    assert small["concurrency"] == 3
+    # CPU and memory were measured for every process of the stack.
+    transfer = small["upload"][0]
+    assert transfer["cpu"]["api"] is not None
+    assert transfer["cpu"]["buckets"] is not None
+    assert transfer["peak_rss"]["buckets"] > 0
+    assert "swift" not in result
+    assert re.search(r"^6 x 64 KiB +upload .* files/s ", stdout, re.MULTILINE), stdout
+    assert re.search(r"^6 x 64 KiB +download .* files/s ", stdout, re.MULTILINE), stdout
+    assert "karma8 vs Swift" not in stdout
+
+
+@pytest.mark.skipif(_swift_missing() is not None, reason=_swift_missing() or "")
+def test_vs_swift_prints_the_ratios(tmp_path: Path) -> None:
+    result, stdout = _bench(tmp_path, "--vs-swift", "--size=8M", "--small-files=8", timeout=120)
+    swift = result["swift"]
+    assert swift["name"] == "Swift"
+    assert swift["pids"]["proxy"]
+    assert len(swift["pids"]["objects"]) >= 6
+    [run] = swift["runs"]
+    assert run["upload_mb_per_s"][0] > 0
+    assert run["download_mb_per_s"][0] > 0
+    assert all(cpu is not None for cpu in run["upload"][0]["cpu"].values())
+    _check_small(swift["small"][0], 8)
+    _check_small(result["small"][0], 8)
+    rows = {row["case"]: row for row in result["comparison"]}
+    for case in ("8 MiB upload", "8 MiB download", "64 KiB (c=8) uploads", "64 KiB (c=8) downloads"):
+        assert rows[case]["ratio"] == pytest.approx(rows[case]["karma8"] / rows[case]["swift"])
+        assert rows[case]["target"] == ">= 1.50 x"
+        assert rows[f"{case} CPU"]["target"] == "<= 1.00 x"
+    assert "karma8 vs Swift" in stdout
+    assert re.search(r"^8 MiB upload +MB/s ", stdout, re.MULTILINE), stdout
+    assert re.search(r"^64 KiB \(c=8\) downloads CPU +s/GiB ", stdout, re.MULTILINE), stdout
