@@ -12,7 +12,9 @@ could make, kept here until it does:
    (16 KiB), so a 1 MiB gRPC message goes out as 64 frames, each cut with a ``BytesIO``
    read, an h2 ``send_data`` and a transport write. :func:`apply` makes every grpclib
    connection announce that it accepts 256 KiB frames; since both ends of our
-   connections are grpclib, each sends 256 KiB frames to the other.
+   connections are grpclib, each sends 256 KiB frames to the other. (It also works
+   around an h2 race that would otherwise fail a connection: see
+   :func:`announce_large_frames`.)
 
 3. **WebSocket masking with numpy.** Every client-to-server frame is XORed with a
    4-byte key, by the client and again by the server; wsproto does it with four
@@ -30,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpclib.protocol
+import h2.connection
 import hyperframe.frame
 import wsproto.frame_protocol
 from h2.settings import SettingCodes
@@ -46,9 +49,21 @@ def _data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
     return f"<{len(self.data)} bytes of data, pad {self.pad_length}>"
 
 
+def announce_large_frames(h2_conn: h2.connection.H2Connection) -> None:
+    """Tell the peer we accept ``MAX_FRAME_SIZE`` frames, and accept them from now on.
+
+    h2 applies a new local setting only when the peer acknowledges it, and checks frame
+    lengths against the limit it had when a ``receive_data`` call began: a peer's ACK and
+    its first large frame in one read would fail the connection (FrameTooLargeError).
+    Accepting large frames at once, before the ACK, closes that window.
+    """
+    h2_conn.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE})
+    h2_conn.max_inbound_frame_size = MAX_FRAME_SIZE
+
+
 def _connection_made(self: grpclib.protocol.H2Protocol, transport: Any) -> None:
     _original_connection_made(self, transport)
-    self.connection._connection.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE})
+    announce_large_frames(self.connection._connection)
     self.connection.flush()
 
 
