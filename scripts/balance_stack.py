@@ -24,6 +24,7 @@ from typing import Any
 import trio
 from balance_model import BalanceError
 from bench_procs import log_tail
+from chaos_stack import karma8_cmd
 
 from karma8.client import Client
 from karma8.config import ClientConfig
@@ -80,16 +81,7 @@ class Stack:
         ready = self.root / f"{name}.ready"
         log = self.root / "logs" / f"{name}.log"
         await trio.Path(ready).unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "karma8",
-            *args,
-            "--ready-file",
-            str(ready),
-            "--log-level",
-            self.log_level,
-        ]
+        cmd = karma8_cmd(*args, "--ready-file", str(ready), "--log-level", self.log_level)
         with log.open("ab") as out:
             proc = await trio.lowlevel.open_process(
                 cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
