@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import trio
 import typer
 
+from karma8 import speedups
 from karma8.cli_report import (
     Watch,
     human_size,
@@ -421,4 +422,5 @@ def rebalance_cmd(
 
 def main() -> None:
     """Console entry point."""
+    speedups.tune_malloc()  # before the first large buffer: see karma8.speedups
     app()

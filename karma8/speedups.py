@@ -22,20 +22,52 @@ could make, kept here until it does:
    upload). :func:`apply_websocket` does it as one numpy XOR of 32-bit words (about
    30 GB/s). numpy costs about 12 MB of RSS, so only WebSocket users (the API server,
    the client) load it, never a bucket.
+4. **gRPC data messages sent without copies.** To send one 1 MiB chunk, betterproto
+   copies it into the encoded message, grpclib copies that behind the 5-byte gRPC prefix
+   and again into each DATA frame (``BytesIO.read``), and h2 copies every frame three
+   more times (body, header + body, its output buffer): up to 70% of a bucket's CPU
+   while it serves a Get. :func:`apply` replaces grpclib's ``send_message`` (client and
+   server side): a message's large ``data`` field is kept out of the encoding, and its
+   DATA frames are written with ``transport.writelines`` straight from memoryviews of
+   the caller's bytes, while h2's state machine and flow-control windows are updated
+   exactly as its ``send_data`` would (:func:`write_data_frame`).
 
-``tests/unit/test_speedups.py`` checks that both are active, that they change nothing
+5. **Large buffers kept by glibc's allocator.** glibc serves every allocation of
+   128 KiB or more with a fresh ``mmap`` and returns it with ``munmap`` when freed, so
+   each 1 MiB chunk (and each copy of it) costs 256 page faults and the kernel zeroing
+   those pages: two thirds of the client's CPU on an upload were system time.
+   :func:`tune_malloc` raises the mmap threshold above our largest chunk and keeps a
+   bounded amount of freed memory for reuse (``mallopt``; the same as the
+   ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` variables, set from code
+   so that every karma8 process gets it). The CLI calls it first thing.
+
+``tests/unit/test_speedups.py`` checks that they are active, that they change nothing
 but speed, and fails when a library changes underneath them.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import struct
+from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
+import grpclib.client
+import grpclib.encoding.proto
 import grpclib.protocol
+import grpclib.server
+import grpclib.stream
 import h2.connection
 import hyperframe.frame
 import wsproto.frame_protocol
+from h2.connection import ConnectionInputs
 from h2.settings import SettingCodes
+from h2.stream import StreamInputs
+
+log = logging.getLogger(__name__)
 
 #: The largest HTTP/2 frame our gRPC connections accept (the protocol allows 16 MiB).
 MAX_FRAME_SIZE = 256 * 1024
@@ -43,6 +75,15 @@ MAX_FRAME_SIZE = 256 * 1024
 _original_connection_made: Any = grpclib.protocol.H2Protocol.connection_made
 _original_data_repr: Any = hyperframe.frame.DataFrame._body_repr
 _original_mask: Any = wsproto.frame_protocol.XorMaskerSimple.process
+_original_send_message: Any = grpclib.stream.send_message
+
+#: A ``data`` field at least this large is sent from the caller's buffer (fix 4).
+ZERO_COPY_MIN = 16 * 1024
+
+_DATA_FRAME_HEADER = struct.Struct(">HBBBL")  # hyperframe's frame header layout
+_DATA_TYPE = hyperframe.frame.DataFrame.type
+_END_STREAM = 0x01
+_GRPC_PREFIX = struct.Struct(">?I")  # compressed flag, message length
 
 
 def _data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -88,6 +129,144 @@ def _mask(self: wsproto.frame_protocol.XorMaskerSimple, data: bytes | bytearray 
     return out
 
 
+@cache
+def _data_field_key(message_type: Any) -> bytes | None:
+    """The protobuf key of ``message_type``'s ``bytes data`` field, if it has one."""
+    meta = getattr(message_type, "_betterproto", None)
+    field = meta.meta_by_field_name.get("data") if meta is not None else None
+    if field is None or field.proto_type != "bytes" or field.repeated:
+        return None
+    return _varint(field.number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_message(codec: Any, message: Any, message_type: Any) -> list[bytes]:
+    """The gRPC message (5-byte prefix included) as buffers to send one after another.
+
+    A large ``data`` field is left out of the protobuf encoding and appended as a buffer
+    of its own behind its key and length: the same message on the wire, without a copy.
+    """
+    key = _data_field_key(message_type)
+    data = getattr(message, "data", None)
+    if (
+        key is None
+        or type(message) is not message_type
+        or type(data) is not bytes
+        or len(data) < ZERO_COPY_MIN
+        or not isinstance(codec, grpclib.encoding.proto.ProtoCodec)
+    ):
+        encoded = codec.encode(message, message_type)
+        return [_GRPC_PREFIX.pack(False, len(encoded)) + encoded]
+    message.data = b""  # the default: left out of the encoding
+    try:
+        head = codec.encode(message, message_type)
+    finally:
+        message.data = data
+    head += key + _varint(len(data))
+    return [_GRPC_PREFIX.pack(False, len(head) + len(data)) + head, data]
+
+
+def write_data_frame(
+    h2_conn: h2.connection.H2Connection,
+    transport: Any,
+    stream_id: int,
+    views: Sequence[memoryview | bytes],
+    end_stream: bool,
+) -> None:
+    """Write one DATA frame made of ``views``: h2's ``send_data`` without its copies.
+
+    The connection's and the stream's state machines and flow-control windows change
+    as ``H2Connection.send_data`` changes them; the frame header is packed here and the
+    payload goes to the transport as it is. The caller has checked the window and the
+    frame size, as grpclib does before calling ``send_data``.
+    """
+    length = sum(len(v) for v in views)
+    h2_conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    stream = h2_conn._get_stream_by_id(stream_id)
+    stream.state_machine.process_input(StreamInputs.SEND_DATA)
+    if end_stream:
+        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+    stream.outbound_flow_control_window -= length
+    h2_conn.outbound_flow_control_window -= length
+    header = _DATA_FRAME_HEADER.pack(
+        (length >> 8) & 0xFFFF, length & 0xFF, _DATA_TYPE, _END_STREAM if end_stream else 0, stream_id
+    )
+    pending = h2_conn.data_to_send()  # frames h2 queued before this one go first
+    transport.writelines([pending, header, *views] if pending else [header, *views])
+
+
+async def send_buffers(stream: grpclib.protocol.Stream, buffers: Sequence[bytes], end_stream: bool) -> None:
+    """grpclib's ``Stream.send_data`` for data held in several buffers, without copies."""
+    assert stream.id is not None
+    h2_conn = stream._h2_connection
+    total = sum(len(b) for b in buffers)
+    views = [memoryview(b) for b in buffers if b]
+    index = offset = sent = 0
+    while True:
+        await stream.connection.write_ready.wait()
+        window = h2_conn.local_flow_control_window(stream.id)
+        if not window > 0:  # it can become negative
+            stream.window_updated.clear()
+            await stream.window_updated.wait()
+            continue  # other streams may have used the window meanwhile
+        size = min(window, h2_conn.max_outbound_frame_size, total - sent)
+        frame: list[memoryview] = []
+        left = size
+        while left:
+            view = views[index]
+            taken = view[offset : offset + left]
+            frame.append(taken)
+            left -= len(taken)
+            offset += len(taken)
+            if offset == len(view):
+                index, offset = index + 1, 0
+        sent += size
+        write_data_frame(h2_conn, stream._transport, stream.id, frame, end_stream and sent == total)
+        stream.data_sent += size
+        stream.connection.data_sent += size
+        stream.connection.data_send_process()
+        if sent == total:
+            return
+
+
+async def _send_message(
+    stream: grpclib.protocol.Stream, codec: Any, message: Any, message_type: type, *, end: bool = False
+) -> None:
+    """grpclib.stream.send_message, sending large data fields without copying them."""
+    await send_buffers(stream, encode_message(codec, message, message_type), end)
+
+
+#: Allocations at least this large get their own mmap (fix 5): above a 4 MiB chunk.
+MMAP_THRESHOLD = 8 * 1024 * 1024
+#: Free memory at the top of a heap beyond this goes back to the system (fix 5).
+TRIM_THRESHOLD = 16 * 1024 * 1024
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> bool:
+    """Install fix 5 in this process; False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if not ok:
+        log.info("mallopt refused the allocator settings; large buffers stay on mmap")
+    return bool(ok)
+
+
 def apply_websocket() -> None:
     """Install fix 3 (idempotent; loads numpy)."""
     import numpy  # noqa: F401  (loaded here, not in every process)
@@ -96,6 +275,9 @@ def apply_websocket() -> None:
 
 
 def apply() -> None:
-    """Install fixes 1 and 2 (idempotent; call before the first gRPC connection)."""
+    """Install fixes 1, 2 and 4 (idempotent; call before the first gRPC connection)."""
     hyperframe.frame.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign,assignment]
     grpclib.protocol.H2Protocol.connection_made = _connection_made  # type: ignore[method-assign]
+    # grpclib's client and server streams call the send_message they imported.
+    grpclib.client.send_message = _send_message  # type: ignore[attr-defined]
+    grpclib.server.send_message = _send_message  # type: ignore[attr-defined]

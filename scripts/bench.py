@@ -65,6 +65,7 @@ from bench_procs import Watched, find_stack_processes, open_local_stack, status_
 from bench_report import Results, format_report, write_json
 from bench_swift import DEFAULT_SCRIPT, URL, SwiftTarget, authenticate, find_swift_processes, open_swift_peer
 
+from karma8 import speedups
 from karma8.client import Client
 from karma8.config import ClientConfig, GiB, MiB, load, parse_size
 from karma8.errors import Karma8Error
@@ -371,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with work_directory(options) as workdir:
         try:
             check_disk_space(workdir, max(options.sizes))
+            speedups.tune_malloc()  # the client in this process, as the karma8 CLI does
             trio.run(run_bench, options, workdir, results)
         except* (BenchError, Karma8Error, OSError, http.client.HTTPException) as group:
             failures += [str(exc) for exc in _leaves(group)]

@@ -173,19 +173,25 @@ async def test_a_bucket_refuses_malformed_fragment_ids(tmp_path: Path, bad: str)
 
 
 async def test_bucket_connections_use_large_http2_frames(tmp_path: Path) -> None:
-    """Both ends announce 256 KiB frames (karma8.speedups); data round-trips unchanged."""
+    """Both ends announce 256 KiB frames and send data from the caller's buffers (karma8.speedups).
+
+    A 4 MiB message is larger than a stream's 4 MiB receive window: its frames wait for
+    window updates half-way. The data round-trips unchanged.
+    """
     bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
     try:
         async with open_portal() as portal:
             client = await connect_test_bucket(portal, bucket)
             fid = fragment_id(new_upload_id(), 0)
-            data = bytes(range(256)) * 4096 * 3  # 3 MiB
-            async with client.open_put(fid, len(data)) as writer:
+            data = bytes(range(256)) * 4096 * 4  # 4 MiB, the buckets' max_chunk
+            async with client.open_put(fid, len(data) + 3) as writer:
                 await writer.send(data)
+                await writer.send(b"end")  # a message too small for the zero-copy path
                 stored = await writer.finish()
+            data += b"end"
             assert stored.sha256 == hashlib.sha256(data).hexdigest()
             back = b""
-            async with client.open_get(fid, MiB) as reader:
+            async with client.open_get(fid, 4 * MiB) as reader:
                 while (chunk := await reader.receive()) is not None:
                     back += chunk
             assert back == data
