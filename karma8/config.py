@@ -112,10 +112,12 @@ class ApiConfig(_Section):
     membership_port: Port = Field(8081, description="gRPC port buckets register with (0 picks a free one).")
     data_dir: Path = Field(Path("karma8-data/api"), description="Holds the registry database.")
     parts: Int = Field(6, ge=1, le=64, description="Parts per file, each on a distinct bucket.")
-    stripe_unit: PositiveSize = Field(MiB, description="Largest stripe unit (also the gRPC chunk size).")
+    stripe_unit: PositiveSize = Field(
+        512 * KiB, description="Largest stripe unit (also the gRPC chunk size)."
+    )
     max_frame: PositiveSize = Field(MiB, description="Largest WebSocket data frame accepted or sent.")
     max_file_size: PositiveSize = Field(10 * GiB, description="Largest file accepted.")
-    queue_depth: Int = Field(4, ge=1, le=64, description="Chunks buffered per bucket stream.")
+    queue_depth: Int = Field(1, ge=1, le=64, description="Chunks buffered per bucket stream.")
     receive_buffer: PositiveSize = Field(256 * KiB, description="WebSocket socket read size.")
     bucket_timeout: Seconds = Field(10.0, description="Silence after which a bucket is not live.")
     heartbeat_interval: Seconds = Field(2.0, description="How often buckets are told to heartbeat.")
@@ -127,7 +129,7 @@ class ApiConfig(_Section):
     cleanup_timeout: Seconds = Field(30.0, description="Deadline of the shielded cleanup of a failed upload.")
     janitor_interval: Seconds = Field(5.0, description="How often pending fragment deletions are retried.")
     grpc_stream_window: PositiveSize = Field(
-        4 * MiB, description="HTTP/2 receive window per bucket stream (bounds buffered data)."
+        MiB, description="HTTP/2 receive window per bucket stream (bounds buffered data)."
     )
     grpc_connection_window: PositiveSize = Field(
         16 * MiB, description="HTTP/2 receive window per bucket connection."

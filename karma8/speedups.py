@@ -21,7 +21,10 @@ could make, kept here until it does:
    strided ``bytes.translate`` calls (about 1 GB/s, a fifth of the client's CPU on an
    upload). :func:`apply_websocket` does it as one numpy XOR of 32-bit words (about
    30 GB/s). numpy costs about 12 MB of RSS, so only WebSocket users (the API server,
-   the client) load it, never a bucket.
+   the client) load it, never a bucket. wsproto also copies every outgoing frame's
+   payload five times (into a bytearray, for the masker, out of it, header + payload,
+   and into the bytes ``Connection.send`` returns): frames are built here with one copy,
+   the masked ones XORed straight into the frame.
 4. **gRPC data messages sent without copies.** To send one 1 MiB chunk, betterproto
    copies it into the encoded message, grpclib copies that behind the 5-byte gRPC prefix
    and again into each DATA frame (``BytesIO.read``), and h2 copies every frame three
@@ -36,10 +39,11 @@ could make, kept here until it does:
    128 KiB or more with a fresh ``mmap`` and returns it with ``munmap`` when freed, so
    each 1 MiB chunk (and each copy of it) costs 256 page faults and the kernel zeroing
    those pages: two thirds of the client's CPU on an upload were system time.
-   :func:`tune_malloc` raises the mmap threshold above our largest chunk and keeps a
-   bounded amount of freed memory for reuse (``mallopt``; the same as the
-   ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` variables, set from code
-   so that every karma8 process gets it). The CLI calls it first thing.
+   :func:`tune_malloc` raises the mmap threshold above our largest chunk, keeps a
+   bounded amount of freed memory for reuse and uses one heap for all threads
+   (``mallopt``; the same as the ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``
+   and ``MALLOC_ARENA_MAX`` variables, set from code so that every karma8 process gets
+   it). The CLI calls it first thing.
 
 ``tests/unit/test_speedups.py`` checks that they are active, that they change nothing
 but speed, and fails when a library changes underneath them.
@@ -50,10 +54,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import struct
 from collections.abc import Sequence
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import grpclib.client
 import grpclib.encoding.proto
@@ -62,10 +67,18 @@ import grpclib.server
 import grpclib.stream
 import h2.connection
 import hyperframe.frame
+import wsproto.connection
+import wsproto.events
 import wsproto.frame_protocol
 from h2.connection import ConnectionInputs
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs
+from wsproto.frame_protocol import (
+    MAX_PAYLOAD_NORMAL,
+    MAX_PAYLOAD_TWO_BYTE,
+    PAYLOAD_LENGTH_EIGHT_BYTE,
+    PAYLOAD_LENGTH_TWO_BYTE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +88,8 @@ MAX_FRAME_SIZE = 256 * 1024
 _original_connection_made: Any = grpclib.protocol.H2Protocol.connection_made
 _original_data_repr: Any = hyperframe.frame.DataFrame._body_repr
 _original_mask: Any = wsproto.frame_protocol.XorMaskerSimple.process
+_original_serialize_frame: Any = wsproto.frame_protocol.FrameProtocol._serialize_frame
+_original_connection_send: Any = wsproto.connection.Connection.send
 _original_send_message: Any = grpclib.stream.send_message
 
 #: A ``data`` field at least this large is sent from the caller's buffer (fix 4).
@@ -108,13 +123,11 @@ def _connection_made(self: grpclib.protocol.H2Protocol, transport: Any) -> None:
     self.connection.flush()
 
 
-def _mask(self: wsproto.frame_protocol.XorMaskerSimple, data: bytes | bytearray | memoryview) -> bytearray:
-    """``XorMaskerSimple.process``: XOR with the key, which then continues where it ended."""
+def _xor_into(out: memoryview | bytearray, data: bytes | bytearray | memoryview, key: bytes) -> None:
+    """``out[i] = data[i] ^ key[i % 4]`` for every byte of ``data``."""
     import numpy as np  # imported here: see apply_websocket
 
-    key = bytes(self._masking_key)
     size = len(data)
-    out = bytearray(size)
     words = size // 4
     if words:
         np.bitwise_xor(
@@ -124,9 +137,54 @@ def _mask(self: wsproto.frame_protocol.XorMaskerSimple, data: bytes | bytearray 
         )
     for i in range(4 * words, size):  # at most 3 bytes
         out[i] = data[i] ^ key[i % 4]
-    rotation = size % 4
+
+
+def _mask(self: wsproto.frame_protocol.XorMaskerSimple, data: bytes | bytearray | memoryview) -> bytearray:
+    """``XorMaskerSimple.process``: XOR with the key, which then continues where it ended."""
+    key = bytes(self._masking_key)
+    out = bytearray(len(data))
+    _xor_into(out, data, key)
+    rotation = len(data) % 4
     self._masking_key = key[rotation:] + key[:rotation]
     return out
+
+
+def _serialize_frame(
+    self: wsproto.frame_protocol.FrameProtocol,
+    opcode: wsproto.frame_protocol.Opcode,
+    payload: bytes | bytearray | memoryview = b"",
+    fin: bool = True,
+) -> bytearray:
+    """``FrameProtocol._serialize_frame`` with one copy of the payload instead of five."""
+    if self.extensions:  # they may rewrite the payload: wsproto's own way
+        return _original_serialize_frame(self, opcode, payload, fin)  # type: ignore[no-any-return]
+    length = len(payload)
+    if length > MAX_PAYLOAD_NORMAL and opcode.iscontrol():
+        raise ValueError("payload too long for control frame")
+    first = self._make_fin_rsv_opcode(fin, wsproto.frame_protocol.RsvBits(False, False, False), opcode)
+    mask_bit = 0x80 if self.client else 0
+    if length <= MAX_PAYLOAD_NORMAL:
+        header = struct.pack("!BB", first, mask_bit | length)
+    elif length <= MAX_PAYLOAD_TWO_BYTE:
+        header = struct.pack("!BBH", first, mask_bit | PAYLOAD_LENGTH_TWO_BYTE, length)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | PAYLOAD_LENGTH_EIGHT_BYTE, length)
+    if not self.client:
+        return bytearray(header) + payload
+    key = os.urandom(4)  # a fresh, unpredictable key for every frame (RFC 6455, 5.3)
+    start = len(header) + 4
+    out = bytearray(start + length)
+    out[:start] = header + key
+    _xor_into(memoryview(out)[start:], payload, key)
+    return out
+
+
+def _connection_send(self: wsproto.connection.Connection, event: wsproto.events.Event) -> bytes:
+    """``Connection.send`` without copying a data frame once more into ``b"" + frame``."""
+    if isinstance(event, wsproto.events.Message) and self.state is wsproto.connection.ConnectionState.OPEN:
+        # A bytearray, not bytes: the socket's send_all takes any buffer.
+        return cast(bytes, self._proto.send_data(event.data, event.message_finished))
+    return _original_connection_send(self, event)  # type: ignore[no-any-return]
 
 
 @cache
@@ -248,8 +306,12 @@ async def _send_message(
 MMAP_THRESHOLD = 8 * 1024 * 1024
 #: Free memory at the top of a heap beyond this goes back to the system (fix 5).
 TRIM_THRESHOLD = 16 * 1024 * 1024
+#: One heap for all threads (fix 5): a chunk allocated by the asyncio thread and freed
+#: by trio's would otherwise keep memory in two heaps (API: 10 MB more at peak).
+ARENA_MAX = 1
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 def tune_malloc() -> bool:
@@ -261,17 +323,26 @@ def tune_malloc() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    ok = all(
+        mallopt(option, value) == 1
+        for option, value in (
+            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (_M_ARENA_MAX, ARENA_MAX),
+        )
+    )
     if not ok:
         log.info("mallopt refused the allocator settings; large buffers stay on mmap")
     return bool(ok)
 
 
 def apply_websocket() -> None:
-    """Install fix 3 (idempotent; loads numpy)."""
+    """Install fix 3 and its frame serializer (idempotent; loads numpy)."""
     import numpy  # noqa: F401  (loaded here, not in every process)
 
     wsproto.frame_protocol.XorMaskerSimple.process = _mask  # type: ignore[method-assign]
+    wsproto.frame_protocol.FrameProtocol._serialize_frame = _serialize_frame  # type: ignore[method-assign]
+    wsproto.connection.Connection.send = _connection_send  # type: ignore[method-assign]
 
 
 def apply() -> None:

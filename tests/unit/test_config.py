@@ -35,7 +35,7 @@ def test_defaults() -> None:
     stack = load(StackConfig, environ={})
 
     assert (api.host, api.port, api.membership_port, api.parts) == ("127.0.0.1", 8080, 8081, 6)
-    assert api.stripe_unit == MiB
+    assert (api.stripe_unit, api.queue_depth, api.grpc_stream_window) == (512 * KiB, 1, MiB)
     assert api.max_file_size == 10 * GiB
     assert api.ready_file is None
     assert api.registry_path == Path("karma8-data/api/registry.sqlite3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import struct
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import hyperframe.frame
 import pytest
 from grpclib.encoding.proto import ProtoCodec
 from h2.settings import SettingCodes
-from wsproto.frame_protocol import XorMaskerSimple
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
+from wsproto.frame_protocol import FrameProtocol, Opcode, XorMaskerSimple
 
 from karma8 import speedups
 from karma8.rpc.gen.karma8 import v1 as pb
@@ -219,3 +222,50 @@ print(faults() - before)
     }
     assert counts["default"] > 100 * 200  # about 256 page faults per 1 MiB buffer
     assert counts["tuned"] < 1000
+
+
+def test_wsproto_still_copies_frames_to_serialize_them() -> None:
+    # If wsproto builds frames without these copies, drop our serializer.
+    source = inspect.getsource(speedups._original_serialize_frame)
+    assert "bytearray(header + payload)" in source
+    assert 'data = b""' in inspect.getsource(speedups._original_connection_send)
+
+
+@pytest.mark.parametrize("client", [True, False])
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, MiB + 3])
+def test_frames_are_the_bytes_wsproto_builds(
+    monkeypatch: pytest.MonkeyPatch, client: bool, size: int
+) -> None:
+    keys = iter([b"\x01\x80\xfe\x33"] * 2)
+    monkeypatch.setattr(os, "urandom", lambda n: next(keys))
+    payload = bytes(i % 253 for i in range(size))
+    ours = FrameProtocol(client=client, extensions=[])
+    theirs = FrameProtocol(client=client, extensions=[])
+    for fin in (False, True):
+        assert speedups._serialize_frame(ours, Opcode.BINARY, payload, fin) == (
+            speedups._original_serialize_frame(theirs, Opcode.BINARY, payload, fin)
+        )
+        keys = iter([b"\x01\x80\xfe\x33"] * 2)
+
+
+def test_control_frames_stay_short() -> None:
+    with pytest.raises(ValueError, match="control frame"):
+        speedups._serialize_frame(FrameProtocol(client=True, extensions=[]), Opcode.PING, b"x" * 126)
+
+
+def test_a_websocket_connection_sends_what_wsproto_reads() -> None:
+    speedups.apply_websocket()
+    client = WSConnection(ConnectionType.CLIENT)
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="a", target="/")))
+    request = next(server.events())
+    assert isinstance(request, Request)
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    data = bytes(i % 251 for i in range(MiB + 1))
+    for sender, receiver in ((client, server), (server, client)):
+        receiver.receive_data(bytes(sender.send(BytesMessage(data=data))))
+        receiver.receive_data(bytes(sender.send(TextMessage(data="done"))))
+        events = list(receiver.events())
+        assert b"".join(e.data for e in events if isinstance(e, BytesMessage)) == data
+        assert [e.data for e in events if isinstance(e, TextMessage)] == ["done"]
