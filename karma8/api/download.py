@@ -131,6 +131,12 @@ async def _get_part(
     send: trio.MemorySendChannel[bytes],
 ) -> None:
     fid = fragment_id(fragment.upload_id, fragment.part)
+    if fragment.size <= session.config.stripe_unit:
+        # A small fragment comes in one call (at most one unit held), then goes on as chunks.
+        for piece in await session.bucket_step(client, client.get_whole(fid, fragment.size, unit)):
+            await send.send(piece)
+        await send.aclose()
+        return
     received = 0
     async with contextlib.AsyncExitStack() as stack:
         reader = await session.open_stream(stack, client, client.open_get(fid, unit))

@@ -21,6 +21,7 @@ from karma8.api.session import Session
 from karma8.core.fragments import fragment_id, new_upload_id
 from karma8.core.layout import Layout, Striper
 from karma8.core.protocol import encode_ok, parse_upload_header
+from karma8.core.records import StoredFragment
 from karma8.errors import (
     BadRequest,
     BucketUnavailable,
@@ -145,6 +146,20 @@ async def _put_part(
     checksums: dict[int, str],
 ) -> None:
     fid = fragment_id(upload_id, part)
+    if size <= session.config.stripe_unit:
+        # A small fragment goes in one call once it is complete: at most one unit is held.
+        data = b"".join([unit async for unit in receive])
+        stored = await session.bucket_step(client, client.put_whole(fid, data))
+    else:
+        stored = await _stream_part(session, client, fid, size, receive)
+    if stored.size != size:
+        raise BucketUnavailable(client.bucket_id, f"stored {stored.size} of {size} bytes")
+    checksums[part] = stored.sha256
+
+
+async def _stream_part(
+    session: Session, client: BucketClient, fid: str, size: int, receive: trio.MemoryReceiveChannel[bytes]
+) -> StoredFragment:
     async with contextlib.AsyncExitStack() as stack:
         writer = await session.open_stream(stack, client, client.open_put(fid, size))
         # The receive side is never closed here: if this task fails, the session task
@@ -152,7 +167,4 @@ async def _put_part(
         # error is the one reported, not a BrokenResourceError on the other side.
         async for unit in receive:
             await session.bucket_step(client, writer.send(unit))
-        stored = await session.bucket_step(client, writer.finish())
-    if stored.size != size:
-        raise BucketUnavailable(client.bucket_id, f"stored {stored.size} of {size} bytes")
-    checksums[part] = stored.sha256
+        return await session.bucket_step(client, writer.finish())

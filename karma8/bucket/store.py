@@ -41,6 +41,9 @@ from karma8.errors import BadRequest, Karma8Error
 log = logging.getLogger(__name__)
 
 MAGIC = b"K8FRAG01"
+#: Chunks up to this size are written (and hashed) on the event loop: a few
+#: microseconds into the page cache, less than a hop to a worker thread and back.
+INLINE_WRITE_MAX = 64 * 1024
 _FOOTER = struct.Struct("<8sQ32s")
 FOOTER_SIZE = _FOOTER.size
 
@@ -110,8 +113,10 @@ class FragmentWriter:
         if self.written + len(data) > self.size:
             raise BadRequest(f"{self.fragment_id}: more than the announced {self.size} bytes")
         self.written += len(data)
-        if data:
+        if len(data) > INLINE_WRITE_MAX:
             await anyio.to_thread.run_sync(self._write, data)
+        elif data:
+            self._write(data)
 
     def _commit(self, final: Path, fsync: bool) -> StoredFragment:
         digest = self._hash.digest()
