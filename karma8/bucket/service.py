@@ -10,6 +10,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 
 from karma8.bucket.store import FragmentCorrupt, FragmentMissing, FragmentStore, NoSpace
+from karma8.core.records import StoredFragment
 from karma8.errors import BadRequest
 from karma8.rpc.gen.karma8 import v1 as pb
 
@@ -36,6 +37,16 @@ def _as_grpc(bucket_id: str, what: str) -> Iterator[None]:
         raise GRPCError(Status.RESOURCE_EXHAUSTED, exc.message) from None
 
 
+def _put_reply(stored: StoredFragment) -> pb.PutReply:
+    return pb.PutReply(fragment_id=stored.fragment_id, size=stored.size, sha256=bytes.fromhex(stored.sha256))
+
+
+async def _chain(first: pb.PutRequest, rest: AsyncIterator[pb.PutRequest]) -> AsyncIterator[pb.PutRequest]:
+    yield first
+    async for message in rest:
+        yield message
+
+
 class BucketService(pb.BucketBase):
     """Put / Get / Delete / List / GetUsage of fragments."""
 
@@ -56,23 +67,31 @@ class BucketService(pb.BucketBase):
             raise GRPCError(Status.INVALID_ARGUMENT, "empty Put stream")
         with _as_grpc(bid, f"put {first.fragment_id!r}"):
             self._check_chunk(first.data)
+            rest = messages
+            if len(first.data) == first.size:  # all the data in one message: a small fragment
+                second = await anext(messages, None)
+                if second is None:
+                    return _put_reply(await self._store.put_whole(first.fragment_id, first.data))
+                rest = _chain(second, messages)
             async with self._store.open_writer(first.fragment_id, first.size) as writer:
                 await writer.write(first.data)
-                async for message in messages:
+                async for message in rest:
                     if message.fragment_id and message.fragment_id != first.fragment_id:
                         raise BadRequest("fragment id changed mid-stream")
                     self._check_chunk(message.data)
                     await writer.write(message.data)
                 stored = await writer.commit()
         log.debug("bucket=%s stored %s (%d bytes)", bid, stored.fragment_id, stored.size)
-        return pb.PutReply(
-            fragment_id=stored.fragment_id, size=stored.size, sha256=bytes.fromhex(stored.sha256)
-        )
+        return _put_reply(stored)
 
     async def get(self, message: pb.GetRequest) -> AsyncIterator[pb.GetReply]:
         with _as_grpc(self._store.bucket_id, f"get {message.fragment_id!r}"):
             if not 0 < message.chunk_size <= self._read_chunk_max:
                 raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
+            data = await self._store.read_whole(message.fragment_id, message.chunk_size)
+            if data is not None:  # a small fragment: one chunk, read in one thread call
+                yield pb.GetReply(data=data)
+                return
             async with self._store.open_reader(message.fragment_id) as reader:
                 async for data in reader.chunks(message.chunk_size):
                     yield pb.GetReply(data=data)

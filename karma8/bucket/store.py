@@ -226,6 +226,52 @@ class FragmentStore:
             if not f.closed:  # not committed
                 writer._discard()
 
+    def _put_whole(self, fragment_id: str, data: bytes) -> StoredFragment:
+        tmp = self._tmp / f"{fragment_id}.{uuid.uuid4().hex}"
+        writer = FragmentWriter(self, fragment_id, len(data), tmp, tmp.open("xb"))
+        try:
+            writer._write(data)
+            return writer._commit(self._path(fragment_id), self.fsync)
+        except BaseException:
+            writer._discard()
+            raise
+
+    async def put_whole(self, fragment_id: str, data: bytes) -> StoredFragment:
+        """Store a whole fragment: create, write, fsync and rename in one worker-thread call.
+
+        Nothing touches the disk in the event loop thread: creating a file there can wait
+        on the filesystem journal behind other fragments' fsyncs, and so block every call.
+        The temporary file exists only inside the thread call, which removes it on failure.
+        """
+        self._path(fragment_id)  # validates the id before anything touches the disk
+        if len(data) > self.usage().free:
+            raise NoSpace(f"{fragment_id}: {len(data)} bytes do not fit")
+        return await anyio.to_thread.run_sync(self._put_whole, fragment_id, data)
+
+    def _read_whole(self, fragment_id: str, limit: int) -> bytes | None:
+        path = self._path(fragment_id)
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            raise FragmentMissing(f"no fragment {fragment_id}") from None
+        with f:
+            size, digest = _read_footer(f, path)
+            if size > limit:
+                return None
+            data = f.read(size)
+        if len(data) != size:
+            raise FragmentCorrupt(f"{fragment_id}: truncated")
+        if hashlib.sha256(data).digest() != digest:
+            raise FragmentCorrupt(f"{fragment_id}: checksum mismatch")
+        return data
+
+    async def read_whole(self, fragment_id: str, limit: int) -> bytes | None:
+        """A fragment of at most ``limit`` bytes, read and verified in one worker-thread call.
+
+        None when the fragment is larger: read it with :meth:`open_reader` instead.
+        """
+        return await anyio.to_thread.run_sync(self._read_whole, fragment_id, limit)
+
     @contextlib.asynccontextmanager
     async def open_reader(self, fragment_id: str) -> AsyncIterator[FragmentReader]:
         """A reader that checks the data against the footer as it goes."""

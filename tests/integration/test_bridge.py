@@ -254,3 +254,31 @@ async def test_cancelled_put_whole_resets_the_grpc_stream(tmp_path: Path) -> Non
             await client.aclose()
     finally:
         await stop_process(bucket.proc)
+
+
+async def test_a_complete_first_message_followed_by_more_is_streamed(tmp_path: Path) -> None:
+    """The bucket's one-call path is taken only when the first message is the whole stream."""
+    bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
+    try:
+        async with open_portal() as portal:
+            client = await connect_test_bucket(portal, bucket)
+            fid = fragment_id(new_upload_id(), 0)
+            async with client.open_put(fid, 3) as writer:
+                await writer.send(b"abc")
+                await writer.send(b"")  # nothing more, but another message
+                assert (await writer.finish()).size == 3
+            assert b"".join(await client.get_whole(fid, 3, 1)) == b"abc"
+
+            async def too_much() -> None:
+                async with client.open_put(fragment_id(new_upload_id(), 0), 3) as writer:
+                    await writer.send(b"abc")
+                    await writer.send(b"d")
+                    await writer.finish()
+
+            with pytest.raises(Internal, match="more than the announced 3 bytes"):
+                await too_much()
+            await wait_until(lambda: not bucket.tmp_files(), "the bucket to drop the refused Put")
+            assert [p.name for p in bucket.fragment_files()] == [fid]
+            await client.aclose()
+    finally:
+        await stop_process(bucket.proc)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from karma8.bucket.store import (
     FOOTER_SIZE,
@@ -421,3 +422,71 @@ async def test_reopen_clears_tmp_and_rebuilds_usage(tmp_path: Path) -> None:
     assert list((root / "tmp").iterdir()) == []
     assert (reopened.usage().used, reopened.usage().fragments) == (75, 2)
     assert await _get(reopened, f"{UID}.0") == b"x" * 50
+
+
+# -- whole fragments in one thread call ---------------------------------------------------
+
+
+async def test_put_whole_then_read_whole(store: FragmentStore) -> None:
+    data = _data(11_000)
+    stored = await store.put_whole(f"{UID}.2", data)
+
+    assert stored == StoredFragment(f"{UID}.2", len(data), hashlib.sha256(data).hexdigest())
+    assert _files(store.root) == {"bucket-id", f"fragments/01/{UID}.2"}
+    assert await store.read_whole(f"{UID}.2", len(data)) == data
+    assert await store.read_whole(f"{UID}.2", len(data) - 1) is None  # too big: stream it
+    assert await _get(store, f"{UID}.2") == data  # the same file as a streamed Put's
+    assert (store.usage().used, store.usage().fragments) == (len(data), 1)
+
+    await store.put_whole(f"{UID}.2", b"shorter")  # replaces, and the counters follow
+    assert (store.usage().used, store.usage().fragments) == (7, 1)
+    assert await store.read_whole(f"{UID}.2", 100) == b"shorter"
+
+
+async def test_put_whole_refusals_leave_nothing(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "bucket", capacity=100, fsync=False)
+    before = _paths(store.root)
+    with pytest.raises(NoSpace):
+        await store.put_whole(f"{UID}.0", b"x" * 101)
+    for hostile in HOSTILE_IDS:
+        with pytest.raises(BadRequest):
+            await store.put_whole(hostile, b"x")
+    assert _paths(store.root) == before
+
+
+async def test_put_whole_failing_on_disk_leaves_no_temporary_file(store: FragmentStore) -> None:
+    (store.root / "fragments" / UID[:2]).write_bytes(b"not a directory")
+    with pytest.raises(FileExistsError):
+        await store.put_whole(f"{UID}.0", b"data")
+    assert _files(store.root) == {"bucket-id", f"fragments/{UID[:2]}"}
+
+
+async def test_cancelled_put_whole_commits_or_leaves_nothing(store: FragmentStore) -> None:
+    for attempt in range(20):
+        fid = f"{UID}.{attempt}"
+        with trio.CancelScope() as scope:
+            if attempt % 2:
+                scope.cancel()  # before the call starts; otherwise while it runs
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.put_whole, fid, b"x" * 100_000)
+                await trio.lowlevel.checkpoint()
+                scope.cancel()
+        files = _files(store.root)
+        assert not any(f.startswith("tmp/") for f in files)
+        if f"fragments/01/{fid}" in files:
+            assert await store.read_whole(fid, 100_000) == b"x" * 100_000
+
+
+async def test_read_whole_checks_the_data(store: FragmentStore) -> None:
+    with pytest.raises(FragmentMissing):
+        await store.read_whole(f"{UID}.0", 100)
+    await store.put_whole(f"{UID}.0", b"hello")
+    path = _fragment_path(store.root, f"{UID}.0")
+    raw = bytearray(path.read_bytes())
+    raw[1] ^= 0x20
+    path.write_bytes(raw)
+    with pytest.raises(FragmentCorrupt, match="checksum"):
+        await store.read_whole(f"{UID}.0", 100)
+    path.write_bytes(raw[:3])
+    with pytest.raises(FragmentCorrupt):
+        await store.read_whole(f"{UID}.0", 100)
