@@ -1,6 +1,9 @@
 """The ``karma8`` command line (typer).
 
 Errors are one line on stderr and a non-zero exit status, never a traceback.
+
+Modules beyond typer are imported by the commands that use them, so that a command
+that does little starts fast (``karma8 health`` runs every few seconds in containers).
 """
 
 from __future__ import annotations
@@ -12,28 +15,15 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
-import trio
 import typer
 
-from karma8 import speedups
-from karma8.cli_report import (
-    Watch,
-    human_size,
-    moving_text,
-    percent,
-    placed_spread,
-    plan_summary,
-    print_plan,
-    rebalancer_line,
-    run_summary,
-    spread_text,
-)
-from karma8.client import Client, FileInfo, Progress
-from karma8.config import ApiConfig, BucketConfig, ClientConfig, StackConfig, load
 from karma8.errors import Karma8Error
-from karma8.logs import configure_logging
+from karma8.logs import FORMATS, configure_logging
+
+if TYPE_CHECKING:
+    from karma8.client import Client, FileInfo, Progress
 
 app = typer.Typer(
     name="karma8",
@@ -47,12 +37,19 @@ T = TypeVar("T")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option("--log-format", envvar="KARMA8_LOG_FORMAT", help="text (default) or json (JSON lines)."),
+]
+MetricsPortOpt = Annotated[
+    int | None, typer.Option(help="Port of /metrics, /healthz and /ready (0: any free port).")
+]
 ApiOpt = Annotated[
     str | None, typer.Option("--api", help="API server URL (env KARMA8_API, default ws://127.0.0.1:8080).")
 ]
 
 
-def fail(message: str, status: int = 1) -> None:
+def fail(message: str, status: int = 1) -> NoReturn:
     """Print one error line and exit."""
     typer.echo(f"karma8: error: {message}", err=True)
     raise typer.Exit(status)
@@ -71,12 +68,23 @@ def _errors_as_one_line() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def _configure_logging(level: str, role: str, log_format: str) -> None:
+    if log_format not in FORMATS:
+        fail(f"--log-format (or KARMA8_LOG_FORMAT) must be {' or '.join(FORMATS)}, not {log_format!r}")
+    try:
+        configure_logging(level, role, log_format)
+    except ValueError:
+        fail(f"--log-level must be debug, info, warning or error, not {level!r}")
+
+
 async def _until_signal(main: Callable[[], Awaitable[None]]) -> None:
     """Run ``main`` until it returns or SIGINT/SIGTERM arrives, then let it clean up.
 
     The receiver stays open until ``main`` has finished its cleanup, so a second Ctrl-C
     (or a SIGTERM after a SIGINT) cannot interrupt the shutdown half-way.
     """
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -94,6 +102,8 @@ async def _until_signal(main: Callable[[], Awaitable[None]]) -> None:
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    import trio
+
     with _errors_as_one_line():
         try:
             return trio.run(fn)
@@ -107,6 +117,9 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def _client(config: Path | None, api: str | None) -> Client:
+    from karma8.client import Client
+    from karma8.config import ClientConfig, load
+
     with _errors_as_one_line():
         return Client(load(ClientConfig, config, api=api))
 
@@ -121,18 +134,24 @@ def up(
     port: Annotated[int | None, typer.Option(help="WebSocket port (default 8080).")] = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = "warning",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run the local stack: an API server and N buckets as child processes."""
+    import trio
+
+    from karma8.config import StackConfig, load
     from karma8.stack import run_stack
 
     with _errors_as_one_line():
         cfg = load(StackConfig, config, buckets=buckets, data=data, port=port)
-    configure_logging(log_level, "up")
+    _configure_logging(log_level, "up", log_format)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(run_stack, cfg, log_level, config)
+            info = await nursery.start(run_stack, cfg, log_level, config, log_format)
             typer.echo(f"karma8 is up: {info.url} ({info.buckets} buckets, data in {info.data})")
+            if info.metrics_url is not None:
+                typer.echo(f"Metrics: {info.metrics_url}")
             typer.echo("Ctrl-C stops it.")
 
     _run(functools.partial(_until_signal, main))
@@ -145,12 +164,15 @@ def api(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="WebSocket port.")] = None,
     membership_port: Annotated[int | None, typer.Option(help="Port buckets register on.")] = None,
+    metrics_port: MetricsPortOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="Directory of the registry.")] = None,
     ready_file: Annotated[Path | None, typer.Option(help="Write bound ports here.")] = None,
     log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run the API server."""
     from karma8.api.app import serve_api
+    from karma8.config import ApiConfig, load
 
     with _errors_as_one_line():
         cfg = load(
@@ -159,10 +181,11 @@ def api(
             host=host,
             port=port,
             membership_port=membership_port,
+            metrics_port=metrics_port,
             data_dir=data_dir,
             ready_file=ready_file,
         )
-    configure_logging(log_level, "api")
+    _configure_logging(log_level, "api", log_format)
     _run(functools.partial(_until_signal, functools.partial(serve_api, cfg)))
 
 
@@ -171,16 +194,19 @@ def bucket(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port (0: any free port).")] = None,
+    metrics_port: MetricsPortOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="Fragment directory.")] = None,
     api: Annotated[
         str | None, typer.Option("--api", help="host:port of the API server's membership endpoint.")
     ] = None,
     capacity: Annotated[str | None, typer.Option(help="Capacity, e.g. 100GiB.")] = None,
-    ready_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
+    ready_file: Annotated[Path | None, typer.Option(help="Write the bound ports here.")] = None,
     log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run a bucket server."""
     from karma8.bucket.app import run_bucket
+    from karma8.config import BucketConfig, load
 
     with _errors_as_one_line():
         cfg = load(
@@ -188,14 +214,40 @@ def bucket(
             config,
             host=host,
             port=port,
+            metrics_port=metrics_port,
             data_dir=data_dir,
             api=api,
             capacity=capacity,
             ready_file=ready_file,
         )
-    configure_logging(log_level, "bucket")
+    _configure_logging(log_level, "bucket", log_format)
     with _errors_as_one_line():
         run_bucket(cfg)
+
+
+@app.command()
+def health(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="http://HOST:PORT/PATH (healthy: status 200) or grpc://HOST:PORT (healthy: SERVING)."
+        ),
+    ],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 3.0,
+) -> None:
+    """Check a server, for container health checks: exit status 0 if healthy, else 1.
+
+    http:// asks for one URL, such as the /ready or /healthz of an API server or a
+    bucket. grpc:// calls the standard gRPC health check (grpc.health.v1.Health/Check)
+    of the whole server, as a bucket serves it (no secret needed).
+    """
+    from karma8.cli_health import ProbeFailed, probe
+
+    try:
+        line = probe(target, timeout)
+    except ProbeFailed as exc:
+        fail(str(exc))
+    typer.echo(line)
 
 
 # -- client commands -------------------------------------------------------------------
@@ -332,6 +384,8 @@ def status(
     config: ConfigOpt = None,
 ) -> None:
     """Show the buckets (live, used, free, fill, fragments), the spread and the rebalancer."""
+    from karma8.cli_report import human_size, percent, rebalancer_line, spread_text
+
     st = _run(_client(config, api).status)
     if as_json:
         _print_json(st)
@@ -365,6 +419,16 @@ def rebalance_cmd(
     Ctrl-C stops watching, not the rebalance.
     Exit status 1 if any move failed.
     """
+    from karma8.cli_report import (
+        Watch,
+        moving_text,
+        placed_spread,
+        plan_summary,
+        print_plan,
+        run_summary,
+        spread_text,
+    )
+
     client = _client(config, api)
     if dry_run:
         plan = _run(functools.partial(client.rebalance, dry_run=True))
@@ -422,5 +486,7 @@ def rebalance_cmd(
 
 def main() -> None:
     """Console entry point."""
+    from karma8 import speedups
+
     speedups.tune_malloc()  # before the first large buffer: see karma8.speedups
     app()

@@ -110,6 +110,12 @@ class ApiConfig(_Section):
         "127.0.0.1", description="Address of the gRPC endpoint buckets register with."
     )
     membership_port: Port = Field(8081, description="gRPC port buckets register with (0 picks a free one).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the /metrics, /healthz, /ready endpoint binds."
+    )
+    metrics_port: Port = Field(
+        9090, description="HTTP port of /metrics, /healthz and /ready (0 picks a free one)."
+    )
     data_dir: Path = Field(Path("karma8-data/api"), description="Holds the registry database.")
     parts: Int = Field(6, ge=1, le=64, description="Parts per file, each on a distinct bucket.")
     stripe_unit: PositiveSize = Field(
@@ -183,6 +189,10 @@ class ApiConfig(_Section):
         return self.data_dir / "registry.sqlite3"
 
 
+#: Bind addresses that mean "every address of this host".
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "", "::"})
+
+
 class BucketConfig(_Section):
     """A bucket server (``karma8 bucket``)."""
 
@@ -191,6 +201,12 @@ class BucketConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: Port = Field(9100, description="gRPC port (0 picks a free one).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the /metrics, /healthz, /ready endpoint binds."
+    )
+    metrics_port: Port = Field(
+        9101, description="HTTP port of /metrics, /healthz and /ready (0 picks a free one)."
+    )
     advertise_host: str = Field("", description="Host the API should dial (default: host).")
     data_dir: Path = Field(Path("karma8-data/bucket"), description="Fragments and the bucket's identity.")
     api: str = Field("127.0.0.1:8081", description="host:port of the API server's membership endpoint.")
@@ -201,7 +217,7 @@ class BucketConfig(_Section):
     retry_max: Seconds = Field(5.0, description="Longest backoff between registration attempts.")
     fsync: bool = Field(True, description="fsync fragments before acknowledging them.")
     shutdown_timeout: Seconds = Field(5.0, description="Deadline for a graceful shutdown.")
-    ready_file: Path | None = Field(None, description="Write the bound port here as JSON once serving.")
+    ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Use uvloop when it is installed.")
     secret: Credential = Field(
         SecretStr(""), description="Shared secret required of every call and sent with heartbeats."
@@ -216,7 +232,7 @@ class BucketConfig(_Section):
         """The host part of the address sent to the API."""
         if self.advertise_host:
             return self.advertise_host
-        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
 
 
 class ClientConfig(_Section):

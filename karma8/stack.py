@@ -83,15 +83,17 @@ class StackInfo:
     url: str
     data: Path
     buckets: int
+    #: The API server's /metrics (None: its metrics port was taken).
+    metrics_url: str | None = None
 
 
-async def _wait_ready(path: Path, proc: trio.Process, what: str) -> dict[str, int]:
+async def _wait_ready(path: Path, proc: trio.Process, what: str) -> dict[str, object]:
     """Poll for a child's ready file (the child exiting first is an error)."""
     while True:
         if proc.returncode is not None:
             raise StackError(f"{what} exited with status {proc.returncode} while starting")
         try:
-            info: dict[str, int] = json.loads(await trio.Path(path).read_text())
+            info: dict[str, object] = json.loads(await trio.Path(path).read_text())
         except FileNotFoundError:
             await trio.sleep(POLL)
             continue
@@ -120,16 +122,22 @@ class Supervisor:
     """Starts children, and stops them all when done."""
 
     def __init__(
-        self, log_level: str, stop_timeout: float, config_file: Path | None, env: dict[str, str]
+        self,
+        log_level: str,
+        stop_timeout: float,
+        config_file: Path | None,
+        env: dict[str, str],
+        log_format: str = "text",
     ) -> None:
         self._log_level = log_level
+        self._log_format = log_format
         self._env = env
         self._stop_timeout = stop_timeout
         # Children read their own [api] / [bucket] tables from the same file.
         self._config_args = ["--config", str(config_file.absolute())] if config_file else []
         self.children: list[tuple[str, trio.Process]] = []
 
-    async def start(self, what: str, args: list[str], ready: Path) -> dict[str, int]:
+    async def start(self, what: str, args: list[str], ready: Path) -> dict[str, object]:
         await trio.Path(ready).unlink(missing_ok=True)
         cmd = [
             sys.executable,
@@ -141,6 +149,8 @@ class Supervisor:
             str(ready),
             "--log-level",
             self._log_level,
+            "--log-format",
+            self._log_format,
         ]
         proc = await trio.lowlevel.open_process(cmd, env=self._env)
         self.children.append((what, proc))
@@ -177,17 +187,22 @@ async def run_stack(
     config: StackConfig,
     log_level: str = "info",
     config_file: Path | None = None,
+    log_format: str = "text",
     *,
     task_status: trio.TaskStatus[StackInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the local stack until cancelled; ``started()`` once every bucket is live."""
+    """Run the local stack until cancelled; ``started()`` once every bucket is live.
+
+    The API server keeps its configured metrics port; every bucket gets a free one, so
+    that the buckets of one host never collide.
+    """
     data = config.data.absolute()
     data.mkdir(parents=True, exist_ok=True)
     secret = await trio.to_thread.run_sync(stack_secret, data)
     env = {**os.environ, "KARMA8_API_BUCKET_SECRET": secret, "KARMA8_BUCKET_SECRET": secret}
     # What the API child reads besides the options given below: its token and TLS.
     api_config = load(ApiConfig, config_file)
-    sup = Supervisor(log_level, config.stop_timeout, config_file, env)
+    sup = Supervisor(log_level, config.stop_timeout, config_file, env, log_format)
     try:
         with trio.fail_after(config.start_timeout):
             api = await sup.start(
@@ -214,6 +229,8 @@ async def run_stack(
                             str(data / f"bucket-{i}"),
                             "--port",
                             "0",
+                            "--metrics-port",
+                            "0",
                             "--api",
                             f"127.0.0.1:{api['membership_port']}",
                         ],
@@ -225,7 +242,9 @@ async def run_stack(
             # Polling another process's state: there is no event to wait on.
             while (await client.status())["live"] < config.buckets:  # noqa: ASYNC110
                 await trio.sleep(POLL)
-        info = StackInfo(url, data, config.buckets)
+        metrics = api.get("metrics_port")
+        metrics_url = f"http://{api_config.metrics_host}:{metrics}/metrics" if metrics is not None else None
+        info = StackInfo(url, data, config.buckets, metrics_url)
         task_status.started(info)
         await sup.watch()
         raise StackError("a process of the local stack exited; stopping the stack")

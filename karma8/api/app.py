@@ -5,27 +5,34 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
+from prometheus_client import CollectorRegistry
 from trio_websocket import serve_websocket
 
 from karma8 import speedups, wsfix
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
+from karma8.api.metrics import ApiMetrics, BucketSample
 from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
 from karma8.api.server import ApiHandler
 from karma8.api.session import Services
 from karma8.config import ApiConfig
 from karma8.errors import ConfigError
+from karma8.metrics_http import start_endpoint
 from karma8.registry import open_registry
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.membership import serve_membership
-from karma8.tls import api_tls
+from karma8.tls import ApiTls, api_tls
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +43,40 @@ class ApiEndpoints:
     port: int
     membership_port: int
     tls: bool = False
+    #: The /metrics, /healthz, /ready port; None when the default one was taken.
+    metrics_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}"
+
+
+class _Readiness:
+    """What ``/ready`` reports; read on the trio thread (see :func:`_from_trio`)."""
+
+    def __init__(self, parts: int) -> None:
+        self._parts = parts
+        self.cluster: Cluster | None = None
+        self.stopping = False
+
+    def not_ready(self) -> str | None:
+        """None when ready, else why not (one line)."""
+        if self.stopping:
+            return "shutting down"
+        if self.cluster is None:
+            return "the registry is not open yet"
+        live = len(self.cluster.live())
+        if live < self._parts:
+            return f"{live} live bucket(s), {self._parts} needed to store a file"
+        return None
+
+
+def _from_trio(token: trio.lowlevel.TrioToken, fn: Callable[[], T], default: T) -> T:
+    """Run ``fn`` on the trio thread, from a scrape thread; ``default`` once trio is gone."""
+    try:
+        return trio.from_thread.run_sync(fn, trio_token=token)
+    except trio.RunFinishedError:
+        return default
 
 
 async def serve_api(
@@ -48,7 +85,8 @@ async def serve_api(
     """Run the API server until cancelled; ``started()`` gets its endpoints.
 
     Raises:
-        ConfigError: no ``bucket_secret`` (and not ``insecure``), or unusable TLS files.
+        ConfigError: no ``bucket_secret`` (and not ``insecure``), unusable TLS files, or a
+            configured metrics port that is in use.
     """
     secret = config.bucket_secret.get_secret_value()
     if not secret and not config.insecure:
@@ -62,6 +100,50 @@ async def serve_api(
     wsfix.apply()
     speedups.apply()
     speedups.apply_websocket()
+    metrics = ApiMetrics(CollectorRegistry())
+    readiness = _Readiness(config.parts)
+    token = trio.lowlevel.current_trio_token()
+
+    def not_ready() -> str | None:  # called on a scrape thread
+        stopped: str | None = "shutting down"
+        return _from_trio(token, readiness.not_ready, stopped)
+
+    # Up before the registry opens (a restart's recovery can take a while): /ready says so.
+    endpoint = start_endpoint(
+        config.metrics_host,
+        config.metrics_port,
+        metrics.registry,
+        not_ready,
+        required="metrics_port" in config.model_fields_set,
+        who="API server",
+    )
+    try:
+        await _serve(
+            config,
+            secret,
+            tls,
+            metrics,
+            readiness,
+            endpoint.port if endpoint is not None else None,
+            task_status,
+        )
+    finally:
+        readiness.stopping = True
+        if endpoint is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(endpoint.close)
+
+
+async def _serve(
+    config: ApiConfig,
+    secret: str,
+    tls: ApiTls,
+    metrics: ApiMetrics,
+    readiness: _Readiness,
+    metrics_port: int | None,
+    task_status: trio.TaskStatus[ApiEndpoints],
+) -> None:
+    token = trio.lowlevel.current_trio_token()
     async with (
         open_registry(config.registry_path) as registry,
         open_portal(use_uvloop=config.uvloop) as portal,
@@ -78,20 +160,36 @@ async def serve_api(
             )
         cluster = Cluster(registry, portal, config, ChannelSecurity(secret, tls.buckets))
         await cluster.load()
+
+        def bucket_samples() -> list[BucketSample]:
+            return [
+                BucketSample(s.bucket_id, cluster.is_live(s.bucket_id), s.usage) for s in cluster.states()
+            ]
+
+        metrics.watch_buckets(lambda: _from_trio(token, bucket_samples, []))
         leases = ReadLeases()
         janitor = Janitor(
-            registry, cluster, leases, config.janitor_interval, config.rpc_timeout, config.janitor_concurrency
+            registry,
+            cluster,
+            leases,
+            config.janitor_interval,
+            config.rpc_timeout,
+            config.janitor_concurrency,
+            metrics,
         )
-        reconciler = Reconciler(registry, cluster, config)
-        rebalancer = Rebalancer(registry, cluster, janitor, config)
+        reconciler = Reconciler(registry, cluster, config, metrics)
+        rebalancer = Rebalancer(registry, cluster, janitor, config, metrics=metrics)
 
         def on_hello(bucket_id: str) -> None:
             reconciler.request(bucket_id)
             rebalancer.joined(bucket_id)
 
         cluster.on_hello = on_hello
-        handler = ApiHandler(Services(config, registry, cluster, janitor, leases, reconciler, rebalancer))
+        handler = ApiHandler(
+            Services(config, registry, cluster, janitor, leases, reconciler, rebalancer, metrics)
+        )
         try:
+            readiness.cluster = cluster
             async with trio.open_nursery() as nursery:
                 membership_port = await nursery.start(
                     functools.partial(
@@ -121,18 +219,26 @@ async def serve_api(
                 nursery.start_soon(reconciler.run)
                 nursery.start_soon(rebalancer.run)
                 endpoints = ApiEndpoints(
-                    config.host, server.port, membership_port, tls=tls.websocket is not None
+                    config.host,
+                    server.port,
+                    membership_port,
+                    tls=tls.websocket is not None,
+                    metrics_port=metrics_port,
                 )
                 log.info(
-                    "API server listening on %s (buckets register at %s:%d)",
+                    "API server listening on %s (buckets register at %s:%d), %s",
                     endpoints.url,
                     config.membership_host,
                     membership_port,
+                    "no metrics endpoint"
+                    if metrics_port is None
+                    else f"metrics on http://{config.metrics_host}:{metrics_port}/metrics",
                 )
                 if config.ready_file is not None:
                     _write_ready(config, endpoints)
                 task_status.started(endpoints)
         finally:
+            readiness.stopping = True
             with trio.CancelScope(shield=True):
                 await cluster.aclose()
 
@@ -140,5 +246,13 @@ async def serve_api(
 def _write_ready(config: ApiConfig, endpoints: ApiEndpoints) -> None:
     assert config.ready_file is not None
     tmp = config.ready_file.with_name(config.ready_file.name + ".tmp")
-    tmp.write_text(json.dumps({"port": endpoints.port, "membership_port": endpoints.membership_port}))
+    tmp.write_text(
+        json.dumps(
+            {
+                "port": endpoints.port,
+                "membership_port": endpoints.membership_port,
+                "metrics_port": endpoints.metrics_port,
+            }
+        )
+    )
     tmp.replace(config.ready_file)

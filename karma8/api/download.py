@@ -56,7 +56,8 @@ async def handle_download(session: Session, name: str) -> None:
         upload = file.upload
         layout = Layout(file.size, upload.parts, upload.unit)
         clients = [services.cluster.client(f.bucket_id) for f in file.fragments if f.size]
-        session.log.info("download name=%r upload=%s size=%d", name, upload.upload_id, file.size)
+        session.log.upload_id = upload.upload_id  # every line of the session names it from now on
+        session.log.info("download name=%r size=%d", name, file.size)
         await session.send(encode_ok(name=name, size=file.size, sha256=file.sha256))
         started = trio.current_time()
         try:
@@ -119,7 +120,9 @@ async def _stream(
             unit = await parts[layout.part_of(k)].read_exactly(layout.unit_length(k))
             hasher.update(unit)
             for i in range(0, len(unit), config.max_frame):
-                await session.send(unit[i : i + config.max_frame])
+                frame = unit[i : i + config.max_frame]
+                await session.send(frame)
+                session.transferred += len(frame)
     return hasher.hexdigest()
 
 

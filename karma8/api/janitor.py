@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 import trio
 
 from karma8.api.cluster import Cluster
+from karma8.api.metrics import JANITOR, STALE, ApiMetrics
 from karma8.core.fragments import fragment_id
 from karma8.errors import BucketUnavailable
 from karma8.registry import Registry
@@ -62,8 +63,10 @@ class Janitor:
         interval: float,
         rpc_timeout: float,
         concurrency: int,
+        metrics: ApiMetrics,
     ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._cluster = cluster
         self._leases = leases
         self._interval = interval
@@ -89,10 +92,11 @@ class Janitor:
             return False
         return self._cluster.is_live(bucket_id)
 
-    async def delete(self, upload_id: str, bucket_ids: Iterable[str]) -> bool:
+    async def delete(self, upload_id: str, bucket_ids: Iterable[str], *, reason: str = JANITOR) -> bool:
         """Delete ``upload_id``'s fragments on the given buckets, concurrently.
 
-        Returns True when every bucket confirmed; what failed stays pending.
+        Returns True when every bucket confirmed; what failed stays pending. The deleted
+        fragments are counted under ``reason`` (karma8_api_deleted_fragments_total).
         """
         failures: list[str] = []
 
@@ -106,6 +110,7 @@ class Janitor:
                 failures.append(bucket_id)
                 return
             await self._registry.fragments_deleted(upload_id, bucket_id)
+            self._metrics.deleted_fragments.labels(reason).inc(count)
             log.debug("upload=%s bucket=%s deleted %d fragment(s)", upload_id, bucket_id, count)
 
         async with trio.open_nursery() as nursery:
@@ -118,23 +123,28 @@ class Janitor:
         fids = [fragment_id(upload_id, p) for p in parts]
         try:
             with trio.fail_after(self._rpc_timeout):
-                await self._cluster.client(bucket_id).delete_upload(upload_id, fids)
+                count = await self._cluster.client(bucket_id).delete_upload(upload_id, fids)
         except (BucketUnavailable, trio.TooSlowError) as exc:
             log.warning("upload=%s bucket=%s stale copy delete postponed: %s", upload_id, bucket_id, exc)
             return
         await self._registry.stale_deleted(bucket_id, upload_id, parts)
+        self._metrics.deleted_fragments.labels(STALE).inc(count)
         log.debug("upload=%s bucket=%s deleted stale copies %s", upload_id, bucket_id, parts)
 
     async def sweep(self) -> None:
         """One pass over every pending deletion that can be done now."""
         by_upload: dict[str, list[str]] = {}
-        for upload_id, bucket_id in await self._registry.pending_deletions():
+        pending = await self._registry.pending_deletions()
+        for upload_id, bucket_id in pending:
             if self._deletable(upload_id, bucket_id):
                 by_upload.setdefault(upload_id, []).append(bucket_id)
         stale: dict[tuple[str, str], list[int]] = {}
-        for row in await self._registry.pending_stale():
+        pending_stale = await self._registry.pending_stale()
+        for row in pending_stale:
             if self._deletable(row.upload_id, row.bucket_id):
                 stale.setdefault((row.bucket_id, row.upload_id), []).append(row.part)
+        self._metrics.janitor_sweeps.inc()
+        self._metrics.janitor_pending.set(len(pending) + len(pending_stale))
         # Many uploads at once: after heavy traffic thousands of deletions can be pending.
         limiter = trio.CapacityLimiter(self._concurrency)
 

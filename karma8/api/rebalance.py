@@ -32,9 +32,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor
+from karma8.api.metrics import ApiMetrics
 from karma8.api.streams import bucket_step, open_bucket_stream
 from karma8.config import ApiConfig
 from karma8.core import balance
@@ -84,8 +86,21 @@ class Progress:
 class Rebalancer:
     """Keeps the buckets evenly filled by moving fragments between them."""
 
-    def __init__(self, registry: Registry, cluster: Cluster, janitor: Janitor, config: ApiConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        cluster: Cluster,
+        janitor: Janitor,
+        config: ApiConfig,
+        *,
+        metrics: ApiMetrics | None = None,
+    ) -> None:
         self._registry = registry
+        # Without one (tests of the schedule alone) it counts into a registry of its own.
+        self._metrics = metrics if metrics is not None else ApiMetrics(CollectorRegistry())
+        #: Moves the current run's plan made, and moves of the run that ended (any result).
+        self._planned_moves = 0
+        self._ended_moves = 0
         self._cluster = cluster
         self._janitor = janitor
         self._config = config
@@ -155,12 +170,18 @@ class Rebalancer:
 
     async def rebalance(self, reason: str) -> Progress:
         """One run: move fragments until the buckets are even (or nothing more can move)."""
-        planned = sum(m.size for m in await self.plan())
+        plan = await self.plan()
+        planned, count = sum(m.size for m in plan), len(plan)
+        del plan  # a plan can be long: only its totals are kept
         if not planned:
             log.debug("rebalance (%s): nothing can move closer to balance", reason)
             return Progress(reason=reason, finished=time.time())
-        log.info("rebalance (%s): %d bytes to move", reason, planned)
+        log.info("rebalance (%s): %d bytes to move in %d move(s)", reason, planned, count)
         self.progress = progress = Progress("moving", reason, planned, started=time.time())
+        self._planned_moves, self._ended_moves = count, 0
+        self._metrics.rebalance_runs.inc()
+        self._metrics.rebalance_running.set(1)
+        self._metrics.rebalance_pending_moves.set(count)
         skip: set[tuple[str, int]] = set()
         broken: set[str] = set()
         try:
@@ -175,6 +196,8 @@ class Rebalancer:
             progress.finished = time.time()
             self.progress = Progress()
             self.last = progress
+            self._metrics.rebalance_running.set(0)
+            self._metrics.rebalance_pending_moves.set(0)
         log.info(
             "rebalance (%s) done: moved %d bytes in %d move(s), %d failed, in %.1f s",
             reason,
@@ -209,10 +232,18 @@ class Rebalancer:
             await self._copy(move)
         except (Karma8Error, trio.TooSlowError) as exc:
             progress.failed += 1
+            self._moved("failed")
             skip.add((move.upload_id, move.part))
             if isinstance(exc, BucketUnavailable):
                 broken.add(exc.bucket_id)
-            log.warning("move %s %s -> %s failed: %s", move.fragment_id, move.src, move.dst, exc)
+            log.warning(
+                "move upload=%s part %d from bucket=%s to %s failed: %s",
+                move.upload_id,
+                move.part,
+                move.src,
+                move.dst,
+                exc,
+            )
             await self._abandon(move)
             return
         except BaseException:
@@ -226,10 +257,30 @@ class Rebalancer:
             progress.moved += move.size
             progress.moves += 1
             progress.planned = max(progress.planned, progress.moved)
-            log.debug("moved %s (%d bytes) %s -> %s", move.fragment_id, move.size, move.src, move.dst)
+            self._metrics.rebalance_moved_bytes.inc(move.size)
+            self._moved("done")
+            log.debug(
+                "moved upload=%s part %d (%d bytes) from bucket=%s to %s",
+                move.upload_id,
+                move.part,
+                move.size,
+                move.src,
+                move.dst,
+            )
         else:
-            log.info("move %s: the file changed meanwhile; the copy is discarded", move.fragment_id)
+            self._moved("discarded")
+            log.info(
+                "move upload=%s part %d: the file changed meanwhile; the copy is discarded",
+                move.upload_id,
+                move.part,
+            )
         self._janitor.poke()
+
+    def _moved(self, result: str) -> None:
+        self._ended_moves += 1
+        self._metrics.rebalance_moves.labels(result).inc()
+        # An estimate: a later round of the run may plan a few more moves.
+        self._metrics.rebalance_pending_moves.set(max(0, self._planned_moves - self._ended_moves))
 
     async def _abandon(self, move: MoveRow) -> None:
         with trio.move_on_after(self._config.cleanup_timeout, shield=True):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import trio
 
 from karma8.api.cluster import Cluster
+from karma8.api.metrics import ORPHAN, ApiMetrics
 from karma8.config import ApiConfig
 from karma8.core.fragments import parse_fragment_id
 from karma8.errors import BucketUnavailable
@@ -51,6 +52,7 @@ class Reconciler:
     registry: Registry
     cluster: Cluster
     config: ApiConfig
+    metrics: ApiMetrics
     inventories: dict[str, Inventory] = field(default_factory=dict)
     #: Fragments a scrub (``verify``) found corrupt, until they read back intact.
     corrupt: set[str] = field(default_factory=set)
@@ -88,6 +90,7 @@ class Reconciler:
                 listed = await client.list_fragments()
         except (BucketUnavailable, trio.TooSlowError) as exc:
             log.warning("bucket=%s reconciliation skipped: cannot list it (%s)", bucket_id, exc)
+            self.metrics.reconciliations.labels("skipped").inc()
             return None
         after = await self.registry.expected_on(bucket_id)
         on_disk = {f.fragment_id for f in listed}
@@ -101,6 +104,8 @@ class Reconciler:
         deleted = await self._delete_orphans(bucket_id, orphans)
         inventory = Inventory(len(listed), len(unknown), deleted, missing)
         self.inventories[bucket_id] = inventory
+        self.metrics.reconciliations.labels("ok").inc()
+        self.metrics.missing_fragments.set(len(self.missing()))
         level = logging.WARNING if unknown or missing else logging.INFO
         log.log(
             level,
@@ -123,8 +128,10 @@ class Reconciler:
         for upload_id, fids in by_upload.items():
             try:
                 with trio.fail_after(self.config.rpc_timeout):
-                    deleted += await self.cluster.client(bucket_id).delete_upload(upload_id, fids)
+                    count = await self.cluster.client(bucket_id).delete_upload(upload_id, fids)
             except (BucketUnavailable, trio.TooSlowError) as exc:
-                log.warning("bucket=%s orphan delete postponed: %s", bucket_id, exc)
+                log.warning("bucket=%s upload=%s orphan delete postponed: %s", bucket_id, upload_id, exc)
                 break
+            deleted += count
+            self.metrics.deleted_fragments.labels(ORPHAN).inc(count)
         return deleted

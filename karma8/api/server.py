@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import MutableMapping
-from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from karma8.api.download import handle_download
+from karma8.api.metrics import CANCELLED, DISCONNECTED, OK
 from karma8.api.queries import handle_delete, handle_files, handle_rebalance, handle_stat, handle_status
 from karma8.api.scrub import handle_verify
-from karma8.api.session import Services, Session
+from karma8.api.session import Services, Session, SessionLog
 from karma8.api.upload import handle_upload
 from karma8.core.auth import AUTHORIZATION, header_value, refusal
 from karma8.core.protocol import CloseCode, Op, Request, close_code_for, encode_error, parse_path
@@ -26,12 +25,6 @@ from karma8.errors import Internal, Karma8Error, Unauthorized
 from karma8.wsfix import close_transport
 
 log = logging.getLogger(__name__)
-
-
-class _SessionLog(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        assert self.extra is not None
-        return f"session={self.extra['session']} {msg}", kwargs
 
 
 class ApiHandler:
@@ -45,23 +38,44 @@ class ApiHandler:
     async def handle(self, request: WebSocketRequest) -> None:
         """The trio-websocket handler (runs in the server's handler nursery)."""
         session_id = next(self._ids)
-        slog = _SessionLog(log, {"session": session_id})
+        slog = SessionLog(log, session_id)
         ws = await request.accept()
         session = Session(ws, self._services, session_id, slog)
+        metrics = self._services.metrics
+        started = trio.current_time()
+        op: Op | None = None
+
+        def ended(outcome: str) -> None:
+            # Called before an error frame goes out, so that a client that got one sees it counted.
+            if op is not None:
+                metrics.session_ended(op, outcome, session.transferred, trio.current_time() - started)
+
         try:
             self._authorize(request)
-            await self._dispatch(session, parse_path(request.path))
+            req = parse_path(request.path)
+            op = req.op
+            with metrics.sessions.labels(op.value).track_inprogress():
+                await self._dispatch(session, req)
         except ConnectionClosed as exc:
+            ended(DISCONNECTED)
             slog.info("client went away (%s)", exc.reason)
         except Karma8Error as exc:
             slog.warning("%s %s: %s", request.path[:200], exc.code, exc.message)
+            metrics.errors.labels(exc.code).inc()
+            ended(exc.code)
             await _send_error(ws, exc, self._services.config.idle_timeout)
         except Exception:
             slog.exception("unexpected error serving %s", request.path[:200])
+            metrics.errors.labels(Internal.code).inc()
+            ended(Internal.code)
             await _send_error(
                 ws, Internal("internal error (see the server log)"), self._services.config.idle_timeout
             )
+        except BaseException:  # cancelled: the server is stopping
+            ended(CANCELLED)
+            raise
         else:
+            ended(OK)
             await ws.aclose(CloseCode.NORMAL)
         finally:
             await close_transport(ws)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 from trio_websocket import WebSocketConnection
 
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
+from karma8.api.metrics import ApiMetrics
 from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
 from karma8.api.streams import bucket_step, open_bucket_stream
@@ -35,8 +36,27 @@ class Services:
     leases: ReadLeases
     reconciler: Reconciler
     rebalancer: Rebalancer
+    metrics: ApiMetrics
     #: Names with an upload in progress (a second concurrent upload is a conflict).
     uploading: set[str] = field(default_factory=set)
+
+
+class SessionLog(logging.LoggerAdapter[logging.Logger]):
+    """Starts every line of a session with its context: ``session=N``, then ``upload=ID``
+    once the session knows which upload it serves (karma8/logs.py turns both into fields).
+    """
+
+    def __init__(self, logger: logging.Logger, session_id: int) -> None:
+        super().__init__(logger, {"session": session_id})
+        self.session_id = session_id
+        #: The upload the session writes or reads ("" until known).
+        self.upload_id = ""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        context = f"session={self.session_id}"
+        if self.upload_id:
+            context += f" upload={self.upload_id}"
+        return f"{context} {msg}", kwargs
 
 
 @dataclass
@@ -46,7 +66,9 @@ class Session:
     ws: WebSocketConnection
     services: Services
     session_id: int
-    log: logging.LoggerAdapter[logging.Logger]
+    log: SessionLog
+    #: File bytes that crossed the WebSocket so far (the edge counts them when it ends).
+    transferred: int = 0
 
     @property
     def config(self) -> ApiConfig:

@@ -17,6 +17,7 @@ import time
 import trio
 
 from karma8.api.errors import first_error
+from karma8.api.metrics import CLEANUP
 from karma8.api.session import Session
 from karma8.core.fragments import fragment_id, new_upload_id
 from karma8.core.layout import Layout, Striper
@@ -55,7 +56,8 @@ async def handle_upload(session: Session, name: str) -> None:
             services.cluster.live(),
         )
         log = session.log
-        log.info("upload=%s name=%r size=%d to %s", upload_id, name, header.size, ",".join(bucket_ids))
+        log.upload_id = upload_id  # every line of the session names it from now on
+        log.info("name=%r size=%d to %s", name, header.size, ",".join(bucket_ids))
         started = trio.current_time()
         try:
             # Inside the try: a bucket that stopped being live since placement fails the
@@ -66,22 +68,21 @@ async def handle_upload(session: Session, name: str) -> None:
                 raise ChecksumMismatch(f"data has sha256 {digest}, client announced {header.sha256}")
             replaced = await services.registry.commit_upload(upload_id, digest, checksums)
         except BaseException as exc:
-            log.warning("upload=%s name=%r failed (%s); cleaning up", upload_id, name, type(exc).__name__)
+            log.warning("name=%r failed (%s); cleaning up", name, type(exc).__name__)
+            clean = False
             with trio.move_on_after(config.cleanup_timeout, shield=True) as scope:
                 await services.registry.fail_upload(upload_id)
-                clean = await services.janitor.delete(upload_id, bucket_ids)
-                log.info(
-                    "upload=%s cleanup %s", upload_id, "done" if clean else "incomplete, left to the janitor"
-                )
+                clean = await services.janitor.delete(upload_id, bucket_ids, reason=CLEANUP)
+                log.info("cleanup %s", "done" if clean else "incomplete, left to the janitor")
             if scope.cancelled_caught:
-                log.warning("upload=%s cleanup timed out; left to the janitor", upload_id)
+                log.warning("cleanup timed out; left to the janitor")
+            services.metrics.upload_cleanups.labels("done" if clean else "left_to_janitor").inc()
             raise
     finally:
         services.uploading.discard(name)
     elapsed = max(trio.current_time() - started, 1e-9)
     log.info(
-        "upload=%s name=%r committed: %d bytes in %.2f s (%.1f MB/s)",
-        upload_id,
+        "name=%r committed: %d bytes in %.2f s (%.1f MB/s)",
         name,
         header.size,
         elapsed,
@@ -124,6 +125,7 @@ async def _receive_file(
         data = await session.receive_data()
         if not data:
             break
+        session.transferred += len(data)
         hasher.update(data)
         try:
             units = striper.feed(data)

@@ -6,22 +6,77 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import grpclib.client
 import grpclib.const
 import grpclib.exceptions
+from prometheus_client import CollectorRegistry
 
-from karma8.bucket.service import BucketService
+from karma8.bucket.metrics import BucketMetrics
+from karma8.bucket.service import SERVICE_NAME, BucketService
 from karma8.bucket.store import FragmentStore, open_store
-from karma8.config import BucketConfig
+from karma8.config import WILDCARD_HOSTS, BucketConfig
 from karma8.errors import ConfigError
+from karma8.metrics_http import HttpEndpoint, start_endpoint
 from karma8.rpc.auth import ChannelSecurity, attach_secret
 from karma8.rpc.gen.karma8 import v1 as pb
+from karma8.rpc.health import HealthService, HealthState
 from karma8.rpc.servers import start_grpc_server
-from karma8.tls import bucket_tls
+from karma8.tls import BucketTls, bucket_tls
 
 log = logging.getLogger(__name__)
+
+
+class Readiness:
+    """What ``/ready`` reports. Changed on the event loop, read by the HTTP threads."""
+
+    def __init__(self, api: str) -> None:
+        self._api = api
+        self.store_open = False
+        self.stopping = False
+        #: The API acknowledged the last heartbeat; None: no answer yet.
+        self.registered: bool | None = None
+        self.problem = ""
+
+    def not_ready(self) -> str | None:
+        """None when ready, else why not (one line)."""
+        if self.stopping:
+            return "shutting down"
+        if not self.store_open:
+            return "the fragment store is not open yet"
+        if self.registered is None:
+            return f"no heartbeat acknowledged yet by the API at {self._api}"
+        if not self.registered:
+            return f"the API at {self._api} {self.problem}"
+        return None
+
+
+def local_address_towards(api: str) -> str | None:
+    """The local IP address this host uses to reach ``api`` (``host:port``), or None.
+
+    A UDP socket "connected" to the API makes the kernel pick the route and the source
+    address; nothing is sent.
+    """
+    host, _, port = api.rpartition(":")
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)
+            return str(probe.getsockname()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def _advertised_host(config: BucketConfig) -> str:
+    """The host the API should dial: ``advertise_host``, the bound address, or, when bound
+    to every address, the address of the interface that reaches the API (127.0.0.1 would
+    be unreachable from another host, yet the API would count the bucket live)."""
+    if config.advertise_host or config.host not in WILDCARD_HOSTS:
+        return config.advertised_host
+    found = await asyncio.to_thread(local_address_towards, config.api)
+    return found or config.advertised_host
 
 
 def write_ready_file(path: Path, info: dict[str, object]) -> None:
@@ -32,11 +87,17 @@ def write_ready_file(path: Path, info: dict[str, object]) -> None:
 
 
 async def heartbeat_forever(
-    store: FragmentStore, config: BucketConfig, address: str, security: ChannelSecurity
+    store: FragmentStore,
+    config: BucketConfig,
+    address: str,
+    security: ChannelSecurity,
+    readiness: Readiness,
+    metrics: BucketMetrics,
 ) -> None:
     """Register with the API server, then heartbeat; retry with backoff when it is away.
 
-    Beats carry ``security.secret``; with ``security.ssl`` they go over TLS.
+    Beats carry ``security.secret``; with ``security.ssl`` they go over TLS. Whether the
+    API acknowledged the last one goes to ``readiness`` and ``metrics``.
     """
     host, _, port = config.api.rpartition(":")
     interval = config.heartbeat_interval
@@ -63,19 +124,19 @@ async def heartbeat_forever(
                 grpclib.exceptions.GRPCError,
                 grpclib.exceptions.StreamTerminatedError,
             ) as exc:
+                refused = (
+                    isinstance(exc, grpclib.exceptions.GRPCError)
+                    and exc.status is grpclib.const.Status.UNAUTHENTICATED
+                )
+                problem = "refused our secret" if refused else "cannot be reached"
                 if reachable:
-                    refused = (
-                        isinstance(exc, grpclib.exceptions.GRPCError)
-                        and exc.status is grpclib.const.Status.UNAUTHENTICATED
-                    )
                     log.warning(
-                        "bucket=%s the API at %s %s (%s); retrying",
-                        store.bucket_id,
-                        config.api,
-                        "refused our secret" if refused else "cannot be reached",
-                        exc,
+                        "bucket=%s the API at %s %s (%s); retrying", store.bucket_id, config.api, problem, exc
                     )
                 reachable = False
+                readiness.registered, readiness.problem = False, problem
+                metrics.registered.set(0)
+                metrics.heartbeat_failures.inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, config.retry_max)
                 continue
@@ -84,6 +145,8 @@ async def heartbeat_forever(
                     "bucket=%s registered with the API at %s as %s", store.bucket_id, config.api, address
                 )
             hello, reachable, backoff = False, True, 0.1
+            readiness.registered = True
+            metrics.registered.set(1)
             interval = reply.interval or interval
             await asyncio.sleep(interval)
     finally:
@@ -94,8 +157,9 @@ async def serve_bucket(config: BucketConfig) -> None:
     """Run a bucket server until SIGINT/SIGTERM.
 
     Raises:
-        ConfigError: no ``secret`` (and not ``insecure``), or unusable TLS files; both are
-            checked before anything is created on disk.
+        ConfigError: no ``secret`` (and not ``insecure``), unusable TLS files, or a
+            configured metrics port that is in use; all three are found before anything
+            is created on disk.
     """
     secret = config.secret.get_secret_value()
     if not secret and not config.insecure:
@@ -104,24 +168,61 @@ async def serve_bucket(config: BucketConfig) -> None:
             "bucket_secret, or set insecure = true to let anyone who reaches the port read and write"
         )
     tls = bucket_tls(config)
+    registry = CollectorRegistry()
+    metrics = BucketMetrics(registry)
+    readiness = Readiness(config.api)
+    # Up before the store opens (its scan can take long): /ready says why it is not ready.
+    endpoint = start_endpoint(
+        config.metrics_host,
+        config.metrics_port,
+        registry,
+        readiness.not_ready,
+        required="metrics_port" in config.model_fields_set,
+        who="bucket",
+    )
+    try:
+        await _serve(config, secret, tls, metrics, readiness, endpoint)
+    finally:
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.close)
+
+
+async def _serve(
+    config: BucketConfig,
+    secret: str,
+    tls: BucketTls,
+    metrics: BucketMetrics,
+    readiness: Readiness,
+    endpoint: HttpEndpoint | None,
+) -> None:
     store = await open_store(config.data_dir, capacity=config.capacity, fsync=config.fsync)
-    service = BucketService(store, max_chunk=config.max_chunk, read_chunk_max=config.read_chunk_max)
+    metrics.watch_store(store)
+    readiness.store_open = True
+    service = BucketService(
+        store, max_chunk=config.max_chunk, read_chunk_max=config.read_chunk_max, metrics=metrics
+    )
+    health = HealthState([SERVICE_NAME])
     server, port = await start_grpc_server(
-        [service],
+        [service, HealthService(health)],
         config.host,
         config.port,
         secret=secret,
         who=f"bucket={store.bucket_id}",
         ssl_context=tls.server,
     )
-    address = f"{config.advertised_host}:{port}"
+    health.set_serving(True)
+    metrics_port = endpoint.port if endpoint is not None else None
+    address = f"{await _advertised_host(config)}:{port}"
     log.info(
-        "bucket=%s serving %s on %s:%d (%s)",
+        "bucket=%s serving %s on %s:%d (%s), %s",
         store.bucket_id,
         config.data_dir,
         config.host,
         port,
         "TLS" if tls.server else "no TLS",
+        "no metrics endpoint"
+        if metrics_port is None
+        else f"metrics on http://{config.metrics_host}:{metrics_port}/metrics",
     )
     if not secret:
         log.warning(
@@ -131,7 +232,9 @@ async def serve_bucket(config: BucketConfig) -> None:
             port,
         )
     if config.ready_file is not None:
-        write_ready_file(config.ready_file, {"bucket_id": store.bucket_id, "port": port})
+        write_ready_file(
+            config.ready_file, {"bucket_id": store.bucket_id, "port": port, "metrics_port": metrics_port}
+        )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -140,12 +243,16 @@ async def serve_bucket(config: BucketConfig) -> None:
     try:
         async with asyncio.TaskGroup() as tasks:
             beats = tasks.create_task(
-                heartbeat_forever(store, config, address, ChannelSecurity(secret, tls.heartbeat))
+                heartbeat_forever(
+                    store, config, address, ChannelSecurity(secret, tls.heartbeat), readiness, metrics
+                )
             )
             await stop.wait()
             log.info("bucket=%s shutting down", store.bucket_id)
             beats.cancel()
     finally:
+        readiness.stopping = True
+        health.set_serving(False)
         server.close()
         try:
             await asyncio.wait_for(server.wait_closed(), config.shutdown_timeout)

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from karma8.bucket.store import FragmentCorrupt, FragmentMissing, FragmentStore, NoSpace
+from karma8.bucket.metrics import BucketMetrics
+from karma8.bucket.store import FragmentCorrupt, FragmentMissing, FragmentStore, FragmentWriter, NoSpace
+from karma8.core.fragments import parse_fragment_id
 from karma8.core.records import StoredFragment
 from karma8.errors import BadRequest
 from karma8.rpc.gen.karma8 import v1 as pb
@@ -18,6 +20,18 @@ log = logging.getLogger(__name__)
 
 #: Fragments per List reply message.
 LIST_BATCH = 1000
+
+#: The service's full name (what health checks ask about).
+SERVICE_NAME = "karma8.v1.Bucket"
+
+
+def _about(fragment_id: str) -> str:
+    """``upload=<id> part <n>`` for a log line about a fragment (the raw id if malformed)."""
+    try:
+        upload_id, part = parse_fragment_id(fragment_id)
+    except BadRequest:
+        return f"fragment {fragment_id[:100]!r}"
+    return f"upload={upload_id} part {part}"
 
 
 @contextlib.contextmanager
@@ -50,10 +64,13 @@ async def _chain(first: pb.PutRequest, rest: AsyncIterator[pb.PutRequest]) -> As
 class BucketService(pb.BucketBase):
     """Put / Get / Delete / List / GetUsage of fragments."""
 
-    def __init__(self, store: FragmentStore, *, max_chunk: int, read_chunk_max: int) -> None:
+    def __init__(
+        self, store: FragmentStore, *, max_chunk: int, read_chunk_max: int, metrics: BucketMetrics
+    ) -> None:
         self._store = store
         self._max_chunk = max_chunk
         self._read_chunk_max = read_chunk_max
+        self._metrics = metrics
 
     def _check_chunk(self, data: bytes) -> None:
         # grpclib enforces no message size limit: every chunk is checked here.
@@ -61,19 +78,34 @@ class BucketService(pb.BucketBase):
             raise BadRequest(f"chunk of {len(data)} bytes exceeds {self._max_chunk}")
 
     async def put(self, messages: AsyncIterator[pb.PutRequest]) -> pb.PutReply:
+        # Counted once the call ends (bytes of a failed Put too), never per chunk.
+        writers: list[FragmentWriter] = []
+        stored: StoredFragment | None = None
+        try:
+            with self._metrics.count(self._metrics.puts):
+                stored = await self._put(messages, writers)
+        finally:
+            written = stored.size if stored is not None else sum(w.written for w in writers)
+            self._metrics.written_bytes.inc(written)
+        return _put_reply(stored)
+
+    async def _put(
+        self, messages: AsyncIterator[pb.PutRequest], writers: list[FragmentWriter]
+    ) -> StoredFragment:
         bid = self._store.bucket_id
         first = await anext(messages, None)
         if first is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "empty Put stream")
-        with _as_grpc(bid, f"put {first.fragment_id!r}"):
+        with _as_grpc(bid, f"put {_about(first.fragment_id)}"):
             self._check_chunk(first.data)
             rest = messages
             if len(first.data) == first.size:  # all the data in one message: a small fragment
                 second = await anext(messages, None)
                 if second is None:
-                    return _put_reply(await self._store.put_whole(first.fragment_id, first.data))
+                    return await self._store.put_whole(first.fragment_id, first.data)
                 rest = _chain(second, messages)
             async with self._store.open_writer(first.fragment_id, first.size) as writer:
+                writers.append(writer)
                 await writer.write(first.data)
                 async for message in rest:
                     if message.fragment_id and message.fragment_id != first.fragment_id:
@@ -81,25 +113,38 @@ class BucketService(pb.BucketBase):
                     self._check_chunk(message.data)
                     await writer.write(message.data)
                 stored = await writer.commit()
-        log.debug("bucket=%s stored %s (%d bytes)", bid, stored.fragment_id, stored.size)
-        return _put_reply(stored)
+        log.debug("bucket=%s stored %s (%d bytes)", bid, _about(stored.fragment_id), stored.size)
+        return stored
 
     async def get(self, message: pb.GetRequest) -> AsyncIterator[pb.GetReply]:
-        with _as_grpc(self._store.bucket_id, f"get {message.fragment_id!r}"):
-            if not 0 < message.chunk_size <= self._read_chunk_max:
-                raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
-            data = await self._store.read_whole(message.fragment_id, message.chunk_size)
-            if data is not None:  # a small fragment: one chunk, read in one thread call
-                yield pb.GetReply(data=data)
-                return
-            async with self._store.open_reader(message.fragment_id) as reader:
-                async for data in reader.chunks(message.chunk_size):
+        sent = 0
+        try:
+            with (
+                self._metrics.count(self._metrics.gets),
+                _as_grpc(self._store.bucket_id, f"get {_about(message.fragment_id)}"),
+            ):
+                if not 0 < message.chunk_size <= self._read_chunk_max:
+                    raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
+                data = await self._store.read_whole(message.fragment_id, message.chunk_size)
+                if data is not None:  # a small fragment: one chunk, read in one thread call
+                    sent = len(data)
                     yield pb.GetReply(data=data)
+                    return
+                async with self._store.open_reader(message.fragment_id) as reader:
+                    async for data in reader.chunks(message.chunk_size):
+                        sent += len(data)
+                        yield pb.GetReply(data=data)
+        finally:
+            self._metrics.read_bytes.inc(sent)
 
     async def delete(self, message: pb.DeleteRequest) -> pb.DeleteReply:
         bid = self._store.bucket_id
-        with _as_grpc(bid, f"delete {message.upload_id!r}"):
+        with (
+            self._metrics.count(self._metrics.deletes),
+            _as_grpc(bid, f"upload={message.upload_id[:100]} delete"),
+        ):
             count, freed = await self._store.delete_upload(message.upload_id, message.fragment_ids)
+        self._metrics.deleted_fragments.inc(count)
         if count:
             log.info(
                 "bucket=%s upload=%s deleted %d fragment(s), %d bytes", bid, message.upload_id, count, freed
@@ -121,10 +166,10 @@ class BucketService(pb.BucketBase):
 
     async def verify(self, message: pb.VerifyRequest) -> pb.VerifyReply:
         bid = self._store.bucket_id
-        with _as_grpc(bid, f"verify {message.fragment_id!r}"):
+        with _as_grpc(bid, f"verify {_about(message.fragment_id)}"):
             problem, size, digest = await self._store.verify(message.fragment_id)
         if problem and problem != "missing":
-            log.error("bucket=%s fragment %s: %s", bid, message.fragment_id, problem)
+            log.error("bucket=%s %s: %s", bid, _about(message.fragment_id), problem)
         return pb.VerifyReply(
             fragment_id=message.fragment_id, problem=problem, size=size, sha256=bytes.fromhex(digest)
         )

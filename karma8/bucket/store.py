@@ -158,6 +158,8 @@ class FragmentStore:
         self._tmp = root / "tmp"
         self._counters = _Counters()
         self._lock = threading.Lock()
+        #: Unfinished Put files that the start removed from tmp/.
+        self.tmp_removed = 0
 
     # -- paths -----------------------------------------------------------------------
 
@@ -177,6 +179,7 @@ class FragmentStore:
         if self._tmp.exists():
             leftovers = list(self._tmp.iterdir())
             shutil.rmtree(self._tmp)
+            self.tmp_removed = len(leftovers)
             if leftovers:
                 log.info("bucket=%s removed %d unfinished upload file(s)", self.bucket_id, len(leftovers))
         self._tmp.mkdir()

@@ -3,7 +3,8 @@
 Clients attach ``authorization: Bearer <secret>`` to every call of a channel
 (:func:`attach_secret`, a ``SendRequest`` hook); servers refuse any call without it with
 ``UNAUTHENTICATED`` before a handler runs (:func:`require_secret`, a ``RecvRequest``
-hook). Hooks cover every method, including ones added later, without touching handlers.
+hook), except the health checks. Hooks cover every method, including ones added later,
+without touching handlers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ from grpclib.exceptions import GRPCError
 from karma8.core.auth import AUTHORIZATION, bearer, refusal
 
 log = logging.getLogger(__name__)
+
+#: Served without the secret: the health service's methods (karma8/rpc/health.py), and
+#: nothing else. Container probes (Docker HEALTHCHECK, Kubernetes gRPC probes,
+#: grpc_health_probe, ``karma8 health``) have no way to present the cluster's secret, and
+#: a health reply tells nothing but whether the server is serving. Listed by full name,
+#: not by prefix, so that no other method, now or later, can slip through.
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/List",
+        "/grpc.health.v1.Health/Watch",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +60,15 @@ def require_secret(server: Any, secret: str, who: str) -> None:
     """Refuse every call to ``server`` that does not carry ``secret``.
 
     A refused call ends with ``UNAUTHENTICATED`` before its handler runs, and is logged
-    as one line naming ``who`` (the server), the method and the peer.
+    as one line naming ``who`` (the server), the method and the peer. Health checks
+    (:data:`OPEN_METHODS`) are exempt.
     """
     if not secret:
         raise ValueError("require_secret needs a secret")
 
     async def on_recv_request(event: Any) -> None:
+        if event.method_name in OPEN_METHODS:
+            return
         reason = refusal(event.metadata.get(AUTHORIZATION), secret)
         if reason is not None:
             peer = event.peer.addr() if event.peer is not None else None

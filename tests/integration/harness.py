@@ -36,8 +36,9 @@ from karma8.wsfix import close_transport
 DEADLINE = 30.0
 POLL = 0.02
 
-#: Fast membership so tests see joins and deaths quickly.
-FAST_API = {"heartbeat_interval": 0.2, "bucket_timeout": 1.5, "janitor_interval": 0.3}
+#: Fast membership so tests see joins and deaths quickly; metrics on free ports, so that
+#: test servers (and concurrent test runs) never share the default metrics port.
+FAST_API = {"heartbeat_interval": 0.2, "bucket_timeout": 1.5, "janitor_interval": 0.3, "metrics_port": 0}
 
 #: The shared bucket secret of every test cluster (buckets refuse to start without one).
 TEST_SECRET = secrets.token_urlsafe(24)
@@ -149,7 +150,12 @@ async def start_bucket(
             "--log-level",
             "warning",
         ),
-        env={**os.environ, "KARMA8_BUCKET_SECRET": TEST_SECRET, **(env or {})},
+        env={
+            **os.environ,
+            "KARMA8_BUCKET_SECRET": TEST_SECRET,
+            "KARMA8_BUCKET_METRICS_PORT": "0",
+            **(env or {}),
+        },
     )
     bucket = BucketProcess(data_dir, proc)
 

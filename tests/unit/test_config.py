@@ -7,6 +7,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from karma8.bucket.app import local_address_towards
 from karma8.config import (
     ApiConfig,
     BucketConfig,
@@ -40,6 +41,8 @@ def test_defaults() -> None:
     assert api.ready_file is None
     assert api.registry_path == Path("karma8-data/api/registry.sqlite3")
     assert (bucket.port, bucket.capacity, bucket.fsync) == (9100, 0, True)
+    assert (api.metrics_host, api.metrics_port) == ("127.0.0.1", 9090)
+    assert (bucket.metrics_host, bucket.metrics_port) == ("127.0.0.1", 9101)
     assert bucket.max_chunk == 4 * MiB
     assert client.api == "ws://127.0.0.1:8080"
     assert client.receive_buffer == 256 * KiB
@@ -195,6 +198,27 @@ def test_other_roles_variables_are_not_checked() -> None:
     assert load(ApiConfig, environ=environ).port == 8080
 
 
+def test_log_format_variable_is_not_a_role_setting() -> None:
+    # KARMA8_LOG_FORMAT is read by the CLI (--log-format), not by any role's config.
+    for cls in (ApiConfig, BucketConfig, ClientConfig, StackConfig):
+        load(cls, environ={"KARMA8_LOG_FORMAT": "json"})
+
+
+@pytest.mark.parametrize("cls", [ApiConfig, BucketConfig])
+def test_a_metrics_port_set_anywhere_is_known_as_set(
+    tmp_path: Path, cls: type[ApiConfig | BucketConfig]
+) -> None:
+    """The servers insist on a metrics port that was set, but not on the default one."""
+    variable = f"{cls.env_prefix}METRICS_PORT"
+    path = _toml(tmp_path, f"[{cls.section}]\nmetrics_port = 9300\n")
+
+    assert "metrics_port" not in load(cls, environ={}).model_fields_set
+    assert "metrics_port" not in load(cls, environ={}, metrics_port=None).model_fields_set  # no option
+    assert "metrics_port" in load(cls, path, environ={}).model_fields_set
+    assert "metrics_port" in load(cls, environ={variable: "0"}).model_fields_set
+    assert load(cls, environ={}, metrics_port=9301).metrics_port == 9301
+
+
 def test_api_alias_sets_the_client_api() -> None:
     client = load(ClientConfig, environ={"KARMA8_API": "ws://10.0.0.1:9000"})
 
@@ -218,6 +242,9 @@ def test_variables_are_case_insensitive_after_the_prefix() -> None:
         (ApiConfig, "bucket_timeout", "0"),
         (ApiConfig, "idle_timeout", "soon"),
         (ApiConfig, "uvloop", "maybe"),
+        (ApiConfig, "metrics_port", "65536"),
+        (BucketConfig, "metrics_port", "-1"),
+        (BucketConfig, "metrics_port", "metrics"),
         (BucketConfig, "capacity", "-1"),
         (BucketConfig, "heartbeat_interval", "-2"),
         (ClientConfig, "frame_size", "big"),
@@ -279,3 +306,9 @@ def test_bucket_advertised_host(host: str, advertise: str, expected: str) -> Non
     config = load(BucketConfig, environ={}, host=host, advertise_host=advertise)
 
     assert config.advertised_host == expected
+
+
+def test_a_wildcard_bucket_advertises_the_address_that_reaches_the_api() -> None:
+    assert local_address_towards("127.0.0.1:8081") == "127.0.0.1"
+    assert local_address_towards("not an address") is None
+    assert local_address_towards("no-such-host.invalid:8081") is None
