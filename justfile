@@ -5,15 +5,15 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# Start the local stack (API + 6 buckets as plain processes)
+# Start the local stack without Docker (API + 6 buckets as plain processes, ./karma8-data)
 dev *ARGS:
     scripts/dev.sh {{ARGS}}
 
-# Set up and run every check and test (what CI runs)
+# Set up and run every check and test, as CI does (arguments go to pytest)
 test *ARGS:
     scripts/test.sh {{ARGS}}
 
-# Lint, type-check and check generated code for drift
+# Lint, type-check and check the generated protobuf code for drift
 check:
     EXTRAS="[dev]" source scripts/venv.sh && python scripts/gen_proto.py --check && ruff check . && ruff format --check . && mypy
 
@@ -32,3 +32,20 @@ chaos *ARGS:
 # Evenness benchmark: 6 buckets, 2 added, rebalance, more data (see docs/placement.md)
 balance *ARGS:
     source scripts/venv.sh && python scripts/balance.py {{ARGS}}
+
+# Build the image and start the service stack in Docker (needs KARMA8_SECRET; docs/operations.md)
+up:
+    docker compose -f compose/compose.yaml up -d --build
+    docker compose -f compose/compose.yaml ps
+
+# Add bucket-7 and bucket-8 to the running service stack
+add-buckets:
+    docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml up -d bucket-7 bucket-8
+
+# Follow the service stack's logs (JSON lines; e.g. just logs api)
+logs *SERVICES:
+    KARMA8_SECRET="${KARMA8_SECRET:-unused-by-logs}" docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml logs -f {{SERVICES}}
+
+# Stop and remove the service stack's containers; the volumes (the data) stay
+down:
+    KARMA8_SECRET="${KARMA8_SECRET:-unused-by-down}" docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml down
