@@ -214,6 +214,9 @@ class BucketConfig(_Section):
     max_chunk: PositiveSize = Field(4 * MiB, description="Largest data message accepted in a Put.")
     read_chunk_max: PositiveSize = Field(4 * MiB, description="Largest chunk a Get may ask for.")
     heartbeat_interval: Seconds = Field(2.0, description="Heartbeat period until the API says otherwise.")
+    idle_timeout: Seconds = Field(
+        120.0, description="A Put that receives nothing for this long is dropped (its sender is gone)."
+    )
     retry_max: Seconds = Field(5.0, description="Longest backoff between registration attempts.")
     fsync: bool = Field(True, description="fsync fragments before acknowledging them.")
     shutdown_timeout: Seconds = Field(5.0, description="Deadline for a graceful shutdown.")

@@ -199,7 +199,11 @@ async def _serve(
     metrics.watch_store(store)
     readiness.store_open = True
     service = BucketService(
-        store, max_chunk=config.max_chunk, read_chunk_max=config.read_chunk_max, metrics=metrics
+        store,
+        max_chunk=config.max_chunk,
+        read_chunk_max=config.read_chunk_max,
+        metrics=metrics,
+        idle_timeout=config.idle_timeout,
     )
     health = HealthState([SERVICE_NAME])
     server, port = await start_grpc_server(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -61,13 +62,40 @@ async def _chain(first: pb.PutRequest, rest: AsyncIterator[pb.PutRequest]) -> As
         yield message
 
 
+async def _each_within(
+    messages: AsyncIterator[pb.PutRequest], seconds: float
+) -> AsyncIterator[pb.PutRequest]:
+    """The messages of a Put, each within ``seconds`` of the one before.
+
+    A sender whose connection died silently (a cut link, a host gone) sends no reset, and
+    its Put would otherwise hold a temporary file open until the connection's keepalive,
+    two hours later.
+    """
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                message = await anext(messages)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise GRPCError(Status.DEADLINE_EXCEEDED, f"nothing received for {seconds:g} s") from None
+        yield message
+
+
 class BucketService(pb.BucketBase):
     """Put / Get / Delete / List / GetUsage of fragments."""
 
     def __init__(
-        self, store: FragmentStore, *, max_chunk: int, read_chunk_max: int, metrics: BucketMetrics
+        self,
+        store: FragmentStore,
+        *,
+        max_chunk: int,
+        read_chunk_max: int,
+        metrics: BucketMetrics,
+        idle_timeout: float = 120.0,
     ) -> None:
         self._store = store
+        self._idle_timeout = idle_timeout
         self._max_chunk = max_chunk
         self._read_chunk_max = read_chunk_max
         self._metrics = metrics
@@ -93,6 +121,7 @@ class BucketService(pb.BucketBase):
         self, messages: AsyncIterator[pb.PutRequest], writers: list[FragmentWriter]
     ) -> StoredFragment:
         bid = self._store.bucket_id
+        messages = _each_within(messages, self._idle_timeout)
         first = await anext(messages, None)
         if first is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "empty Put stream")

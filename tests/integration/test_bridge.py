@@ -282,3 +282,28 @@ async def test_a_complete_first_message_followed_by_more_is_streamed(tmp_path: P
             await client.aclose()
     finally:
         await stop_process(bucket.proc)
+
+
+async def test_a_stalled_put_is_dropped_by_the_bucket(tmp_path: Path) -> None:
+    """A sender that goes silent (no reset, no data) loses its Put after idle_timeout."""
+    bucket = await start_bucket(
+        tmp_path / "b", membership_port=free_port(), env={"KARMA8_BUCKET_IDLE_TIMEOUT": "0.5"}
+    )
+    try:
+        async with open_portal() as portal:
+            client = await connect_test_bucket(portal, bucket)
+
+            async def stall() -> None:
+                async with client.open_put(fragment_id(new_upload_id(), 0), 3 * MiB) as writer:
+                    await writer.send(b"x" * MiB)
+                    await wait_until(lambda: bool(bucket.tmp_files()), "the bucket to start the Put")
+                    # Silence: the bucket gives up, drops the file and ends the call.
+                    await wait_until(lambda: not bucket.tmp_files(), "the bucket to drop the Put", within=5)
+                    await writer.finish()
+
+            with pytest.raises(BucketUnavailable, match=r"nothing received for 0\.5 s"):
+                await stall()
+            assert not bucket.fragment_files()
+            await client.aclose()
+    finally:
+        await stop_process(bucket.proc)
