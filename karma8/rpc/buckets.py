@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 _PUT = "/karma8.v1.Bucket/Put"
 _GET = "/karma8.v1.Bucket/Get"
 _S = grpclib.const.Status
-_Card = grpclib.const.Cardinality
 
 
 @contextlib.contextmanager
