@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import shutil
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,9 @@ def generate(out: Path) -> None:
         # change that style, so the generated code does not depend on our settings.
         cwd=out,
         capture_output=True,
+        # The plugin and the ruff it calls live beside this interpreter (the venv's bin),
+        # which is not on PATH unless the venv is activated.
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
 
 
