@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
