@@ -3,7 +3,9 @@
 Each service of compose/compose.yaml runs as ``karma8 <its command>`` with its environment,
 the way its container would, on loopback: service names become 127.0.0.1, its volume a
 temporary directory, and each fixed port a free one. Each service's healthcheck command
-must succeed, and then a file goes up and comes back through the API.
+must succeed, and then a file goes up and comes back through the API. Then buckets 7 and
+8 of compose.more-buckets.yaml join the running stack the same way: they register and the
+next file is placed on them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from tests.integration.harness import (
     wait_live,
     wait_until,
 )
-from tests.unit.test_compose import BASE, Service, api_of, buckets_of, load_compose, port_fields, services
+from tests.unit.test_compose import (
+    BASE,
+    MORE,
+    Service,
+    api_of,
+    buckets_of,
+    load_compose,
+    port_fields,
+    services,
+)
 
 #: Starting 7 Python processes on 2 shared cores takes a while.
 START_DEADLINE = 90.0
@@ -77,9 +88,42 @@ class Local:
         return args
 
 
+async def _start_healthy(
+    names: list[str], local: Mapping[str, Local], procs: dict[str, trio.Process]
+) -> None:
+    """Start the services ``names`` (in order) and wait until each one's healthcheck passes."""
+    for name in names:
+        svc = local[name]
+        procs[name] = await trio.lowlevel.open_process(karma8_cmd(*svc.service.argv), env=svc.env(local))
+    for name in names:
+        svc = local[name]
+        said: list[bytes] = [b""]
+
+        async def healthy(name: str = name, svc: Local = svc, said: list[bytes] = said) -> bool:
+            if procs[name].returncode is not None:
+                raise AssertionError(f"{name} exited with {procs[name].returncode}")
+            check = await trio.run_process(
+                karma8_cmd(*svc.health()),
+                env=svc.env(local),
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+            said[0] = check.stdout + check.stderr
+            return check.returncode == 0
+
+        try:
+            await wait_until(healthy, f"{name}: karma8 {' '.join(svc.health())}", START_DEADLINE)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; it said: {said[0].decode(errors='replace')}") from None
+
+
 async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
-    found = services(load_compose(BASE, environ={"KARMA8_SECRET": TEST_SECRET}))
-    api, buckets = api_of(found), buckets_of(found)
+    base = services(load_compose(BASE, environ={"KARMA8_SECRET": TEST_SECRET}))
+    found = services(load_compose(BASE, MORE, environ={"KARMA8_SECRET": TEST_SECRET}))
+    api, buckets = api_of(base), buckets_of(base)
+    more = [b.name for b in buckets_of(found) if b.name not in base]
+    assert more == ["bucket-7", "bucket-8"]
     local = {
         s.name: Local(
             s, {getattr(s.config, k): free_port() for k in port_fields(s.config)}, tmp_path / s.name
@@ -88,29 +132,7 @@ async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
     }
     procs: dict[str, trio.Process] = {}
     try:
-        for name, svc in local.items():  # the API first, as depends_on orders them
-            procs[name] = await trio.lowlevel.open_process(karma8_cmd(*svc.service.argv), env=svc.env(local))
-
-        for name, svc in local.items():
-            said: list[bytes] = [b""]
-
-            async def healthy(name: str = name, svc: Local = svc, said: list[bytes] = said) -> bool:
-                if procs[name].returncode is not None:
-                    raise AssertionError(f"{name} exited with {procs[name].returncode}")
-                check = await trio.run_process(
-                    karma8_cmd(*svc.health()),
-                    env=svc.env(local),
-                    check=False,
-                    capture_stdout=True,
-                    capture_stderr=True,
-                )
-                said[0] = check.stdout + check.stderr
-                return check.returncode == 0
-
-            try:
-                await wait_until(healthy, f"{name}: karma8 {' '.join(svc.health())}", START_DEADLINE)
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}; it said: {said[0].decode(errors='replace')}") from None
+        await _start_healthy(list(base), local, procs)  # the API first, as depends_on orders them
 
         # Each bucket's identity lives in its volume.
         for bucket in buckets:
@@ -126,6 +148,20 @@ async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
         await client.download("compose/file.bin", dst)
         assert sha256_of(dst) == digest
         assert dst.read_bytes() == src.read_bytes()
+
+        # Buckets 7 and 8 join the running stack: they register and the next file uses
+        # them (placement fills the emptiest buckets first). How the rebalancer evens out a
+        # cluster with more data is tested in test_rebalance.py and by scripts/balance.py;
+        # one file's six whole fragments cannot be spread more evenly over eight buckets.
+        await _start_healthy(more, local, procs)
+        await wait_live(client, len(buckets) + len(more))
+        new_ids = {(local[name].data / "bucket-id").read_text().strip() for name in more}
+        await client.upload(src, "compose/second.bin")
+        placed = {p["bucket"] for p in (await client.stat("compose/second.bin"))["parts"]}
+        assert new_ids <= placed, (new_ids, placed)
+        for name in ("compose/file.bin", "compose/second.bin"):
+            await client.download(name, dst)
+            assert dst.read_bytes() == src.read_bytes()
 
         # docker stop: SIGTERM, and each service exits cleanly well within its grace period.
         for name in reversed(local):
