@@ -97,7 +97,7 @@ async def heartbeat_forever(
     """Register with the API server, then heartbeat; retry with backoff when it is away.
 
     Beats carry ``security.secret``; with ``security.ssl`` they go over TLS. Whether the
-    API acknowledged the last one goes to ``readiness`` and ``metrics``.
+    API acknowledged the last one goes to ``readiness``; failures are counted in ``metrics``.
     """
     host, _, port = config.api.rpartition(":")
     interval = config.heartbeat_interval
@@ -135,7 +135,6 @@ async def heartbeat_forever(
                     )
                 reachable = False
                 readiness.registered, readiness.problem = False, problem
-                metrics.registered.set(0)
                 metrics.heartbeat_failures.inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, config.retry_max)
@@ -146,7 +145,6 @@ async def heartbeat_forever(
                 )
             hello, reachable, backoff = False, True, 0.1
             readiness.registered = True
-            metrics.registered.set(1)
             interval = reply.interval or interval
             await asyncio.sleep(interval)
     finally:
@@ -171,6 +169,7 @@ async def serve_bucket(config: BucketConfig) -> None:
     registry = CollectorRegistry()
     metrics = BucketMetrics(registry)
     readiness = Readiness(config.api)
+    metrics.registered.set_function(lambda: float(readiness.registered is True))
     # Up before the store opens (its scan can take long): /ready says why it is not ready.
     endpoint = start_endpoint(
         config.metrics_host,
