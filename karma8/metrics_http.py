@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Returns None when the process is ready, else why not (one line).
 ReadyCheck = Callable[[], str | None]
+#: Called once for each request that an unexpected error ended (counts it in a metric).
+OnError = Callable[[], None]
 
 #: How often the serving thread looks for a stop request (the latency of ``close()``).
 POLL_INTERVAL = 0.2
@@ -42,6 +44,16 @@ CLIENT_TIMEOUT = 10.0
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
     # One thread per request: a stuck client cannot block the next scrape.
     daemon_threads = True
+    on_error: OnError
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The connection's boundary: socketserver calls this for whatever escaped the
+        # handler (its default prints a traceback to stderr). Log it once, count it; the
+        # request's socket is closed by socketserver and the server keeps serving.
+        self.on_error()
+        log.error(
+            "metrics endpoint: request from %s ended by an unexpected error", client_address, exc_info=True
+        )
 
 
 class _Server6(_Server):
@@ -65,7 +77,7 @@ def _text(start_response: StartResponse, status: str, body: str) -> list[bytes]:
     return [data]
 
 
-def make_app(registry: CollectorRegistry, ready: ReadyCheck) -> WSGIApplication:
+def make_app(registry: CollectorRegistry, ready: ReadyCheck, on_error: OnError) -> WSGIApplication:
     """The routing WSGI application of the endpoint."""
     from prometheus_client import make_wsgi_app
 
@@ -75,6 +87,7 @@ def make_app(registry: CollectorRegistry, ready: ReadyCheck) -> WSGIApplication:
         try:
             return route(environ, start_response)
         except Exception:
+            on_error()
             log.exception("error serving %s", environ.get("PATH_INFO", "")[:200])
             return _text(start_response, "500 Internal Server Error", "internal error (see the log)\n")
 
@@ -123,9 +136,11 @@ def start_endpoint(
     *,
     required: bool,
     who: str,
+    on_error: OnError,
 ) -> HttpEndpoint | None:
     """Serve the endpoint on ``host:port`` (0 picks a free port) on a thread.
 
+    ``on_error`` counts the requests an unexpected error ended (they are logged here).
     A port that is in use is fatal when it was configured (``required``). The default
     port is only a convention: then the error is logged and the server runs without the
     endpoint (None), so that several servers started on one host with default settings
@@ -138,10 +153,12 @@ def start_endpoint(
         server = make_server(
             host,
             port,
-            make_app(registry, ready),
+            make_app(registry, ready, on_error),
             server_class=_Server6 if ":" in host else _Server,
             handler_class=_Handler,
         )
+        assert isinstance(server, _Server)
+        server.on_error = on_error
     except OSError as exc:
         problem = f"{who} cannot listen on {host}:{port} for /metrics ({exc.strerror or exc})"
         if required:

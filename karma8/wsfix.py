@@ -16,8 +16,16 @@
    stays open on both sides (until the server's connect timeout). :func:`apply` makes
    the reader do the TLS handshake first and close the stream at once when it fails; a
    client then fails at once with a :class:`HandshakeError` that says why.
+4. A message that grows past ``max_message_size`` after we sent our Close (a client that
+   keeps sending while the server closes, e.g. after an error frame) makes the reader send
+   a 1009 Close in state LOCAL_CLOSING; wsproto refuses it with ``LocalProtocolError``,
+   which escapes the reader task and, like 2, takes the whole server down (same class as
+   upstream issue #175). Messages that arrive after our Close are discarded anyway (the
+   receive channel is closed): :func:`apply` makes the reader drop them as they arrive,
+   without buffering or size checks, and keep reading until the peer's Close or EOF ends
+   the closing handshake. docs/decisions.md has the upstream description.
 
-tests/integration/test_wsfix.py checks that all three are still needed and still work, so
+tests/integration/test_wsfix.py checks that all four are still needed and still work, so
 an upgrade that fixes them upstream shows up as a failing test.
 """
 
@@ -35,12 +43,23 @@ log = logging.getLogger(__name__)
 
 _original_ping_handler: Any = WebSocketConnection._handle_ping_event
 _original_reader_task: Any = WebSocketConnection._reader_task
+_original_message_handler: Any = WebSocketConnection._handle_message_event
 
 
 async def _handle_ping_event(self: WebSocketConnection, event: Any) -> None:
     if self._wsproto.state is not ConnectionState.OPEN:
         return  # closing: a Pong now would raise LocalProtocolError in the reader task
     await _original_ping_handler(self, event)
+
+
+async def _handle_message_event(self: WebSocketConnection, event: Any) -> None:
+    if self._wsproto.state is not ConnectionState.OPEN:
+        # Our Close is out: nobody reads this message, and a 1009 Close for it could not
+        # be sent. Drop it (and anything buffered of it) instead of growing a buffer.
+        self._message_size = 0
+        self._message_parts = []
+        return
+    await _original_message_handler(self, event)
 
 
 async def _reader_task(self: WebSocketConnection) -> None:
@@ -64,9 +83,10 @@ async def _reader_task(self: WebSocketConnection) -> None:
 
 
 def apply() -> None:
-    """Install the ping and handshake workarounds (idempotent)."""
+    """Install the ping, handshake and closing-message workarounds (idempotent)."""
     WebSocketConnection._handle_ping_event = _handle_ping_event  # type: ignore[method-assign]
     WebSocketConnection._reader_task = _reader_task  # type: ignore[method-assign]
+    WebSocketConnection._handle_message_event = _handle_message_event  # type: ignore[method-assign]
 
 
 def applied() -> bool:
@@ -74,6 +94,7 @@ def applied() -> bool:
     return (
         WebSocketConnection._handle_ping_event is _handle_ping_event
         and WebSocketConnection._reader_task is _reader_task
+        and WebSocketConnection._handle_message_event is _handle_message_event
     )
 
 

@@ -11,12 +11,12 @@ from typing import TypeVar
 
 import trio
 from prometheus_client import CollectorRegistry
-from trio_websocket import serve_websocket
 
 from karma8 import speedups, wsfix
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
-from karma8.api.metrics import ApiMetrics, BucketSample
+from karma8.api.listener import ListenerSettings, serve_websockets
+from karma8.api.metrics import MEMBERSHIP, METRICS_HTTP, WEBSOCKET, ApiMetrics, BucketSample
 from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
 from karma8.api.server import ApiHandler
@@ -116,6 +116,7 @@ async def serve_api(
         not_ready,
         required="metrics_port" in config.model_fields_set,
         who="API server",
+        on_error=metrics.connection_errors.labels(METRICS_HTTP).inc,
     )
     try:
         await _serve(
@@ -198,29 +199,26 @@ async def _serve(
                         config.membership_host,
                         config.membership_port,
                         cluster.on_heartbeat,
+                        on_error=metrics.connection_errors.labels(MEMBERSHIP).inc,
                         secret=secret,
                         ssl_context=tls.membership,
                     )
                 )
-                server = await nursery.start(
-                    functools.partial(
-                        serve_websocket,
-                        handler.handle,
-                        config.host,
-                        config.port,
-                        tls.websocket,
-                        max_message_size=config.max_frame,
-                        receive_buffer_size=config.receive_buffer,
-                        connect_timeout=config.handshake_timeout,
-                        disconnect_timeout=config.handshake_timeout,
-                    )
+                port = await nursery.start(
+                    serve_websockets,
+                    handler.handle,
+                    config.host,
+                    config.port,
+                    tls.websocket,
+                    ListenerSettings(config.max_frame, config.receive_buffer, config.handshake_timeout),
+                    metrics.connection_errors.labels(WEBSOCKET).inc,
                 )
                 nursery.start_soon(janitor.run)
                 nursery.start_soon(reconciler.run)
                 nursery.start_soon(rebalancer.run)
                 endpoints = ApiEndpoints(
                     config.host,
-                    server.port,
+                    port,
                     membership_port,
                     tls=tls.websocket is not None,
                     metrics_port=metrics_port,

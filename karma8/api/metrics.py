@@ -44,6 +44,11 @@ OK = "ok"
 DISCONNECTED = "disconnected"  # the client went away without an error frame
 CANCELLED = "cancelled"  # the server stopped
 
+#: Endpoints of the API process (label ``endpoint`` of karma8_api_connection_errors_total).
+WEBSOCKET = "websocket"
+MEMBERSHIP = "membership"
+METRICS_HTTP = "metrics"
+
 #: Why fragments were deleted (label ``reason`` of karma8_api_deleted_fragments_total).
 CLEANUP = "cleanup"  # by a failed upload's own cleanup
 JANITOR = "janitor"  # of failed, replaced and deleted uploads, by the janitor
@@ -101,6 +106,15 @@ class ApiMetrics:
         self.errors = Counter(
             "karma8_api_errors", "Error frames sent to clients, by error code.", ["code"], registry=r
         )
+        self.connection_errors = Counter(
+            "karma8_api_connection_errors",
+            "Connections ended by an unexpected error (a bug: see the log), by endpoint; "
+            "the server kept serving the others.",
+            ["endpoint"],
+            registry=r,
+        )
+        for endpoint in (WEBSOCKET, MEMBERSHIP, METRICS_HTTP):
+            self.connection_errors.labels(endpoint)
         # -- failed uploads and garbage -------------------------------------------------
         self.upload_cleanups = Counter(
             "karma8_api_upload_cleanups",

@@ -3,26 +3,27 @@
 Errors are caught here, at the session edge: a karma8 error becomes one error frame and a
 close code the client can act on; a disconnected client is logged; anything unexpected is
 logged with its traceback and reported as ``internal``. Cancellation passes through.
+What escapes even this (or comes from the WebSocket library's reader task) is caught by
+the connection's boundary in :mod:`karma8.api.listener`, which also closes the TCP stream.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from karma8.api.download import handle_download
+from karma8.api.listener import Connection
 from karma8.api.metrics import CANCELLED, DISCONNECTED, OK
 from karma8.api.queries import handle_delete, handle_files, handle_rebalance, handle_stat, handle_status
 from karma8.api.scrub import handle_verify
-from karma8.api.session import Services, Session, SessionLog
+from karma8.api.session import Services, Session
 from karma8.api.upload import handle_upload
 from karma8.core.auth import AUTHORIZATION, header_value, refusal
 from karma8.core.protocol import CloseCode, Op, Request, close_code_for, encode_error, parse_path
 from karma8.errors import Internal, Karma8Error, Unauthorized
-from karma8.wsfix import close_transport
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,17 @@ class ApiHandler:
 
     def __init__(self, services: Services) -> None:
         self._services = services
-        self._ids = itertools.count(1)
         self._token = services.config.client_token.get_secret_value()
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """The trio-websocket handler (runs in the server's handler nursery)."""
-        session_id = next(self._ids)
-        slog = SessionLog(log, session_id)
-        ws = await request.accept()
-        session = Session(ws, self._services, session_id, slog)
+    async def handle(self, request: WebSocketRequest, conn: Connection) -> None:
+        """Serve one connection (inside its boundary, which closes the TCP stream after)."""
+        slog = conn.log
+        try:
+            ws = conn.ws = await request.accept()
+        except ConnectionClosed as exc:
+            slog.info("client went away during the handshake (%s)", exc.reason)
+            return
+        session = Session(ws, self._services, conn.session_id, slog)
         metrics = self._services.metrics
         started = trio.current_time()
         op: Op | None = None
@@ -76,9 +79,8 @@ class ApiHandler:
             raise
         else:
             ended(OK)
-            await ws.aclose(CloseCode.NORMAL)
-        finally:
-            await close_transport(ws)
+            with trio.move_on_after(self._services.config.handshake_timeout):
+                await ws.aclose(CloseCode.NORMAL)
 
     def _authorize(self, request: WebSocketRequest) -> None:
         """Check the client token of the handshake, when the server requires one."""

@@ -178,6 +178,7 @@ async def serve_bucket(config: BucketConfig) -> None:
         readiness.not_ready,
         required="metrics_port" in config.model_fields_set,
         who="bucket",
+        on_error=metrics.metrics_http_errors.inc,
     )
     try:
         await _serve(config, secret, tls, metrics, readiness, endpoint)

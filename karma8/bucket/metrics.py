@@ -63,6 +63,11 @@ class BucketMetrics:
             "1 while the API server acknowledged the last heartbeat, else 0.",
             registry=registry,
         )
+        self.metrics_http_errors = Counter(
+            "karma8_bucket_metrics_http_errors",
+            "Requests to /metrics, /healthz or /ready ended by an unexpected error (a bug: see the log).",
+            registry=registry,
+        )
         for counter in (self.puts, self.gets, self.deletes):
             counter.labels(OK)
 

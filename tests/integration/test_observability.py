@@ -474,9 +474,20 @@ def test_the_default_metrics_port_in_use_is_logged_not_fatal(caplog: pytest.LogC
     registry = CollectorRegistry()
     with _held_port() as port:
         with pytest.raises(ConfigError, match="choose another metrics_port"):
-            start_endpoint("127.0.0.1", port, registry, lambda: None, required=True, who="test")
+            start_endpoint(
+                "127.0.0.1", port, registry, lambda: None, required=True, who="test", on_error=lambda: None
+            )
         with caplog.at_level(logging.ERROR, logger="karma8.metrics_http"):
             assert (
-                start_endpoint("127.0.0.1", port, registry, lambda: None, required=False, who="test") is None
+                start_endpoint(
+                    "127.0.0.1",
+                    port,
+                    registry,
+                    lambda: None,
+                    required=False,
+                    who="test",
+                    on_error=lambda: None,
+                )
+                is None
             )
     assert any(f"cannot listen on 127.0.0.1:{port}" in r.getMessage() for r in caplog.records)

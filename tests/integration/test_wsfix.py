@@ -1,4 +1,4 @@
-"""The three trio-websocket 0.12.2 workarounds in karma8.wsfix: still needed, and working.
+"""The four trio-websocket 0.12.2 workarounds in karma8.wsfix: still needed, and working.
 
 Each test first shows the upstream bug is still there, so an upgrade that fixes it turns
 the test red and says the workaround can go.
@@ -6,7 +6,10 @@ the test red and says the workaround can go.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ssl
+import struct
 
 import pytest
 import trio
@@ -24,7 +27,7 @@ from trio_websocket import (
     serve_websocket,
 )
 from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
 from karma8 import wsfix
 from karma8.wsfix import close_transport
@@ -175,3 +178,91 @@ async def test_a_refused_tls_handshake_fails_at_once_once_applied(monkeypatch: p
     error, took = await _tls_handshake_outcome(None, server_context)
     assert "closed the connection during the opening handshake" in str(error)
     assert took < 1.0
+
+
+def _masked_frame(opcode: int, payload: bytes) -> bytes:
+    """A final client frame with an all-zero mask key, built by hand: wsproto would refuse
+    to send data once the server's Close has arrived, and that is what a hostile client does."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    return header + b"\0\0\0\0" + payload
+
+
+async def _receive_events(stream: trio.SocketStream, peer: wsproto.WSConnection, until: type) -> list[object]:
+    """Feed ``peer`` what the server sends until an event of type ``until`` (or EOF)."""
+    seen: list[object] = []
+    with trio.fail_after(DEADLINE):
+        while True:
+            data = await stream.receive_some(65536)
+            peer.receive_data(data or None)
+            seen.extend(peer.events())
+            if not data or any(isinstance(e, until) for e in seen):
+                return seen
+
+
+async def _too_big_after_the_servers_close(port: int) -> bytes:
+    """The issue 11 session: a header frame the server refuses (it answers and starts
+    closing), then a message above max_message_size. Returns what the server sent after
+    its Close, until it hung up."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        peer = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        await stream.send_all(peer.send(Request(host="127.0.0.1", target="/upload/x")))
+        await _receive_events(stream, peer, AcceptConnection)
+        await stream.send_all(peer.send(TextMessage("{")))
+        await _receive_events(stream, peer, CloseConnection)  # the server is LOCAL_CLOSING now
+        await stream.send_all(_masked_frame(0x2, b"x" * (2 * MAX_MESSAGE)))
+        await stream.send_all(_masked_frame(0x8, struct.pack("!H", 1000)))  # our Close reply
+        after = b""
+        with trio.fail_after(DEADLINE):
+            while data := await stream.receive_some(65536):
+                after += data
+        return after
+
+
+MAX_MESSAGE = 1 << 20
+
+
+async def _refusing_handler(request: WebSocketRequest) -> None:
+    ws = await request.accept()
+    await ws.get_message()
+    await ws.send_message('{"ok":false,"error":"bad_request"}')
+    await ws.aclose(4400, "bad_request")
+
+
+async def test_a_message_too_big_while_closing_crashes_upstream_and_is_dropped_once_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Upstream: the reader sends a 1009 Close in LOCAL_CLOSING; wsproto refuses it and the
+    # error escapes the connection's nursery into serve_websocket: the server is gone.
+    monkeypatch.setattr(WebSocketConnection, "_handle_message_event", wsfix._original_message_handler)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(wsproto.utilities.LocalProtocolError, match="1009.*LOCAL_CLOSING"),
+        flatten_subgroups=True,
+    ):
+        async with trio.open_nursery() as nursery:
+            server: WebSocketServer = await nursery.start(
+                functools.partial(
+                    serve_websocket, _refusing_handler, "127.0.0.1", 0, None, max_message_size=MAX_MESSAGE
+                )
+            )
+            with contextlib.suppress(trio.BrokenResourceError):  # the server dies as we send
+                await _too_big_after_the_servers_close(server.port)
+            await trio.sleep_forever()  # until the server's crash cancels the test's nursery
+    monkeypatch.undo()
+
+    wsfix.apply()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                serve_websocket, _refusing_handler, "127.0.0.1", 0, None, max_message_size=MAX_MESSAGE
+            )
+        )
+        for _ in range(2):  # the message is dropped, the handshake ends, the server serves on
+            assert await _too_big_after_the_servers_close(server.port) == b"", "a second Close was sent"
+        nursery.cancel_scope.cancel()
