@@ -117,9 +117,11 @@ async def _serve_connection(
             if request is not None:
                 conn.path = request.path
                 await handler(request, conn)
-            # The handler has closed its WebSocket (or never got one): closing the stream
-            # ends the reader task, which is still waiting for the peer.
-            await trio.aclose_forcefully(stream)
+            # The handler is done with its WebSocket (or never got one): stop the reader
+            # task, still waiting for the peer. Cancel it rather than close the stream: if
+            # it failed (its error is on its way out of the nursery) the boundary can still
+            # send a 1011 Close on the stream.
+            nursery.cancel_scope.cancel()
     except* Exception as group:
         on_escape()
         conn.log.error(

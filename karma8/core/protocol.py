@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from karma8.core.names import decode_name
 from karma8.errors import BadRequest, Karma8Error, RemoteError, TooLarge
@@ -91,17 +91,20 @@ def parse_path(path: str) -> Request:
         BadRequest: unknown operation or a missing/extra name.
         BadName: the name breaks the naming rules.
     """
-    parts = urlsplit(path)
-    head, _, rest = parts.path.lstrip("/").partition("/")
+    # The target is origin-form (path and query). Not urlsplit: it reads a leading "//"
+    # as an authority, and raises ValueError for "//[" (an error that is not ours).
+    target = path.partition("#")[0]
+    path_part, _, query_text = target.partition("?")
+    head, _, rest = path_part.lstrip("/").partition("/")
     try:
         op = Op(head)
     except ValueError:
-        raise BadRequest(f"unknown path {parts.path!r}") from None
+        raise BadRequest(f"unknown path {path_part[:200]!r}") from None
     if op in _NAMED or (op is Op.VERIFY and rest):
         return Request(op, name=decode_name(rest))
     if rest:
         raise BadRequest(f"/{op.value} takes no name")
-    query = _query(parts.query) if op in (Op.FILES, Op.REBALANCE) else {}
+    query = _query(query_text) if op in (Op.FILES, Op.REBALANCE) else {}
     if op is Op.REBALANCE:
         flag = query.get("dry_run", ["0"])[-1]
         if flag not in ("0", "1"):

@@ -224,6 +224,8 @@ class Cluster:
     url: str = ""
     buckets: list[BucketProcess] = field(default_factory=list)
     api_config: ApiConfig | None = None
+    #: The in-process API server's /metrics port.
+    metrics_port: int | None = None
     _started: int = 0
     #: Extra environment of every bucket, and [client] settings of ``client`` (TLS, token).
     bucket_env: dict[str, str] = field(default_factory=dict)
@@ -292,7 +294,13 @@ async def open_cluster(root: Path, buckets: int = 6, **api_overrides: object) ->
     async with trio.open_nursery() as nursery:
         config = api_config(root, **api_overrides)
         endpoints: ApiEndpoints = await nursery.start(serve_api, config)
-        cluster = Cluster(root, endpoints.membership_port, endpoints.url, api_config=config)
+        cluster = Cluster(
+            root,
+            endpoints.membership_port,
+            endpoints.url,
+            api_config=config,
+            metrics_port=endpoints.metrics_port,
+        )
         try:
             async with trio.open_nursery() as starting:
                 for _ in range(buckets):

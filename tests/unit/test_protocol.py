@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from karma8.core.protocol import (
     CloseCode,
@@ -108,7 +110,9 @@ def test_files_malformed_query(query: str) -> None:
         parse_path(f"/files{query}")
 
 
-@pytest.mark.parametrize("path", ["/", "", "/uploads/x", "/UPLOAD/x", "/nope", "/%75pload/x"])
+@pytest.mark.parametrize(
+    "path", ["/", "", "/uploads/x", "/UPLOAD/x", "/nope", "/%75pload/x", "//[", "//host/upload/x"]
+)
 def test_unknown_ops(path: str) -> None:
     with pytest.raises(BadRequest, match="unknown path"):
         parse_path(path)
@@ -309,3 +313,95 @@ def test_close_codes_are_valid_on_the_wire() -> None:
     for code in CloseCode:
         assert 1000 <= code <= 1014 or 4000 <= code <= 4999
         assert code not in (1004, 1005, 1006)
+
+
+# -- properties: any input gives a value or one of our errors, never another exception ---
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+#: Paths as a hostile client writes them: our words, escapes, separators and any text.
+PATH_PIECES = st.sampled_from(
+    [
+        *(f"/{op.value}" for op in Op),
+        "/",
+        "//",
+        "?",
+        "#",
+        "&",
+        "=",
+        "%",
+        "%2F",
+        "%ff",
+        "%00",
+        "[",
+        "..",
+        ".",
+        "a",
+    ]
+)
+PATHS = st.lists(PATH_PIECES | st.text(max_size=6), max_size=8).map("".join)
+
+
+@given(st.one_of(PATHS, st.text()))
+@example("//[")  # urlsplit read it as a broken IPv6 authority: ValueError, an `internal`
+@example("//host/upload/x")  # ... and this as host "host" with path /upload/x
+@settings(max_examples=500)
+def test_parse_path_gives_a_request_or_our_error(path: str) -> None:
+    try:
+        req = parse_path(path)
+    except (BadRequest, BadName):
+        return
+    if req.op in (Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE):
+        assert req.name
+    assert req.name == "" or "\x00" not in req.name
+
+
+@given(st.one_of(st.text(), JSON.map(json.dumps)), st.integers(min_value=0, max_value=2**64))
+@settings(max_examples=500)
+def test_parse_upload_header_gives_a_valid_header_or_our_error(text: str, max_size: int) -> None:
+    try:
+        header = parse_upload_header(text, max_size)
+    except (BadRequest, TooLarge):
+        return
+    assert 0 <= header.size <= max_size
+    assert header.sha256 is None or len(header.sha256) == 64
+
+
+@given(
+    st.integers(min_value=0, max_value=2**63),
+    st.none() | st.text("0123456789abcdef", min_size=64, max_size=64),
+)
+def test_upload_header_round_trip(size: int, digest: str | None) -> None:
+    header = UploadHeader(size, digest)
+    assert parse_upload_header(encode_upload_header(header), max_size=2**63) == header
+
+
+def test_deeply_nested_json_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse_upload_header("[" * 100_000 + "]" * 100_000, max_size=1)
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse_upload_header('{"size": ' + "9" * 5000 + "}", max_size=1)  # over int's digit limit
+
+
+@given(st.one_of(st.text(), JSON.map(json.dumps)))
+@settings(max_examples=300)
+def test_decode_reply_gives_fields_or_our_error(text: str) -> None:
+    try:
+        fields = decode_reply(text)
+    except (RemoteError, BadRequest):
+        return
+    assert fields["ok"] is True
+
+
+@given(st.text(min_size=1, max_size=40), st.text(max_size=200))
+def test_error_frames_round_trip(code: str, message: str) -> None:
+    error = Karma8Error(message)
+    error.code = code
+    with pytest.raises(RemoteError) as info:
+        decode_reply(encode_error(error))
+    assert (info.value.code, info.value.message) == (code, message)
