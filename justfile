@@ -29,6 +29,10 @@ bench *ARGS:
 chaos *ARGS:
     source scripts/venv.sh && python scripts/chaos.py {{ARGS}}
 
+# Fuzzer: hostile WebSocket sessions (or --raw bytes to the gRPC and metrics ports) against a local stack (see docs/fuzzing.md)
+fuzz *ARGS:
+    source scripts/venv.sh && python scripts/fuzz.py {{ARGS}}
+
 # Evenness benchmark: 6 buckets, 2 added, rebalance, more data (see docs/placement.md)
 balance *ARGS:
     source scripts/venv.sh && python scripts/balance.py {{ARGS}}

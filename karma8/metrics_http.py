@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,10 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         # The connection's boundary: socketserver calls this for whatever escaped the
         # handler (its default prints a traceback to stderr). Log it once, count it; the
         # request's socket is closed by socketserver and the server keeps serving.
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):  # the client went away or stalled
+            log.debug("metrics endpoint: request from %s ended: %s", client_address, error)
+            return
         self.on_error()
         log.error(
             "metrics endpoint: request from %s ended by an unexpected error", client_address, exc_info=True

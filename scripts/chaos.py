@@ -25,19 +25,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 from chaos_check import report, wait_reconciled
 from chaos_faults import kill_api, kill_buckets, kill_clients, kill_sockets
-from chaos_model import ChaosError, Interval, Ledger, Options, Stats, derive, format_summary
+from chaos_model import ChaosError, Interval, Ledger, Options, Stats, derive, format_summary, run_script
 from chaos_ops import Chaos, pool_names, verify_listing, worker
 from chaos_stack import Stack
 from chaos_store import RegistryView
@@ -182,27 +178,8 @@ async def run(options: Options, root: Path) -> Stats:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = parse_args(argv)
-    root = options.data.absolute() if options.data else Path(tempfile.mkdtemp(prefix="karma8-chaos-"))
-    started = time.monotonic()
-    try:
-        stats = trio.run(run, options, root)
-    except ChaosError as exc:
-        note(f"the stack did not start: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        note(f"interrupted; data in {root}")
-        return 130
-    elapsed = time.monotonic() - started
-    print(format_summary(stats, options, elapsed), flush=True)
-    if options.json_path is not None:
-        options.json_path.write_text(json.dumps(stats.as_json(options, elapsed), indent=2) + "\n")
-    if options.data is None:
-        if options.keep or stats.violations:
-            note(f"data kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    return 1 if stats.violations else 0
+    failed = lambda stats: bool(stats.violations)  # noqa: E731
+    return run_script(run, parse_args(argv), "karma8-chaos-", format_summary, failed, note)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,19 @@ the set to what it found.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
+import shutil
+import tempfile
+import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import trio
 
 #: The state of a name: the sha256 of its content, or None when it does not exist.
 Content = str | None
@@ -28,6 +36,81 @@ HISTORY = 12
 
 class ChaosError(Exception):
     """The chaos run itself could not go on (a process would not start, bad options)."""
+
+
+class ScriptOptions(Protocol):
+    """What :func:`run_script` needs of a script's options."""
+
+    @property
+    def data(self) -> Path | None: ...
+    @property
+    def keep(self) -> bool: ...
+    @property
+    def json_path(self) -> Path | None: ...
+
+
+OptionsT = TypeVar("OptionsT", bound=ScriptOptions)
+
+
+class ScriptStats(Protocol):
+    """What :func:`run_script` needs of a script's results."""
+
+    def as_json(self, options: Any, elapsed: float) -> dict[str, object]: ...
+
+
+StatsT = TypeVar("StatsT", bound=ScriptStats)
+
+
+def run_script(
+    run: Callable[[OptionsT, Path], Awaitable[StatsT]],
+    options: OptionsT,
+    prefix: str,
+    summary: Callable[[StatsT, OptionsT, float], str],
+    failed: Callable[[StatsT], bool],
+    note: Callable[[str], None],
+) -> int:
+    """Run a stack script (chaos, fuzz) in ``--data`` or a temporary directory, print its
+    summary and write its JSON; the exit status: 1 if ``failed``, 2 if the stack could not
+    start (:class:`ChaosError`), 130 if interrupted, else 0. The temporary directory is
+    kept with ``--keep`` or a failure."""
+    root = options.data.absolute() if options.data else Path(tempfile.mkdtemp(prefix=prefix))
+    started = time.monotonic()
+    try:
+        stats = trio.run(run, options, root)
+    except ChaosError as exc:
+        note(f"the stack did not start: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        note(f"interrupted; data in {root}")
+        return 130
+    elapsed = time.monotonic() - started
+    print(summary(stats, options, elapsed), flush=True)
+    if options.json_path is not None:
+        options.json_path.write_text(json.dumps(stats.as_json(options, elapsed), indent=2) + "\n")
+    if options.data is None:
+        if options.keep or failed(stats):
+            note(f"data kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed(stats) else 0
+
+
+def count_table(
+    counts: Counter[tuple[str, str]], heads: tuple[str, str], widths: tuple[int, int]
+) -> list[str]:
+    """``{(kind, outcome): n}`` as a table: a header line, then one line per pair, sorted."""
+    w1, w2 = widths
+    lines = [f"{heads[0]:<{w1}}{heads[1]:<{w2}}{'count':>8}"]
+    lines += [f"{kind:<{w1}}{outcome[: w2 - 1]:<{w2}}{n:>8}" for (kind, outcome), n in sorted(counts.items())]
+    return lines
+
+
+def nested(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """``{(kind, outcome): n}`` as ``{kind: {outcome: n}}``, sorted (for JSON summaries)."""
+    out: dict[str, dict[str, int]] = {}
+    for (kind, outcome), n in sorted(counts.items()):
+        out.setdefault(kind, {})[outcome] = n
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,16 +300,13 @@ class Stats:
         return sum(n for (_, outcome), n in self.operations.items() if outcome == "internal")
 
     def as_json(self, options: Options, elapsed: float) -> dict[str, object]:
-        ops: dict[str, dict[str, int]] = {}
-        for (kind, outcome), n in sorted(self.operations.items()):
-            ops.setdefault(kind, {})[outcome] = n
         return {
             "seed": options.seed,
             "duration": options.duration,
             "elapsed": round(elapsed, 1),
             "buckets": options.buckets,
             "concurrency": options.concurrency,
-            "operations": ops,
+            "operations": nested(self.operations),
             "faults": dict(sorted(self.faults.items())),
             "fault_misses": dict(sorted(self.fault_misses.items())),
             "acknowledged": self.acknowledged,
@@ -254,10 +334,8 @@ def format_summary(stats: Stats, options: Options, elapsed: float) -> str:
         f"chaos summary: seed {options.seed}, {options.duration:g} s of chaos "
         f"({elapsed:.0f} s in all), {options.buckets} buckets, {options.concurrency} workers",
         "",
-        f"{'operation':<22}{'outcome':<28}{'count':>8}",
+        *count_table(stats.operations, ("operation", "outcome"), (22, 28)),
     ]
-    for (kind, outcome), n in sorted(stats.operations.items()):
-        lines.append(f"{kind:<22}{outcome:<28}{n:>8}")
     lines += ["", f"{'fault':<22}{'injected':>10}{'missed':>10}"]
     for kind in FAULT_KINDS:
         lines.append(f"{kind:<22}{stats.faults[kind]:>10}{stats.fault_misses[kind]:>10}")

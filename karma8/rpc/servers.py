@@ -8,6 +8,7 @@ from typing import Any
 import grpclib.server
 
 from karma8 import speedups
+from karma8.rpc import grpcfix
 from karma8.rpc.auth import require_secret
 
 
@@ -27,6 +28,7 @@ async def start_grpc_server(
     the server speaks TLS only.
     """
     speedups.apply()
+    grpcfix.apply()
     server = grpclib.server.Server(handlers)
     if secret:
         require_secret(server, secret, who)
