@@ -18,6 +18,9 @@ buckets' health service and every connection's frames come before any check):
    decodes a field of the wrong wire type into the wrong Python type (a varint in a
    ``string`` field becomes an ``int``) that our code then trips over. :func:`apply`
    answers all of these INVALID_ARGUMENT before our handler sees the message.
+4. A request HEADERS frame without ``:method`` or ``:path`` (h2 does not insist, grpclib
+   looks them up with ``[]``) is logged by grpclib as "Server error" with a ``KeyError``
+   traceback. :func:`apply` answers it with HTTP 400, as grpclib does a wrong method.
 
 tests/unit/test_grpcfix.py checks that each is still needed, so an upgrade that fixes them
 upstream shows up as a failing test.
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 _original_process: Any = grpclib.protocol.EventsProcessor.process
 _original_deadline_start: Any = grpclib.utils.DeadlineWrapper.start
 _original_recv_message: Any = grpclib.server.Stream.recv_message
+_original_request_handler: Any = grpclib.server.request_handler
 
 #: What a field's ``proto_type`` must decode to (``message`` fields are checked recursively).
 _PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -115,11 +119,35 @@ async def _recv_message(self: grpclib.server.Stream[Any, Any]) -> Any:
     return message
 
 
+async def _request_handler(
+    mapping: Any,
+    stream: Any,
+    headers: Any,
+    codec: Any,
+    status_details_codec: Any,
+    dispatch: Any,
+    release_stream: Any,
+) -> None:
+    names = {name for name, _ in headers}
+    if ":method" in names and ":path" in names:
+        await _original_request_handler(
+            mapping, stream, headers, codec, status_details_codec, dispatch, release_stream
+        )
+        return
+    try:
+        await grpclib.server._abort(stream, 400)
+    except Exception as exc:  # the peer may have reset the stream already: nothing to answer
+        log.debug("could not refuse a request without :method or :path: %r", exc)
+    finally:
+        release_stream()
+
+
 def apply() -> None:
-    """Install the three fixes (idempotent; before a server or channel starts)."""
+    """Install the four fixes (idempotent; before a server or channel starts)."""
     grpclib.protocol.EventsProcessor.process = _process  # type: ignore[method-assign]
     grpclib.utils.DeadlineWrapper.start = _deadline_start  # type: ignore[method-assign]
     grpclib.server.Stream.recv_message = _recv_message  # type: ignore[method-assign]
+    grpclib.server.request_handler = _request_handler  # type: ignore[assignment]
 
 
 def applied() -> bool:
@@ -128,4 +156,5 @@ def applied() -> bool:
         grpclib.protocol.EventsProcessor.process is _process
         and grpclib.server.Stream.recv_message is _recv_message
         and grpclib.utils.DeadlineWrapper.start is _deadline_start
+        and grpclib.server.request_handler is _request_handler
     )

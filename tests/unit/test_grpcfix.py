@@ -55,3 +55,29 @@ def test_a_field_of_the_wrong_wire_type_decodes_to_the_wrong_type_and_is_refused
     assert grpcfix.malformed(pb.Heartbeat.parse(bytes(nested))) is None
     nested.usage.used = "x"
     assert grpcfix.malformed(nested) == "field 'used' is not a uint64"
+
+
+async def test_a_request_without_method_is_a_server_error_upstream_and_a_400_once_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    headers = [(":path", "/karma8.v1.Bucket/Put"), ("content-type", "application/grpc")]
+    released: list[bool] = []
+    await grpcfix._original_request_handler(
+        {}, None, headers, None, None, None, lambda: released.append(True)
+    )
+    assert "Server error" in caplog.text
+    assert released == [True]
+
+    caplog.clear()
+    sent: list[object] = []
+
+    class Stream:
+        closable = False
+
+        async def send_headers(self, headers: object, end_stream: bool) -> None:
+            sent.append(headers)
+
+    await grpcfix._request_handler({}, Stream(), headers, None, None, None, lambda: released.append(True))
+    assert sent == [[(":status", "400")]]
+    assert released == [True, True]
+    assert caplog.text == ""
