@@ -17,6 +17,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -75,12 +76,19 @@ def run_script(
     kept with ``--keep`` or a failure."""
     root = options.data.absolute() if options.data else Path(tempfile.mkdtemp(prefix=prefix))
     started = time.monotonic()
+    # SIGTERM (kill, timeout) stops the run as Ctrl-C does: the stack's processes with it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         stats = trio.run(run, options, root)
     except ChaosError as exc:
         note(f"the stack did not start: {exc}")
         return 2
     except KeyboardInterrupt:
+        note(f"interrupted; data in {root}")
+        return 130
+    except BaseExceptionGroup as group:  # interrupted inside a nursery
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
         note(f"interrupted; data in {root}")
         return 130
     elapsed = time.monotonic() - started
