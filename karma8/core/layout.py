@@ -2,8 +2,9 @@
 
 A file of ``size`` bytes is cut into stripe units of ``unit`` bytes (the last unit may be
 shorter); unit ``k`` belongs to part ``k % parts``. Parts therefore differ from
-``size / parts`` by less than one unit, and a whole stripe (one unit of every part) is
-the natural place to add parity parts later.
+``size / parts`` by less than one unit. A stripe is one unit of every data part; each of
+the ``parity`` parity parts holds one unit per stripe, as long as the stripe's first
+(longest) unit, so a parity part is as long as part 0.
 
 The unit is chosen per file: ``min(max_unit, size // parts)`` (at least 1), so that a file
 of at least ``parts`` bytes puts data on every part, while big files use ``max_unit`` and
@@ -22,6 +23,7 @@ class Layout:
     size: int
     parts: int
     unit: int
+    parity: int = 0
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -30,11 +32,31 @@ class Layout:
             raise ValueError(f"parts must be >= 1, got {self.parts}")
         if self.unit < 1:
             raise ValueError(f"unit must be >= 1, got {self.unit}")
+        if self.parity < 0:
+            raise ValueError(f"parity must be >= 0, got {self.parity}")
 
     @classmethod
-    def for_size(cls, size: int, parts: int, max_unit: int) -> Layout:
+    def for_size(cls, size: int, parts: int, max_unit: int, parity: int = 0) -> Layout:
         """The layout karma8 uses for a new file of ``size`` bytes."""
-        return cls(size=size, parts=parts, unit=max(1, min(max_unit, size // parts)))
+        return cls(size=size, parts=parts, unit=max(1, min(max_unit, size // parts)), parity=parity)
+
+    @property
+    def width(self) -> int:
+        """Fragments of the file: data parts and parity parts."""
+        return self.parts + self.parity
+
+    @property
+    def stripe_count(self) -> int:
+        """How many stripes the file has (0 for an empty file)."""
+        return -(-self.unit_count // self.parts)
+
+    def stripe_lengths(self, s: int) -> list[int]:
+        """Length of each data unit of stripe ``s`` (0 where the file ended before it)."""
+        if not 0 <= s < self.stripe_count:
+            raise IndexError(s)
+        first = s * self.parts
+        n = self.unit_count
+        return [self.unit_length(u) if u < n else 0 for u in range(first, first + self.parts)]
 
     @property
     def unit_count(self) -> int:
@@ -52,9 +74,11 @@ class Layout:
         return k % self.parts
 
     def part_size(self, part: int) -> int:
-        """Exact byte size of ``part``."""
-        if not 0 <= part < self.parts:
+        """Exact byte size of ``part`` (a parity part is as long as part 0)."""
+        if not 0 <= part < self.width:
             raise IndexError(part)
+        if part >= self.parts:
+            return self.part_size(0)
         n = self.unit_count
         if part >= n:
             return 0
@@ -65,8 +89,8 @@ class Layout:
         return size
 
     def part_sizes(self) -> list[int]:
-        """Sizes of all parts, in part order."""
-        return [self.part_size(p) for p in range(self.parts)]
+        """Sizes of all parts, data then parity, in part order."""
+        return [self.part_size(p) for p in range(self.width)]
 
 
 class Striper:
