@@ -6,10 +6,18 @@ Layout under the data directory::
     fragments/<uu>/<upload id>.<part> committed fragments (<uu>: first 2 hex digits)
     tmp/                              Puts in progress; emptied at every start
 
-A fragment file is the fragment's bytes followed by a 48-byte footer (magic, data length,
-sha256 of the data), so a fragment carries its own checksum and one rename commits data
-and checksum together. Fragment ids are checked by :func:`parse_fragment_id` before they
-become file names, so no input can reach outside ``fragments/``.
+A fragment file carries its own checksums, so one rename commits data and checksums
+together. Two formats, told apart by the footer (the last bytes of the file):
+
+- format 1 (``K8FRAG01``, every fragment before erasure coding): the data, then a
+  48-byte footer (magic, data length, sha256 of the data);
+- format 2 (``K8FRAG02``): the data, the crc32c of every unit of ``unit`` bytes (4 bytes
+  each, little-endian), then a 56-byte footer (data length, unit, sha256, magic). A read
+  checks each unit as it goes, so corruption is reported at the unit it hit.
+
+Fragments keep the format they were written in. Fragment ids are checked by
+:func:`parse_fragment_id` before they become file names, so no input can reach outside
+``fragments/``.
 
 Nothing is cached that the filesystem does not hold: the bytes-used counter is rebuilt by
 a scan at start and kept in step with every commit and delete.
@@ -29,11 +37,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import anyio
 import anyio.to_thread
 
+from karma8.core.checksums import CRC_SIZE, first_bad_unit
 from karma8.core.fragments import check_upload_id, parse_fragment_id
 from karma8.core.records import StoredFragment, Usage
 from karma8.errors import BadRequest, Karma8Error
@@ -41,11 +50,14 @@ from karma8.errors import BadRequest, Karma8Error
 log = logging.getLogger(__name__)
 
 MAGIC = b"K8FRAG01"
+MAGIC_UNITS = b"K8FRAG02"
 #: Chunks up to this size are written (and hashed) on the event loop: a few
 #: microseconds into the page cache, less than a hop to a worker thread and back.
 INLINE_WRITE_MAX = 64 * 1024
 _FOOTER = struct.Struct("<8sQ32s")
 FOOTER_SIZE = _FOOTER.size
+_FOOTER_UNITS = struct.Struct("<QQ32s8s")
+FOOTER_UNITS_SIZE = _FOOTER_UNITS.size
 
 
 class FragmentMissing(Karma8Error):
@@ -74,8 +86,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read_footer(f: BinaryIO, path: Path) -> tuple[int, bytes]:
+def overhead(size: int, unit: int) -> int:
+    """Bytes a fragment of ``size`` bytes takes on disk beyond its data (``unit`` 0: format 1)."""
+    if not unit:
+        return FOOTER_SIZE
+    return CRC_SIZE * -(-size // unit) + FOOTER_UNITS_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Footer:
+    """What a fragment file says about itself."""
+
+    size: int
+    #: Bytes per checksummed unit; 0 for format 1 (one sha256, no unit checksums).
+    unit: int
+    sha256: bytes
+
+
+def _read_footer(f: BinaryIO, path: Path) -> Footer:
     total = os.fstat(f.fileno()).st_size
+    if total >= FOOTER_UNITS_SIZE:
+        f.seek(total - FOOTER_UNITS_SIZE)
+        size, unit, digest, magic = _FOOTER_UNITS.unpack(f.read(FOOTER_UNITS_SIZE))
+        if magic == MAGIC_UNITS:
+            if unit < 1 or total != size + overhead(size, unit):
+                raise FragmentCorrupt(f"{path.name}: bad footer")
+            f.seek(0)
+            return Footer(size, unit, digest)
     if total < FOOTER_SIZE:
         raise FragmentCorrupt(f"{path.name}: shorter than its footer")
     f.seek(total - FOOTER_SIZE)
@@ -83,7 +120,22 @@ def _read_footer(f: BinaryIO, path: Path) -> tuple[int, bytes]:
     if magic != MAGIC or size != total - FOOTER_SIZE:
         raise FragmentCorrupt(f"{path.name}: bad footer")
     f.seek(0)
-    return size, digest
+    return Footer(size, 0, digest)
+
+
+def _read_crcs(f: BinaryIO, footer: Footer, first: int, count: int) -> list[int]:
+    f.seek(footer.size + CRC_SIZE * first)
+    raw = f.read(CRC_SIZE * count)
+    return list(struct.unpack(f"<{len(raw) // CRC_SIZE}I", raw))
+
+
+def _data_size(path: Path) -> int:
+    """The data bytes of a fragment file (a guess from its length if the footer is bad)."""
+    with path.open("rb") as f:
+        try:
+            return _read_footer(f, path).size
+        except FragmentCorrupt:
+            return max(0, os.fstat(f.fileno()).st_size - FOOTER_SIZE)
 
 
 @dataclass
@@ -93,40 +145,71 @@ class _Counters:
 
 
 class FragmentWriter:
-    """One fragment being written to a temporary file."""
+    """One fragment being written to a temporary file.
 
-    def __init__(self, store: FragmentStore, fragment_id: str, size: int, tmp: Path, f: BinaryIO):
+    With a ``unit`` (format 2), every write holds whole units (only the fragment's last
+    may be short) with the crc32c of each, checked before anything reaches the disk.
+    """
+
+    def __init__(
+        self, store: FragmentStore, fragment_id: str, size: int, unit: int, tmp: Path, f: BinaryIO
+    ) -> None:
         self._store = store
         self.fragment_id = fragment_id
         self.size = size
+        self.unit = unit
         self._tmp = tmp
         self._f = f
         self._hash = hashlib.sha256()
+        self._crcs: list[int] = []
         self.written = 0
 
-    def _write(self, data: bytes) -> None:
+    def _check(self, data: bytes, crcs: Sequence[int]) -> None:
+        if self.written + len(data) > self.size:
+            raise BadRequest(f"{self.fragment_id}: more than the announced {self.size} bytes")
+        if not self.unit:
+            if crcs:
+                raise BadRequest(f"{self.fragment_id}: unit checksums without a unit")
+            return
+        if len(data) % self.unit and self.written + len(data) != self.size:
+            raise BadRequest(f"{self.fragment_id}: a write of {len(data)} bytes is not whole units")
+        bad = first_bad_unit(data, self.unit, crcs)
+        if bad is not None:
+            unit = self.written // self.unit + bad
+            raise FragmentCorrupt(f"{self.fragment_id}: unit {unit} arrived with a wrong checksum")
+
+    def _write(self, data: bytes, crcs: Sequence[int]) -> None:
+        self._check(data, crcs)
+        self._crcs.extend(crcs)
+        self.written += len(data)
         self._hash.update(data)
         self._f.write(data)
 
-    async def write(self, data: bytes) -> None:
-        """Append ``data``; more than the announced size is refused."""
-        if self.written + len(data) > self.size:
-            raise BadRequest(f"{self.fragment_id}: more than the announced {self.size} bytes")
-        self.written += len(data)
+    async def write(self, data: bytes, crcs: Sequence[int] = ()) -> None:
+        """Append ``data`` (and the crc32c of each of its units, in format 2).
+
+        Raises:
+            BadRequest: more than the announced size, or not whole units.
+            FragmentCorrupt: a unit does not match its checksum.
+        """
         if len(data) > INLINE_WRITE_MAX:
-            await anyio.to_thread.run_sync(self._write, data)
+            await anyio.to_thread.run_sync(self._write, data, crcs)
         elif data:
-            self._write(data)
+            self._write(data, crcs)
 
     def _commit(self, final: Path, fsync: bool) -> StoredFragment:
         digest = self._hash.digest()
-        self._f.write(_FOOTER.pack(MAGIC, self.size, digest))
+        if self.unit:
+            self._f.write(struct.pack(f"<{len(self._crcs)}I", *self._crcs))
+            self._f.write(_FOOTER_UNITS.pack(self.size, self.unit, digest, MAGIC_UNITS))
+        else:
+            self._f.write(_FOOTER.pack(MAGIC, self.size, digest))
         self._f.flush()
         if fsync:
             os.fsync(self._f.fileno())
         self._f.close()
         final.parent.mkdir(exist_ok=True)
-        replaced = final.stat().st_size - FOOTER_SIZE if final.exists() else None
+        replaced = _data_size(final) if final.exists() else None
         os.replace(self._tmp, final)
         if fsync:
             _fsync_dir(final.parent)
@@ -134,7 +217,7 @@ class FragmentWriter:
         return StoredFragment(self.fragment_id, self.size, digest.hex())
 
     async def commit(self) -> StoredFragment:
-        """Write the footer, fsync, rename into place; the fragment now exists."""
+        """Write the checksums and footer, fsync, rename into place; the fragment now exists."""
         if self.written != self.size:
             raise BadRequest(f"{self.fragment_id}: got {self.written} of {self.size} bytes")
         final = self._store._path(self.fragment_id)
@@ -185,7 +268,7 @@ class FragmentStore:
         self._tmp.mkdir()
         counters = _Counters()
         for path in self._iter_files():
-            counters.used += max(0, path.stat().st_size - FOOTER_SIZE)
+            counters.used += _data_size(path)
             counters.fragments += 1
         self._counters = counters
 
@@ -211,8 +294,11 @@ class FragmentStore:
         return Usage(used=used, free=free, capacity=capacity, fragments=self._counters.fragments)
 
     @contextlib.asynccontextmanager
-    async def open_writer(self, fragment_id: str, size: int) -> AsyncIterator[FragmentWriter]:
-        """A writer for a new fragment; if the block fails, no file is left behind."""
+    async def open_writer(self, fragment_id: str, size: int, unit: int = 0) -> AsyncIterator[FragmentWriter]:
+        """A writer for a new fragment; if the block fails, no file is left behind.
+
+        ``unit`` > 0 writes format 2 (a checked crc32c per unit); 0 writes format 1.
+        """
         self._path(fragment_id)  # validates the id before anything touches the disk
         if size > self.usage().free:
             raise NoSpace(f"{fragment_id}: {size} bytes do not fit")
@@ -222,24 +308,26 @@ class FragmentStore:
         # which can land on the checkpoint anyio takes before every thread call, and then
         # a file created in a worker thread would be lost without being discarded.
         f = tmp.open("xb")
-        writer = FragmentWriter(self, fragment_id, size, tmp, f)
+        writer = FragmentWriter(self, fragment_id, size, unit, tmp, f)
         try:
             yield writer
         finally:
             if not f.closed:  # not committed
                 writer._discard()
 
-    def _put_whole(self, fragment_id: str, data: bytes) -> StoredFragment:
+    def _put_whole(self, fragment_id: str, data: bytes, unit: int, crcs: Sequence[int]) -> StoredFragment:
         tmp = self._tmp / f"{fragment_id}.{uuid.uuid4().hex}"
-        writer = FragmentWriter(self, fragment_id, len(data), tmp, tmp.open("xb"))
+        writer = FragmentWriter(self, fragment_id, len(data), unit, tmp, tmp.open("xb"))
         try:
-            writer._write(data)
+            writer._write(data, crcs)
             return writer._commit(self._path(fragment_id), self.fsync)
         except BaseException:
             writer._discard()
             raise
 
-    async def put_whole(self, fragment_id: str, data: bytes) -> StoredFragment:
+    async def put_whole(
+        self, fragment_id: str, data: bytes, unit: int = 0, crcs: Sequence[int] = ()
+    ) -> StoredFragment:
         """Store a whole fragment: create, write, fsync and rename in one worker-thread call.
 
         Nothing touches the disk in the event loop thread: creating a file there can wait
@@ -249,43 +337,50 @@ class FragmentStore:
         self._path(fragment_id)  # validates the id before anything touches the disk
         if len(data) > self.usage().free:
             raise NoSpace(f"{fragment_id}: {len(data)} bytes do not fit")
-        return await anyio.to_thread.run_sync(self._put_whole, fragment_id, data)
+        return await anyio.to_thread.run_sync(self._put_whole, fragment_id, data, unit, crcs)
 
-    def _read_whole(self, fragment_id: str, limit: int) -> bytes | None:
+    def _read_whole(self, fragment_id: str, limit: int, first_unit: int) -> Piece | None:
         path = self._path(fragment_id)
         try:
             f = path.open("rb")
         except FileNotFoundError:
             raise FragmentMissing(f"no fragment {fragment_id}") from None
         with f:
-            size, digest = _read_footer(f, path)
-            if size > limit:
+            footer = _read_footer(f, path)
+            if footer.unit:
+                start = min(footer.size, first_unit * footer.unit)
+                if footer.size - start > limit:
+                    return None
+                return _read_units(f, footer, fragment_id, first_unit, footer.size - start)
+            _check_first_unit(fragment_id, first_unit)
+            if footer.size > limit:
                 return None
-            data = f.read(size)
-        if len(data) != size:
+            data = f.read(footer.size)
+        if len(data) != footer.size:
             raise FragmentCorrupt(f"{fragment_id}: truncated")
-        if hashlib.sha256(data).digest() != digest:
+        if hashlib.sha256(data).digest() != footer.sha256:
             raise FragmentCorrupt(f"{fragment_id}: checksum mismatch")
-        return data
+        return Piece(data, [])
 
-    async def read_whole(self, fragment_id: str, limit: int) -> bytes | None:
-        """A fragment of at most ``limit`` bytes, read and verified in one worker-thread call.
+    async def read_whole(self, fragment_id: str, limit: int, first_unit: int = 0) -> Piece | None:
+        """A fragment (from ``first_unit`` on) of at most ``limit`` bytes, read and verified
+        in one worker-thread call.
 
-        None when the fragment is larger: read it with :meth:`open_reader` instead.
+        None when there is more: read it with :meth:`open_reader` instead.
         """
-        return await anyio.to_thread.run_sync(self._read_whole, fragment_id, limit)
+        return await anyio.to_thread.run_sync(self._read_whole, fragment_id, limit, first_unit)
 
     @contextlib.asynccontextmanager
     async def open_reader(self, fragment_id: str) -> AsyncIterator[FragmentReader]:
-        """A reader that checks the data against the footer as it goes."""
+        """A reader that checks the data against the fragment's checksums as it goes."""
         path = self._path(fragment_id)
         try:
             f = await anyio.to_thread.run_sync(path.open, "rb")
         except FileNotFoundError:
             raise FragmentMissing(f"no fragment {fragment_id}") from None
         try:
-            size, digest = await anyio.to_thread.run_sync(_read_footer, f, path)
-            yield FragmentReader(fragment_id, f, size, digest)
+            footer = await anyio.to_thread.run_sync(_read_footer, f, path)
+            yield FragmentReader(fragment_id, f, footer)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(f.close)
@@ -294,7 +389,7 @@ class FragmentStore:
         count = freed = 0
         for path in paths:
             try:
-                size = max(0, path.stat().st_size - FOOTER_SIZE)
+                size = _data_size(path)
                 path.unlink()
             except FileNotFoundError:  # already gone (a concurrent delete)
                 continue
@@ -330,7 +425,8 @@ class FragmentStore:
                 with path.open("rb") as f:
                     mtime = os.fstat(f.fileno()).st_mtime
                     try:
-                        size, digest = _read_footer(f, path)
+                        footer = _read_footer(f, path)
+                        size, digest = footer.size, footer.sha256
                     except FragmentCorrupt:
                         size, digest = max(0, path.stat().st_size - FOOTER_SIZE), b""
             except FileNotFoundError:  # deleted while we listed
@@ -346,20 +442,29 @@ class FragmentStore:
             return "missing", 0, ""
         with f:
             try:
-                size, expected = _read_footer(f, path)
+                footer = _read_footer(f, path)
             except FragmentCorrupt as exc:
                 return f"corrupt: {exc.message}", 0, ""
             h = hashlib.sha256()
-            left = size
-            while left:
-                data = f.read(min(left, 1 << 20))
+            step = max(1, (1 << 20) // footer.unit) * footer.unit if footer.unit else 1 << 20
+            done = 0
+            while done < footer.size:
+                data = f.read(min(footer.size - done, step))
                 if not data:
-                    return "corrupt: truncated", size, ""
+                    return "corrupt: truncated", footer.size, ""
+                if footer.unit:
+                    first = done // footer.unit
+                    here = f.tell()
+                    crcs = _read_crcs(f, footer, first, -(-len(data) // footer.unit))
+                    f.seek(here)
+                    bad = first_bad_unit(data, footer.unit, crcs)
+                    if bad is not None:
+                        return f"corrupt: unit {first + bad} fails its checksum", footer.size, ""
                 h.update(data)
-                left -= len(data)
-        if h.digest() != expected:
-            return "corrupt: checksum mismatch", size, h.hexdigest()
-        return "", size, h.hexdigest()
+                done += len(data)
+        if h.digest() != footer.sha256:
+            return "corrupt: checksum mismatch", footer.size, h.hexdigest()
+        return "", footer.size, h.hexdigest()
 
     async def verify(self, fragment_id: str) -> tuple[str, int, str]:
         """Read a whole fragment; return (problem or "", size, sha256 of the data read)."""
@@ -372,14 +477,46 @@ class FragmentStore:
         return await anyio.to_thread.run_sync(self._list, upload_id)
 
 
-class FragmentReader:
-    """Reads one fragment in chunks, verifying its sha256 before the last chunk."""
+class Piece(NamedTuple):
+    """Data read from a fragment, with the crc32c of each of its units (format 2)."""
 
-    def __init__(self, fragment_id: str, f: BinaryIO, size: int, digest: bytes) -> None:
+    data: bytes
+    crcs: list[int]
+
+
+def _check_first_unit(fragment_id: str, first_unit: int) -> None:
+    if first_unit:
+        raise BadRequest(f"{fragment_id} has no units to start from (format 1)")
+
+
+def _read_units(f: BinaryIO, footer: Footer, fragment_id: str, first: int, n: int) -> Piece:
+    """``n`` bytes of whole units from unit ``first`` on, each checked against its crc32c."""
+    start = min(footer.size, first * footer.unit)
+    n = min(n, footer.size - start)
+    crcs = _read_crcs(f, footer, first, -(-n // footer.unit))
+    f.seek(start)
+    data = f.read(n)
+    if len(data) != n:
+        raise FragmentCorrupt(f"{fragment_id}: truncated")
+    bad = first_bad_unit(data, footer.unit, crcs)
+    if bad is not None:
+        raise FragmentCorrupt(f"{fragment_id}: unit {first + bad} fails its checksum")
+    return Piece(data, crcs)
+
+
+class FragmentReader:
+    """Reads one fragment in pieces, verifying it as it goes.
+
+    Format 2 is checked unit by unit. Format 1 has one sha256 for the whole fragment:
+    the final piece is held back until it matched.
+    """
+
+    def __init__(self, fragment_id: str, f: BinaryIO, footer: Footer) -> None:
         self.fragment_id = fragment_id
-        self.size = size
+        self.size = footer.size
+        self.unit = footer.unit
         self._f = f
-        self._digest = digest
+        self._footer = footer
 
     def _read(self, n: int, h: hashlib._Hash) -> bytes:
         data = self._f.read(n)
@@ -387,7 +524,24 @@ class FragmentReader:
         return data
 
     async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
-        """Yield the data; the final chunk is held back until the checksum matched."""
+        """Yield the data in chunks of ``chunk_size`` (whole units in format 2)."""
+        async for piece in self.pieces(chunk_size):
+            yield piece.data
+
+    async def pieces(self, chunk_size: int, first_unit: int = 0) -> AsyncIterator[Piece]:
+        """Yield the data from ``first_unit`` on, at most ``chunk_size`` bytes at a time
+        (format 2: whole units, at least one, with their crc32c)."""
+        if self.unit:
+            step = max(1, chunk_size // self.unit) * self.unit
+            unit = first_unit
+            while unit * self.unit < self.size:
+                piece = await anyio.to_thread.run_sync(
+                    _read_units, self._f, self._footer, self.fragment_id, unit, step
+                )
+                unit += len(piece.crcs)
+                yield piece
+            return
+        _check_first_unit(self.fragment_id, first_unit)
         h = hashlib.sha256()
         left = self.size
         pending: bytes | None = None
@@ -397,12 +551,12 @@ class FragmentReader:
                 raise FragmentCorrupt(f"{self.fragment_id}: truncated")
             left -= len(data)
             if pending is not None:
-                yield pending
+                yield Piece(pending, [])
             pending = data
-        if h.digest() != self._digest:
+        if h.digest() != self._footer.sha256:
             raise FragmentCorrupt(f"{self.fragment_id}: checksum mismatch")
         if pending is not None:
-            yield pending
+            yield Piece(pending, [])
 
 
 def _load_identity(root: Path) -> str:

@@ -19,8 +19,11 @@ from karma8.bucket.store import (
     FragmentMissing,
     FragmentStore,
     NoSpace,
+    Piece,
     open_store,
+    overhead,
 )
+from karma8.core.checksums import unit_crcs
 from karma8.core.records import StoredFragment
 from karma8.errors import BadRequest
 
@@ -433,14 +436,14 @@ async def test_put_whole_then_read_whole(store: FragmentStore) -> None:
 
     assert stored == StoredFragment(f"{UID}.2", len(data), hashlib.sha256(data).hexdigest())
     assert _files(store.root) == {"bucket-id", f"fragments/01/{UID}.2"}
-    assert await store.read_whole(f"{UID}.2", len(data)) == data
+    assert (await store.read_whole(f"{UID}.2", len(data))) == Piece(data, [])
     assert await store.read_whole(f"{UID}.2", len(data) - 1) is None  # too big: stream it
     assert await _get(store, f"{UID}.2") == data  # the same file as a streamed Put's
     assert (store.usage().used, store.usage().fragments) == (len(data), 1)
 
     await store.put_whole(f"{UID}.2", b"shorter")  # replaces, and the counters follow
     assert (store.usage().used, store.usage().fragments) == (7, 1)
-    assert await store.read_whole(f"{UID}.2", 100) == b"shorter"
+    assert (await store.read_whole(f"{UID}.2", 100)) == Piece(b"shorter", [])
 
 
 async def test_put_whole_refusals_leave_nothing(tmp_path: Path) -> None:
@@ -474,7 +477,7 @@ async def test_cancelled_put_whole_commits_or_leaves_nothing(store: FragmentStor
         files = _files(store.root)
         assert not any(f.startswith("tmp/") for f in files)
         if f"fragments/01/{fid}" in files:
-            assert await store.read_whole(fid, 100_000) == b"x" * 100_000
+            assert (await store.read_whole(fid, 100_000)) == Piece(b"x" * 100_000, [])
 
 
 async def test_read_whole_checks_the_data(store: FragmentStore) -> None:
@@ -490,3 +493,80 @@ async def test_read_whole_checks_the_data(store: FragmentStore) -> None:
     path.write_bytes(raw[:3])
     with pytest.raises(FragmentCorrupt):
         await store.read_whole(f"{UID}.0", 100)
+
+
+# -- format 2: a crc32c per unit -------------------------------------------------------
+
+
+async def _put_units(store: FragmentStore, fragment_id: str, data: bytes, unit: int) -> StoredFragment:
+    async with store.open_writer(fragment_id, len(data), unit) as writer:
+        for i in range(0, len(data), 3 * unit):  # three units per write
+            piece = data[i : i + 3 * unit]
+            await writer.write(piece, unit_crcs(piece, unit))
+        return await writer.commit()
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 25_000])
+async def test_units_round_trip(tmp_path: Path, size: int) -> None:
+    root = tmp_path / "bucket"
+    store = await open_store(root, fsync=False)
+    data = _data(size, seed=size)
+    stored = await _put_units(store, f"{UID}.7", data, unit=1000)
+
+    assert stored == StoredFragment(f"{UID}.7", size, hashlib.sha256(data).hexdigest())
+    assert _fragment_path(root, f"{UID}.7").stat().st_size == size + overhead(size, 1000)
+    async with store.open_reader(f"{UID}.7") as reader:
+        assert reader.unit == 1000
+        pieces = [p async for p in reader.pieces(2500, first_unit=1)]
+    assert b"".join(p.data for p in pieces) == data[1000:]
+    assert all(len(p.data) == 2000 for p in pieces[:-1])  # whole units, at most 2500 bytes
+    assert [c for p in pieces for c in p.crcs] == unit_crcs(data, 1000)[1:]
+    assert await store.read_whole(f"{UID}.7", size, first_unit=2) == Piece(
+        data[2000:], unit_crcs(data, 1000)[2:]
+    )
+    assert await store.verify(f"{UID}.7") == ("", size, hashlib.sha256(data).hexdigest())
+    assert [f.size for f in await store.list_fragments(UID)] == [size]
+    assert (await open_store(root, fsync=False)).usage().used == size  # the scan reads the footer
+
+
+async def test_a_flipped_bit_is_reported_at_its_unit(tmp_path: Path) -> None:
+    root = tmp_path / "bucket"
+    store = await open_store(root, fsync=False)
+    data = _data(10_000)
+    await _put_units(store, f"{UID}.0", data, unit=1000)
+    path = _fragment_path(root, f"{UID}.0")
+    raw = bytearray(path.read_bytes())
+    raw[4321] ^= 0x10
+    path.write_bytes(raw)
+
+    got: list[bytes] = []
+    with pytest.raises(FragmentCorrupt, match="unit 4 fails its checksum"):
+        await _read_into(got, store, f"{UID}.0", 1000)
+    assert got == [data[i : i + 1000] for i in range(0, 4000, 1000)]  # the good units came first
+    async with store.open_reader(f"{UID}.0") as reader:  # the units after it still read
+        assert b"".join([p.data async for p in reader.pieces(1000, first_unit=5)]) == data[5000:]
+    with pytest.raises(FragmentCorrupt, match="unit 4"):
+        await store.read_whole(f"{UID}.0", 10_000)
+    problem, _, _ = await store.verify(f"{UID}.0")
+    assert problem == "corrupt: unit 4 fails its checksum"
+
+
+async def test_a_unit_with_a_wrong_checksum_is_refused_on_arrival(store: FragmentStore) -> None:
+    data = _data(3000)
+    crcs = unit_crcs(data, 1000)
+    crcs[1] ^= 1
+    with pytest.raises(FragmentCorrupt, match="unit 1 arrived with a wrong checksum"):
+        async with store.open_writer(f"{UID}.0", 3000, 1000) as writer:
+            await writer.write(data, crcs)
+    with pytest.raises(FragmentCorrupt, match="unit 0"):
+        await store.put_whole(f"{UID}.1", data, 1000, crcs[:0])  # checksums missing
+    with pytest.raises(BadRequest, match="not whole units"):
+        async with store.open_writer(f"{UID}.2", 3000, 1000) as writer:
+            await writer.write(data[:1500], unit_crcs(data[:1500], 1000))
+    with pytest.raises(BadRequest, match="without a unit"):
+        await store.put_whole(f"{UID}.3", data, 0, unit_crcs(data, 1000))
+    await store.put_whole(f"{UID}.4", data)
+    with pytest.raises(BadRequest, match="format 1"):
+        await store.read_whole(f"{UID}.4", 3000, first_unit=1)
+    assert _files(store.root) == {"bucket-id", f"fragments/01/{UID}.4"}
+    assert store.usage().used == 3000
