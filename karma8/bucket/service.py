@@ -131,16 +131,18 @@ class BucketService(pb.BucketBase):
             if len(first.data) == first.size:  # all the data in one message: a small fragment
                 second = await anext(messages, None)
                 if second is None:
-                    return await self._store.put_whole(first.fragment_id, first.data)
+                    return await self._store.put_whole(
+                        first.fragment_id, first.data, first.unit, first.crc32c
+                    )
                 rest = _chain(second, messages)
-            async with self._store.open_writer(first.fragment_id, first.size) as writer:
+            async with self._store.open_writer(first.fragment_id, first.size, first.unit) as writer:
                 writers.append(writer)
-                await writer.write(first.data)
+                await writer.write(first.data, first.crc32c)
                 async for message in rest:
                     if message.fragment_id and message.fragment_id != first.fragment_id:
                         raise BadRequest("fragment id changed mid-stream")
                     self._check_chunk(message.data)
-                    await writer.write(message.data)
+                    await writer.write(message.data, message.crc32c)
                 stored = await writer.commit()
         log.debug("bucket=%s stored %s (%d bytes)", bid, _about(stored.fragment_id), stored.size)
         return stored
@@ -154,15 +156,16 @@ class BucketService(pb.BucketBase):
             ):
                 if not 0 < message.chunk_size <= self._read_chunk_max:
                     raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
-                data = await self._store.read_whole(message.fragment_id, message.chunk_size)
-                if data is not None:  # a small fragment: one chunk, read in one thread call
-                    sent = len(data)
-                    yield pb.GetReply(data=data)
+                fid, first_unit = message.fragment_id, message.first_unit
+                piece = await self._store.read_whole(fid, message.chunk_size, first_unit)
+                if piece is not None:  # a small fragment: one chunk, read in one thread call
+                    sent = len(piece.data)
+                    yield pb.GetReply(data=piece.data, crc32c=piece.crcs)
                     return
-                async with self._store.open_reader(message.fragment_id) as reader:
-                    async for data in reader.chunks(message.chunk_size):
-                        sent += len(data)
-                        yield pb.GetReply(data=data)
+                async with self._store.open_reader(fid) as reader:
+                    async for piece in reader.pieces(message.chunk_size, first_unit):
+                        sent += len(piece.data)
+                        yield pb.GetReply(data=piece.data, crc32c=piece.crcs)
         finally:
             self._metrics.read_bytes.inc(sent)
 

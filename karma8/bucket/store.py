@@ -37,14 +37,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
 
 from karma8.core.checksums import CRC_SIZE, first_bad_unit
 from karma8.core.fragments import check_upload_id, parse_fragment_id
-from karma8.core.records import StoredFragment, Usage
+from karma8.core.records import Piece, StoredFragment, Usage
 from karma8.errors import BadRequest, Karma8Error
 
 log = logging.getLogger(__name__)
@@ -475,13 +475,6 @@ class FragmentStore:
         if upload_id:
             check_upload_id(upload_id)
         return await anyio.to_thread.run_sync(self._list, upload_id)
-
-
-class Piece(NamedTuple):
-    """Data read from a fragment, with the crc32c of each of its units (format 2)."""
-
-    data: bytes
-    crcs: list[int]
 
 
 def _check_first_unit(fragment_id: str, first_unit: int) -> None:

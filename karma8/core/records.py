@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: A bucket id as buckets make them (16 hex digits), or as an operator may set one.
 _BUCKET_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -50,3 +51,10 @@ class StoredFragment:
     sha256: str
     #: Seconds since it was committed, by the bucket's clock (listings only).
     age: float = 0.0
+
+
+class Piece(NamedTuple):
+    """Data read from a fragment, with the crc32c of each of its units (format 2; else empty)."""
+
+    data: bytes
+    crcs: list[int]

@@ -22,6 +22,7 @@ read it in constant time and it cannot drift from the rows it sums.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -31,115 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from karma8.core import balance
+from karma8.core.coding import Scheme
 from karma8.core.fragments import fragment_id
 from karma8.core.placement import Candidate, choose_buckets
 from karma8.core.records import Heartbeat
 from karma8.errors import Internal
+from karma8.registry import schema
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS buckets (
-    id          TEXT PRIMARY KEY,
-    address     TEXT NOT NULL,
-    last_seen   REAL NOT NULL,
-    used        INTEGER NOT NULL,
-    free        INTEGER NOT NULL,
-    capacity    INTEGER NOT NULL,
-    fragments   INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS uploads (
-    id          TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    size        INTEGER NOT NULL,
-    parts       INTEGER NOT NULL,
-    unit        INTEGER NOT NULL,
-    sha256      TEXT,
-    state       TEXT NOT NULL
-                CHECK (state IN ('in_progress', 'committed', 'failed', 'deleting')),
-    created     REAL NOT NULL,
-    finished    REAL
-);
-CREATE INDEX IF NOT EXISTS uploads_state ON uploads(state);
-CREATE TABLE IF NOT EXISTS fragments (
-    upload_id   TEXT NOT NULL REFERENCES uploads(id) ON DELETE CASCADE,
-    part        INTEGER NOT NULL,
-    bucket_id   TEXT NOT NULL,
-    size        INTEGER NOT NULL,
-    sha256      TEXT,
-    PRIMARY KEY (upload_id, part)
-);
-DROP INDEX IF EXISTS fragments_bucket;
-CREATE INDEX IF NOT EXISTS fragments_bucket_size ON fragments(bucket_id, size);
-CREATE TABLE IF NOT EXISTS files (
-    name        TEXT PRIMARY KEY,
-    upload_id   TEXT NOT NULL UNIQUE REFERENCES uploads(id),
-    size        INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,
-    created     REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS moves (
-    upload_id   TEXT NOT NULL,
-    part        INTEGER NOT NULL,
-    src         TEXT NOT NULL,
-    dst         TEXT NOT NULL,
-    size        INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,
-    started     REAL NOT NULL,
-    PRIMARY KEY (upload_id, part)
-);
-CREATE TABLE IF NOT EXISTS stale (
-    bucket_id   TEXT NOT NULL,
-    upload_id   TEXT NOT NULL,
-    part        INTEGER NOT NULL,
-    size        INTEGER NOT NULL,
-    since       REAL NOT NULL,
-    PRIMARY KEY (bucket_id, upload_id, part)
-);
-CREATE TABLE IF NOT EXISTS placed (
-    bucket_id   TEXT PRIMARY KEY,
-    bytes       INTEGER NOT NULL DEFAULT 0,
-    fragments   INTEGER NOT NULL DEFAULT 0
-);
-CREATE TRIGGER IF NOT EXISTS placed_insert AFTER INSERT ON fragments
-WHEN (SELECT state FROM uploads WHERE id = NEW.upload_id) IN ('in_progress', 'committed')
-BEGIN
-    INSERT OR IGNORE INTO placed (bucket_id) VALUES (NEW.bucket_id);
-    UPDATE placed SET bytes = bytes + NEW.size, fragments = fragments + 1
-    WHERE bucket_id = NEW.bucket_id;
-END;
-CREATE TRIGGER IF NOT EXISTS placed_delete AFTER DELETE ON fragments
-WHEN (SELECT state FROM uploads WHERE id = OLD.upload_id) IN ('in_progress', 'committed')
-BEGIN
-    UPDATE placed SET bytes = bytes - OLD.size, fragments = fragments - 1
-    WHERE bucket_id = OLD.bucket_id;
-END;
-CREATE TRIGGER IF NOT EXISTS placed_update AFTER UPDATE OF bucket_id, size ON fragments
-WHEN (SELECT state FROM uploads WHERE id = NEW.upload_id) IN ('in_progress', 'committed')
-BEGIN
-    UPDATE placed SET bytes = bytes - OLD.size, fragments = fragments - 1
-    WHERE bucket_id = OLD.bucket_id;
-    INSERT OR IGNORE INTO placed (bucket_id) VALUES (NEW.bucket_id);
-    UPDATE placed SET bytes = bytes + NEW.size, fragments = fragments + 1
-    WHERE bucket_id = NEW.bucket_id;
-END;
-CREATE TRIGGER IF NOT EXISTS placed_dead AFTER UPDATE OF state ON uploads
-WHEN OLD.state IN ('in_progress', 'committed') AND NEW.state NOT IN ('in_progress', 'committed')
-BEGIN
-    UPDATE placed SET
-        bytes = bytes - (SELECT SUM(size) FROM fragments
-                         WHERE upload_id = NEW.id AND bucket_id = placed.bucket_id),
-        fragments = fragments - (SELECT COUNT(*) FROM fragments
-                                 WHERE upload_id = NEW.id AND bucket_id = placed.bucket_id)
-    WHERE bucket_id IN (SELECT bucket_id FROM fragments WHERE upload_id = NEW.id);
-END;
-"""
-
-# Rebuilt at every open: cheap, and heals a ledger from before the triggers existed.
-_REBUILD_PLACED = """
-DELETE FROM placed;
-INSERT INTO placed (bucket_id, bytes, fragments)
-    SELECT f.bucket_id, SUM(f.size), COUNT(*) FROM fragments f JOIN uploads u ON u.id = f.upload_id
-    WHERE u.state IN ('in_progress', 'committed') GROUP BY f.bucket_id;
-"""
+log = logging.getLogger(__name__)
 
 # Fragments on ?1 that may move to ?3: parts of committed files with nothing on ?3 (no
 # part, no move, no stale copy), not moving already; ?2 bounds their size.
@@ -177,6 +77,9 @@ class FragmentRow:
     bucket_id: str
     size: int
     sha256: str | None
+    #: ``ok``: stored (as far as the registry knows); ``owed``: the upload met its write
+    #: quorum without it, and repair will write it.
+    state: str = "ok"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +94,15 @@ class UploadRow:
     state: str
     sha256: str | None = None
     created: float = 0.0
+    #: The coding scheme (:class:`karma8.core.coding.Scheme`): data parts are ``parts``.
+    parity: int = 0
+    codec: str = "none"
+    #: Fragment format on the buckets: 1 (one sha256 each), 2 (a crc32c per unit).
+    format: int = 1
+
+    @property
+    def scheme(self) -> Scheme:
+        return Scheme(self.codec, self.parts, self.parity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +186,10 @@ class RegistryDB:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=5000")
-        with self._lock:
-            self._conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} {_REBUILD_PLACED} COMMIT;")
+        with self._transaction() as c:
+            found, now = schema.migrate(c)
+        if found != now:
+            log.info("registry %s migrated from schema version %d to %d", path, found, now)
 
     def close(self) -> None:
         """Close the database."""
@@ -412,7 +326,8 @@ class RegistryDB:
     def upload(self, upload_id: str) -> UploadRow | None:
         """One upload by id."""
         rows = self._query(
-            "SELECT id, name, size, parts, unit, state, sha256, created FROM uploads WHERE id = ?",
+            "SELECT id, name, size, parts, unit, state, sha256, created, parity, codec, format"
+            " FROM uploads WHERE id = ?",
             (upload_id,),
         )
         return UploadRow(*rows[0]) if rows else None
@@ -420,7 +335,7 @@ class RegistryDB:
     def fragments(self, upload_id: str) -> list[FragmentRow]:
         """The fragment rows of an upload, in part order."""
         rows = self._query(
-            "SELECT upload_id, part, bucket_id, size, sha256 FROM fragments"
+            "SELECT upload_id, part, bucket_id, size, sha256, state FROM fragments"
             " WHERE upload_id = ? ORDER BY part",
             (upload_id,),
         )
@@ -640,13 +555,23 @@ class RegistryDB:
 
 def _insert_upload(c: sqlite3.Connection, upload: UploadRow, fragments: list[FragmentRow]) -> None:
     c.execute(
-        "INSERT INTO uploads (id, name, size, parts, unit, state, created)"
-        " VALUES (?, ?, ?, ?, ?, 'in_progress', ?)",
-        (upload.upload_id, upload.name, upload.size, upload.parts, upload.unit, upload.created),
+        "INSERT INTO uploads (id, name, size, parts, unit, state, created, parity, codec, format)"
+        " VALUES (?, ?, ?, ?, ?, 'in_progress', ?, ?, ?, ?)",
+        (
+            upload.upload_id,
+            upload.name,
+            upload.size,
+            upload.parts,
+            upload.unit,
+            upload.created,
+            upload.parity,
+            upload.codec,
+            upload.format,
+        ),
     )
     c.executemany(
-        "INSERT INTO fragments (upload_id, part, bucket_id, size) VALUES (?, ?, ?, ?)",
-        [(f.upload_id, f.part, f.bucket_id, f.size) for f in fragments],
+        "INSERT INTO fragments (upload_id, part, bucket_id, size, state) VALUES (?, ?, ?, ?, ?)",
+        [(f.upload_id, f.part, f.bucket_id, f.size, f.state) for f in fragments],
     )
 
 

@@ -25,7 +25,7 @@ import h2.exceptions
 import trio
 
 from karma8 import speedups
-from karma8.core.records import StoredFragment, Usage
+from karma8.core.records import Piece, StoredFragment, Usage
 from karma8.errors import BucketUnavailable, ChecksumMismatch, Internal, Karma8Error
 from karma8.rpc.auth import ChannelSecurity, attach_secret
 from karma8.rpc.bridge import Portal, PortalClosed
@@ -73,19 +73,23 @@ def translate_errors(bucket_id: str) -> Iterator[None]:
 class FragmentWriter:
     """Sends one fragment's data; :meth:`finish` commits it on the bucket."""
 
-    def __init__(self, portal: Portal, stream: Any, bucket_id: str, fragment_id: str, size: int):
+    def __init__(self, portal: Portal, stream: Any, bucket_id: str, fragment_id: str, size: int, unit: int):
         self._portal = portal
         self._stream = stream
         self._bucket_id = bucket_id
-        self._first: pb.PutRequest | None = pb.PutRequest(fragment_id=fragment_id, size=size)
+        self._first: pb.PutRequest | None = pb.PutRequest(fragment_id=fragment_id, size=size, unit=unit)
 
-    async def send(self, data: bytes) -> None:
-        """Send the next chunk (the first message also names the fragment)."""
+    async def send(self, data: bytes, crcs: Sequence[int] = ()) -> None:
+        """Send the next chunk (the first message also names the fragment).
+
+        With a unit (format 2): whole units, and the crc32c of each.
+        """
         if self._first is not None:
             message, self._first = self._first, None
             message.data = data
+            message.crc32c = list(crcs)
         else:
-            message = pb.PutRequest(data=data)
+            message = pb.PutRequest(data=data, crc32c=list(crcs))
         with translate_errors(self._bucket_id):
             await self._portal.run(_send_chunk, self._stream, message)
 
@@ -109,11 +113,11 @@ class FragmentReader:
         self._stream = stream
         self._bucket_id = bucket_id
 
-    async def receive(self) -> bytes | None:
-        """The next chunk, or None at the end of the fragment."""
+    async def receive(self) -> Piece | None:
+        """The next chunk (with its units' crc32c in format 2), or None at the end."""
         with translate_errors(self._bucket_id):
             reply: pb.GetReply | None = await self._portal.run(self._stream.recv_message)
-        return None if reply is None else reply.data
+        return None if reply is None else Piece(reply.data, reply.crc32c)
 
 
 class BucketClient:
@@ -157,71 +161,82 @@ class BucketClient:
         return stream
 
     @contextlib.asynccontextmanager
-    async def open_put(self, fragment_id: str, size: int) -> AsyncIterator[FragmentWriter]:
-        """A client-streaming Put of one fragment of exactly ``size`` bytes."""
+    async def open_put(self, fragment_id: str, size: int, unit: int = 0) -> AsyncIterator[FragmentWriter]:
+        """A client-streaming Put of one fragment of exactly ``size`` bytes (format 2 with a ``unit``)."""
         async with self._open_stream(
             _PUT, grpclib.const.Cardinality.STREAM_UNARY, pb.PutRequest, pb.PutReply
         ) as stream:
-            yield FragmentWriter(self._portal, stream, self.bucket_id, fragment_id, size)
+            yield FragmentWriter(self._portal, stream, self.bucket_id, fragment_id, size, unit)
 
     @contextlib.asynccontextmanager
-    async def open_get(self, fragment_id: str, chunk_size: int) -> AsyncIterator[FragmentReader]:
-        """A server-streaming Get of one fragment, in chunks of ``chunk_size``."""
+    async def open_get(
+        self, fragment_id: str, chunk_size: int, first_unit: int = 0
+    ) -> AsyncIterator[FragmentReader]:
+        """A server-streaming Get of one fragment, in chunks of ``chunk_size``, from ``first_unit``."""
         async with self._open_stream(
             _GET, grpclib.const.Cardinality.UNARY_STREAM, pb.GetRequest, pb.GetReply
         ) as stream:
-            request = pb.GetRequest(fragment_id=fragment_id, chunk_size=chunk_size)
+            request = pb.GetRequest(fragment_id=fragment_id, chunk_size=chunk_size, first_unit=first_unit)
             with translate_errors(self.bucket_id):
                 await self._portal.run(_send_last, stream, request)
             yield FragmentReader(self._portal, stream, self.bucket_id)
 
-    async def put_whole(self, fragment_id: str, data: bytes) -> StoredFragment:
+    async def put_whole(
+        self, fragment_id: str, data: bytes, unit: int = 0, crcs: Sequence[int] = ()
+    ) -> StoredFragment:
         """Put a whole fragment in one call: one trio/asyncio crossing instead of five.
 
         For small fragments, where the crossings cost more than the data. A cancelled
         caller resets the stream before this returns, as with :meth:`open_put`.
         """
         with translate_errors(self.bucket_id):
-            reply: pb.PutReply | None = await self._portal.run(self._put_whole, fragment_id, data)
+            reply: pb.PutReply | None = await self._portal.run(
+                self._put_whole,
+                pb.PutRequest(
+                    fragment_id=fragment_id, size=len(data), data=data, unit=unit, crc32c=list(crcs)
+                ),
+            )
         if reply is None:
             raise BucketUnavailable(self.bucket_id, "Put ended without a reply")
         return StoredFragment(reply.fragment_id, reply.size, reply.sha256.hex())
 
-    async def _put_whole(self, fragment_id: str, data: bytes) -> pb.PutReply | None:
+    async def _put_whole(self, request: pb.PutRequest) -> pb.PutReply | None:
         stream = self._channel.request(
             _PUT, grpclib.const.Cardinality.STREAM_UNARY, pb.PutRequest, pb.PutReply
         )
         async with stream:  # on any error, grpclib resets the stream at once (no await)
             await stream.send_request()
-            await _send_chunk(
-                stream, pb.PutRequest(fragment_id=fragment_id, size=len(data), data=data), end=True
-            )
+            await _send_chunk(stream, request, end=True)
             reply: pb.PutReply | None = await stream.recv_message()
         return reply
 
-    async def get_whole(self, fragment_id: str, size: int, chunk_size: int) -> list[bytes]:
-        """Get a whole fragment of ``size`` bytes in one call (small fragments, as :meth:`put_whole`)."""
+    async def get_whole(
+        self, fragment_id: str, size: int, chunk_size: int, first_unit: int = 0
+    ) -> list[Piece]:
+        """Get the ``size`` bytes of a fragment from ``first_unit`` on in one call (small
+        fragments, as :meth:`put_whole`)."""
+        request = pb.GetRequest(fragment_id=fragment_id, chunk_size=chunk_size, first_unit=first_unit)
         with translate_errors(self.bucket_id):
-            chunks: list[bytes] = await self._portal.run(self._get_whole, fragment_id, size, chunk_size)
-        received = sum(len(c) for c in chunks)
+            chunks: list[Piece] = await self._portal.run(self._get_whole, request, size)
+        received = sum(len(c.data) for c in chunks)
         if received != size:
             raise BucketUnavailable(self.bucket_id, f"{fragment_id}: {received} of {size} bytes")
         return chunks
 
-    async def _get_whole(self, fragment_id: str, size: int, chunk_size: int) -> list[bytes]:
+    async def _get_whole(self, request: pb.GetRequest, size: int) -> list[Piece]:
         stream = self._channel.request(
             _GET, grpclib.const.Cardinality.UNARY_STREAM, pb.GetRequest, pb.GetReply
         )
-        chunks: list[bytes] = []
+        chunks: list[Piece] = []
         received = 0
         async with stream:
             await stream.send_request()
-            await stream.send_message(pb.GetRequest(fragment_id=fragment_id, chunk_size=chunk_size), end=True)
+            await stream.send_message(request, end=True)
             while (reply := await stream.recv_message()) is not None:
                 received += len(reply.data)
                 if received > size:  # bounded: never more than the fragment's recorded size
-                    raise BucketUnavailable(self.bucket_id, f"{fragment_id} is longer than recorded")
-                chunks.append(reply.data)
+                    raise BucketUnavailable(self.bucket_id, f"{request.fragment_id} is longer than recorded")
+                chunks.append(Piece(reply.data, reply.crc32c))
         return chunks
 
     async def delete_upload(self, upload_id: str, fragment_ids: Sequence[str] = ()) -> int:

@@ -19,12 +19,11 @@ from karma8.bucket.store import (
     FragmentMissing,
     FragmentStore,
     NoSpace,
-    Piece,
     open_store,
     overhead,
 )
 from karma8.core.checksums import unit_crcs
-from karma8.core.records import StoredFragment
+from karma8.core.records import Piece, StoredFragment
 from karma8.errors import BadRequest
 
 UID = "0123456789abcdef0123456789abcdef"

@@ -94,6 +94,12 @@ default_message_pool.register_message("karma8.v1", "FragmentInfo", FragmentInfo)
 class GetReply(betterproto2.Message):
     data: "bytes" = betterproto2.field(1, betterproto2.TYPE_BYTES)
 
+    crc32c: "list[int]" = betterproto2.field(2, betterproto2.TYPE_UINT32, repeated=True)
+    """
+    Format 2: the stored crc32c of each unit in `data` (checked by the bucket as it
+    read them; the caller checks them again, end to end).
+    """
+
 
 default_message_pool.register_message("karma8.v1", "GetReply", GetReply)
 
@@ -104,7 +110,13 @@ class GetRequest(betterproto2.Message):
 
     chunk_size: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
     """
-    Size of the data messages the bucket sends (the last one may be shorter).
+    Size of the data messages the bucket sends (the last one may be shorter). For a
+    fragment of format 2, whole units: at least one, as many as fit.
+    """
+
+    first_unit: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
+    """
+    Format 2 only: start at this unit.
     """
 
 
@@ -196,6 +208,15 @@ class PutRequest(betterproto2.Message):
     size: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
 
     data: "bytes" = betterproto2.field(3, betterproto2.TYPE_BYTES)
+
+    unit: "int" = betterproto2.field(4, betterproto2.TYPE_UINT32)
+    """
+    First message only. 0: fragment format 1 (one sha256). Otherwise format 2: every
+    message's data is whole units of this size (the fragment's last unit may be
+    short), each with its crc32c below; the bucket checks them before storing.
+    """
+
+    crc32c: "list[int]" = betterproto2.field(5, betterproto2.TYPE_UINT32, repeated=True)
 
 
 default_message_pool.register_message("karma8.v1", "PutRequest", PutRequest)
