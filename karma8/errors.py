@@ -70,6 +70,12 @@ class NotEnoughBuckets(Karma8Error):
         self.needed = needed
 
 
+class Unreadable(Karma8Error):
+    """Fewer fragments of a file are readable than its data parts: it cannot be served now."""
+
+    code = "unreadable"
+
+
 class BucketUnavailable(Karma8Error):
     """A bucket could not be reached or failed mid-transfer."""
 

@@ -8,15 +8,15 @@ from typing import TypeVar
 
 import trio
 
+from karma8.api.pool import Bucket
 from karma8.errors import BucketUnavailable
-from karma8.rpc.buckets import BucketClient
 
 T = TypeVar("T")
 
 
 async def open_bucket_stream(
     stack: contextlib.AsyncExitStack,
-    client: BucketClient,
+    client: Bucket,
     stream: contextlib.AbstractAsyncContextManager[T],
     seconds: float,
 ) -> T:
@@ -28,7 +28,7 @@ async def open_bucket_stream(
         raise BucketUnavailable(client.bucket_id, "timed out opening a stream") from None
 
 
-async def bucket_step(client: BucketClient, step: Awaitable[T], seconds: float) -> T:
+async def bucket_step(client: Bucket, step: Awaitable[T], seconds: float) -> T:
     """Await one step of a bucket stream within ``seconds``."""
     try:
         with trio.fail_after(seconds):
