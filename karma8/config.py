@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    model_validator,
 )
 
 from karma8.core.auth import CREDENTIAL, CREDENTIAL_RULE
@@ -117,7 +118,31 @@ class ApiConfig(_Section):
         9090, description="HTTP port of /metrics, /healthz and /ready (0 picks a free one)."
     )
     data_dir: Path = Field(Path("karma8-data/api"), description="Holds the registry database.")
-    parts: Int = Field(6, ge=1, le=64, description="Parts per file, each on a distinct bucket.")
+    parts: Int = Field(6, ge=1, le=64, description="Data parts per file, each on a distinct bucket.")
+    parity: Int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="Parity parts per file (erasure coding): a file survives the loss of this many"
+        " of its buckets (0: none).",
+    )
+    write_quorum: Int = Field(
+        0,
+        ge=0,
+        le=80,
+        description="Fragments durable before an upload is acknowledged (0: parts + 1 with parity;"
+        " parts + parity: every fragment).",
+    )
+    degraded_writes: bool = Field(
+        True,
+        description="With fewer live buckets than the write quorum, write to all of them (at least"
+        " parts) and owe the rest to repair; false: refuse with not_enough_buckets.",
+    )
+    stripe_timeout: Seconds = Field(
+        5.0,
+        description="A fragment that delivers nothing this long while a download waits for it is"
+        " read around (decoded from the others).",
+    )
     stripe_unit: PositiveSize = Field(
         512 * KiB, description="Largest stripe unit (also the gRPC chunk size)."
     )
@@ -182,6 +207,22 @@ class ApiConfig(_Section):
     tls_ca: Path | None = Field(
         None, description="CA (PEM) of the buckets' certificates: dial buckets over TLS."
     )
+
+    @model_validator(mode="after")
+    def _coding(self) -> ApiConfig:
+        if self.parts + self.parity > 64:
+            raise ValueError(f"parts + parity is {self.parts + self.parity}; at most 64")
+        if self.write_quorum and not self.parts <= self.write_quorum <= self.parts + self.parity:
+            raise ValueError(
+                f"write_quorum {self.write_quorum} must be between parts ({self.parts})"
+                f" and parts + parity ({self.parts + self.parity}), or 0 for the default"
+            )
+        return self
+
+    @property
+    def quorum(self) -> int:
+        """Fragments that must be durable for an upload's ack (write_quorum resolved)."""
+        return self.write_quorum or self.parts + min(1, self.parity)
 
     @property
     def registry_path(self) -> Path:

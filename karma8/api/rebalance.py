@@ -297,15 +297,16 @@ class Rebalancer:
                 stack, src, src.open_get(move.fragment_id, config.stripe_unit), config.connect_timeout
             )
             writer = await open_bucket_stream(
-                stack, dst, dst.open_put(move.fragment_id, move.size), config.connect_timeout
+                stack, dst, dst.open_put(move.fragment_id, move.size, move.unit), config.connect_timeout
             )
             copied = 0
             while (chunk := await bucket_step(src, reader.receive(), config.idle_timeout)) is not None:
-                copied += len(chunk)
+                copied += len(chunk.data)
                 if copied > move.size:
                     raise BucketUnavailable(move.src, f"{move.fragment_id} is longer than recorded")
-                await self._throttle.take(len(chunk))
-                await bucket_step(dst, writer.send(chunk), config.idle_timeout)
+                await self._throttle.take(len(chunk.data))
+                # Units and their checksums pass through: the destination checks them.
+                await bucket_step(dst, writer.send(chunk.data, chunk.crcs), config.idle_timeout)
             stored = await bucket_step(dst, writer.finish(), config.idle_timeout)
         if stored.sha256 != move.sha256:
             raise ChecksumMismatch(

@@ -14,6 +14,7 @@ from trio_websocket import WebSocketConnection
 from karma8.api.cluster import Cluster
 from karma8.api.janitor import Janitor, ReadLeases
 from karma8.api.metrics import ApiMetrics
+from karma8.api.pool import Limits
 from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
 from karma8.api.streams import bucket_step, open_bucket_stream
@@ -73,6 +74,18 @@ class Session:
     @property
     def config(self) -> ApiConfig:
         return self.services.config
+
+    @property
+    def limits(self) -> Limits:
+        """Deadlines and sizes of this session's fragment transfers."""
+        c = self.config
+        return Limits(
+            connect=c.connect_timeout,
+            step=c.idle_timeout,
+            stripe=c.stripe_timeout,
+            queue_depth=c.queue_depth,
+            small=c.stripe_unit,
+        )
 
     async def receive(self) -> str | bytes:
         """The client's next frame, within the idle timeout."""

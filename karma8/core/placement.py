@@ -46,20 +46,28 @@ def unit_hash(key: str, bucket_id: str) -> float:
     return ((int.from_bytes(digest, "big") >> 12) + 0.5) / 2**52
 
 
-def choose_buckets(upload_id: str, candidates: Sequence[Candidate], part_sizes: Sequence[int]) -> list[str]:
+def choose_buckets(
+    upload_id: str, candidates: Sequence[Candidate], part_sizes: Sequence[int], required: int | None = None
+) -> list[str]:
     """Distinct bucket ids for the parts of ``upload_id``, in part order.
 
+    Every part gets one when enough candidates have room; otherwise the first parts get
+    one each (data parts come first, parity parts after them), as long as that is at
+    least ``required`` parts (default: all of them).
+
     Raises:
-        NotEnoughBuckets: fewer distinct candidates with room than parts.
+        NotEnoughBuckets: fewer distinct candidates with room than ``required``.
     """
     unique = {c.bucket_id: c for c in candidates}
-    count = len(part_sizes)
-    if len(unique) < count:
-        raise NotEnoughBuckets(live=len(unique), needed=count)
+    need = len(part_sizes) if required is None else required
+    if len(unique) < need:
+        raise NotEnoughBuckets(live=len(unique), needed=need)
     largest = max(part_sizes, default=0)
     roomy = [c for c in unique.values() if min(c.free, c.capacity - c.used) >= largest]
-    if len(roomy) < count:
-        raise NotEnoughBuckets(live=len(roomy), needed=count, with_room=True)
+    if len(roomy) < need:
+        raise NotEnoughBuckets(live=len(roomy), needed=need, with_room=True)
+    count = min(len(part_sizes), len(roomy))
+    part_sizes = part_sizes[:count]
 
     def after(c: Candidate) -> tuple[float, float]:
         return (c.used + largest) / max(c.capacity, 1), unit_hash(upload_id, c.bucket_id)

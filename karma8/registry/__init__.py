@@ -63,12 +63,24 @@ class Registry:
         await self._run(self.db.begin_upload, upload, fragments)
 
     async def place_upload(
-        self, upload: UploadRow, part_sizes: Sequence[int], live: Sequence[BucketSpace]
+        self,
+        upload: UploadRow,
+        part_sizes: Sequence[int],
+        live: Sequence[BucketSpace],
+        required: int | None = None,
     ) -> list[str]:
-        return await self._run(self.db.place_upload, upload, part_sizes, live)
+        return await self._run(self.db.place_upload, upload, part_sizes, live, required)
 
-    async def commit_upload(self, upload_id: str, sha256: str, checksums: dict[int, str]) -> str | None:
-        return await self._run(self.db.commit_upload, upload_id, sha256, checksums, time.time())
+    async def commit_upload(
+        self, upload_id: str, sha256: str, checksums: Mapping[int, str], owed: Iterable[int] = ()
+    ) -> str | None:
+        return await self._run(self.db.commit_upload, upload_id, sha256, checksums, time.time(), owed)
+
+    async def queue_repair(self, upload_id: str, reason: str, spare: int) -> None:
+        await self._run(self.db.queue_repair, upload_id, reason, spare, time.time())
+
+    async def repairs(self) -> list[tuple[str, int, str]]:
+        return await self._run(self.db.repairs)
 
     async def fail_upload(self, upload_id: str) -> None:
         await self._run(self.db.fail_upload, upload_id, time.time())

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # part, no move, no stale copy), not moving already; ?2 bounds their size.
 _MOVABLE = """
 SELECT f.upload_id, f.part, f.size FROM fragments f JOIN uploads u ON u.id = f.upload_id
-WHERE f.bucket_id = ?1 AND {size} AND f.size > 0 AND u.state = 'committed'
+WHERE f.bucket_id = ?1 AND {size} AND f.size > 0 AND u.state = 'committed' AND f.state = 'ok'
   AND NOT EXISTS (SELECT 1 FROM fragments g WHERE g.upload_id = f.upload_id AND g.bucket_id = ?3)
   AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.upload_id = f.upload_id AND (m.part = f.part OR m.dst = ?3))
   AND NOT EXISTS (SELECT 1 FROM stale s WHERE s.bucket_id = ?3 AND s.upload_id = f.upload_id)
@@ -138,6 +138,8 @@ class MoveRow:
     sha256: str
     #: The file's name (filled in for plans shown to people).
     name: str = ""
+    #: The fragment's unit if it carries a crc32c per unit (format 2), else 0.
+    unit: int = 0
 
     @property
     def fragment_id(self) -> str:
@@ -248,20 +250,25 @@ class RegistryDB:
             _insert_upload(c, upload, fragments)
 
     def place_upload(
-        self, upload: UploadRow, part_sizes: Sequence[int], live: Sequence[BucketSpace]
+        self,
+        upload: UploadRow,
+        part_sizes: Sequence[int],
+        live: Sequence[BucketSpace],
+        required: int | None = None,
     ) -> list[str]:
         """Choose the buckets of a new upload and record it, in one transaction.
 
         Placement reads the ledger of placed bytes and records the new parts in the same
-        transaction, so concurrent uploads each see the ones placed before them.
+        transaction, so concurrent uploads each see the ones placed before them. With
+        fewer live buckets than parts, the first parts are placed (at least ``required``).
 
         Raises:
-            NotEnoughBuckets: fewer live buckets with room than parts.
+            NotEnoughBuckets: fewer live buckets with room than ``required`` (default: all parts).
         """
         with self._transaction() as c:
             used = _planned_usage(c)
             candidates = [Candidate(b.bucket_id, used.get(b.bucket_id, 0), b.capacity, b.free) for b in live]
-            bucket_ids = choose_buckets(upload.upload_id, candidates, part_sizes)
+            bucket_ids = choose_buckets(upload.upload_id, candidates, part_sizes, required)
             _insert_upload(
                 c,
                 upload,
@@ -269,8 +276,19 @@ class RegistryDB:
             )
         return bucket_ids
 
-    def commit_upload(self, upload_id: str, sha256: str, checksums: dict[int, str], now: float) -> str | None:
+    def commit_upload(
+        self,
+        upload_id: str,
+        sha256: str,
+        checksums: Mapping[int, str],
+        now: float,
+        owed: Iterable[int] = (),
+    ) -> str | None:
         """Make ``upload_id`` the current version of its name, atomically.
+
+        Fragments in ``owed`` were placed but not written; they are marked so, and a file
+        with fewer fragments than its scheme (owed or never placed) joins the repair
+        queue in the same transaction.
 
         Returns the id of the version it replaced (now ``deleting``), if any.
         """
@@ -288,10 +306,16 @@ class RegistryDB:
                     "UPDATE fragments SET sha256 = ? WHERE upload_id = ? AND part = ?",
                     (digest, upload_id, part),
                 )
+            owed = list(owed)
+            c.executemany(
+                "UPDATE fragments SET state = 'owed' WHERE upload_id = ? AND part = ?",
+                [(upload_id, part) for part in owed],
+            )
             c.execute(
                 "UPDATE uploads SET state = 'committed', sha256 = ?, finished = ? WHERE id = ?",
                 (sha256, now, upload_id),
             )
+            _queue_if_short(c, upload_id, "owed" if owed else "under_protected", now)
             if old is not None:
                 c.execute("UPDATE uploads SET state = 'deleting', finished = ? WHERE id = ?", (now, old[0]))
             c.execute(
@@ -302,6 +326,15 @@ class RegistryDB:
                 (name, upload_id, size, sha256, now),
             )
         return None if old is None else str(old[0])
+
+    def queue_repair(self, upload_id: str, reason: str, spare: int, now: float) -> None:
+        """Put a committed upload in the repair queue (or move it up, if ``spare`` is lower)."""
+        self._tx([(_QUEUE_REPAIR, (upload_id, spare, reason, now, now))])
+
+    def repairs(self) -> list[tuple[str, int, str]]:
+        """The repair queue, most at risk first: (upload id, spare fragments, reason)."""
+        rows = self._query("SELECT upload_id, spare, reason FROM repairs ORDER BY spare, next_try, upload_id")
+        return [(str(u), int(s), str(r)) for u, s, r in rows]
 
     def fail_upload(self, upload_id: str, now: float) -> None:
         """Mark an in-progress upload failed (its fragments are then cleaned up)."""
@@ -381,7 +414,8 @@ class RegistryDB:
         ``stale``: neither is garbage, and neither is a committed file's data yet or still.
         """
         rows = self._query(
-            "SELECT f.upload_id || '.' || f.part, u.state FROM fragments f JOIN uploads u"
+            "SELECT f.upload_id || '.' || f.part, CASE WHEN f.state = 'owed' AND u.state = 'committed'"
+            " THEN 'owed' ELSE u.state END FROM fragments f JOIN uploads u"
             " ON u.id = f.upload_id WHERE f.bucket_id = ?1"
             " UNION ALL SELECT upload_id || '.' || part, 'moving' FROM moves WHERE dst = ?1"
             " UNION ALL SELECT upload_id || '.' || part, 'stale' FROM stale WHERE bucket_id = ?1",
@@ -575,6 +609,25 @@ def _insert_upload(c: sqlite3.Connection, upload: UploadRow, fragments: list[Fra
     )
 
 
+_QUEUE_REPAIR = """
+INSERT INTO repairs (upload_id, spare, reason, since, next_try) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (upload_id) DO UPDATE SET
+    spare = min(spare, excluded.spare), next_try = min(next_try, excluded.next_try),
+    reason = CASE WHEN excluded.spare < spare THEN excluded.reason ELSE reason END
+"""
+
+
+def _queue_if_short(c: sqlite3.Connection, upload_id: str, reason: str, now: float) -> None:
+    """Queue ``upload_id`` for repair if it has fewer good fragments than its scheme."""
+    parts, parity, good = c.execute(
+        "SELECT u.parts, u.parity, (SELECT COUNT(*) FROM fragments f WHERE f.upload_id = u.id"
+        " AND f.state = 'ok') FROM uploads u WHERE u.id = ?",
+        (upload_id,),
+    ).fetchone()
+    if good < parts + parity:
+        c.execute(_QUEUE_REPAIR, (upload_id, good - parts, reason, now, now))
+
+
 def _planned_usage(c: sqlite3.Connection) -> dict[str, int]:
     """Bytes placed per bucket, counting the moves under way as done."""
     used = {str(b): int(n) for b, n in c.execute("SELECT bucket_id, bytes FROM placed")}
@@ -590,10 +643,12 @@ def _fills(c: sqlite3.Connection, live: Mapping[str, int]) -> list[balance.Fill]
 
 
 def _insert_move(c: sqlite3.Connection, move: balance.Move, now: float) -> MoveRow:
-    (sha256,) = c.execute(
-        "SELECT sha256 FROM fragments WHERE upload_id = ? AND part = ?", (move.upload_id, move.part)
+    sha256, unit = c.execute(
+        "SELECT f.sha256, CASE WHEN u.format >= 2 THEN u.unit ELSE 0 END FROM fragments f"
+        " JOIN uploads u ON u.id = f.upload_id WHERE f.upload_id = ? AND f.part = ?",
+        (move.upload_id, move.part),
     ).fetchone()
-    row = MoveRow(move.upload_id, move.part, move.size, move.src, move.dst, str(sha256))
+    row = MoveRow(move.upload_id, move.part, move.size, move.src, move.dst, str(sha256), unit=int(unit))
     c.execute(
         "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (row.upload_id, row.part, row.src, row.dst, row.size, row.sha256, now),
