@@ -57,9 +57,8 @@ async def handle_download(session: Session, name: str) -> None:
     if failed:
         why = "; ".join(f"part {p}: {e.message}" for p, e in sorted(failed.items()))
         session.log.warning("download name=%r read around %d fragment(s): %s", name, len(failed), why)
-        await services.registry.queue_repair(
-            upload.upload_id, "degraded_read", scheme.width - len(failed) - scheme.data
-        )
+        good = sum(f.state == "ok" for f in file.fragments) - len(failed)
+        await services.registry.queue_repair(upload.upload_id, "degraded_read", good - scheme.data)
     digest = hasher.hexdigest()
     if digest != file.sha256:
         raise ChecksumMismatch(f"{name!r}: data read back has sha256 {digest}, expected {file.sha256}")
@@ -75,12 +74,11 @@ async def handle_download(session: Session, name: str) -> None:
 
 
 def fragment_sources(session: Session, file: FileRow) -> dict[int, Bucket | Karma8Error]:
-    """Each fragment's bucket, or why it cannot be read (owed, bucket not live)."""
+    """Each written fragment's bucket, or why it cannot be read (its bucket is not live)."""
     out: dict[int, Bucket | Karma8Error] = {}
     for f in file.fragments:
         if f.state != "ok":
-            out[f.part] = BucketUnavailable(f.bucket_id, f"part {f.part} is {f.state}")
-            continue
+            continue  # owed: never written
         try:
             out[f.part] = session.services.cluster.client(f.bucket_id)
         except BucketUnavailable as exc:

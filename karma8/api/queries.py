@@ -35,12 +35,15 @@ async def handle_stat(session: Session, name: str) -> None:
     missing = services.reconciler.missing()
     corrupt = services.reconciler.corrupt
     parts = []
+    scheme = found.upload.scheme
     for f in found.fragments:
         fid = fragment_id(f.upload_id, f.part)
         problem = "missing" if fid in missing else "corrupt" if fid in corrupt else None
         parts.append(
             {
                 "part": f.part,
+                "role": "data" if f.part < scheme.data else "parity",
+                "state": f.state,
                 "bucket": f.bucket_id,
                 "address": services.cluster.address(f.bucket_id),
                 "live": services.cluster.is_live(f.bucket_id),
@@ -57,6 +60,10 @@ async def handle_stat(session: Session, name: str) -> None:
             created=found.created,
             upload_id=found.upload.upload_id,
             stripe_unit=found.upload.unit,
+            scheme=str(scheme),
+            data_parts=scheme.data,
+            parity=scheme.parity,
+            format=found.upload.format,
             damaged=any(p["problem"] for p in parts),
             parts=parts,
         )

@@ -113,15 +113,16 @@ async def read_fragments(
     """Pass the file's data units, in order, to ``deliver``.
 
     Args:
-        buckets: the bucket of each fragment, or why it cannot be read (not live, owed).
+        buckets: the bucket of each fragment that was written, or why it cannot be read
+            (its bucket is not live); fragments never written (owed) are left out.
         checked: the fragments carry a crc32c per unit (format 2).
 
     Returns:
-        The fragments read around (part -> why): the file needs repair if any.
+        The written fragments read around (part -> why): the file needs repair if any.
 
     Raises:
-        Unreadable: fewer than ``k`` fragments of a stripe could be read. A file without
-            parity raises its failed fragment's own error instead.
+        Unreadable: fewer than ``k`` fragments of a stripe could be read. When a single
+            fragment failed (the others were never written), its own error instead.
     """
     try:
         async with trio.open_nursery() as nursery:
@@ -154,11 +155,16 @@ class _Reader:
         self._sources: dict[int, _Source] = {}
         self._next_parity = scheme.data
         self.failed: dict[int, Karma8Error] = {}
+        #: Parts never written (owed to repair).
+        self.absent: list[int] = []
 
     def _start(self, part: int, stripe: int) -> None:
         bucket = self._buckets.get(part)
-        if bucket is None or isinstance(bucket, Karma8Error):
-            self.failed[part] = bucket or BucketUnavailable("?", f"part {part} has no fragment")
+        if bucket is None:
+            self.absent.append(part)
+            return
+        if isinstance(bucket, Karma8Error):
+            self.failed[part] = bucket
             return
         source = self._sources[part] = _Source(bucket, part, stripe, self._limits.queue_depth)
         self._nursery.start_soon(source.run, self._upload_id, self._layout, self._limits, self._checked)
@@ -206,8 +212,6 @@ class _Reader:
     async def _parity(self, stripe: int, got: dict[int, bytes]) -> None:
         """Add parity units of ``stripe`` to ``got`` until it has ``k`` units."""
         scheme = self._scheme
-        if not scheme.parity:
-            raise next(iter(self.failed.values()))
         for part in sorted(p for p in self._sources if p >= scheme.data):
             await self._take(part, got)
         while len(got) < scheme.data and self._next_parity < scheme.width:
@@ -216,7 +220,11 @@ class _Reader:
             if part in self._sources:
                 await self._take(part, got)
         if len(got) < scheme.data:
+            if len(self.failed) == 1:
+                raise next(iter(self.failed.values()))
             why = "; ".join(f"part {p}: {e.message}" for p, e in sorted(self.failed.items()))
+            if self.absent:
+                why += f"; never written: part(s) {', '.join(map(str, self.absent))}"
             raise Unreadable(
                 f"only {len(got)} of the {scheme.data} fragments needed for stripe {stripe}"
                 f" are readable ({why})"

@@ -47,6 +47,11 @@ class FileInfo:
     name: str
     size: int
     sha256: str
+    #: Upload replies: the coding scheme (``"6+2 (isa_l_rs_cauchy)"``) and how many of
+    #: the file's fragments beyond the data parts were written (it survives that many
+    #: lost buckets now; repair raises it to the scheme's parity).
+    scheme: str = ""
+    spare: int = 0
 
 
 class Client:
@@ -64,6 +69,7 @@ class Client:
     @contextlib.asynccontextmanager
     async def _connect(self, path: str) -> AsyncIterator[WebSocketConnection]:
         url = self.config.api.rstrip("/") + path
+        connected = False
         try:
             async with open_websocket_url(
                 url,
@@ -73,11 +79,14 @@ class Client:
                 receive_buffer_size=self.config.receive_buffer,
                 connect_timeout=self.config.connect_timeout,
             ) as ws:
+                connected = True
                 try:
                     yield ws
                 finally:
                     await close_transport(ws)
         except (OSError, HandshakeError) as exc:
+            if connected and isinstance(exc, OSError):
+                raise  # a local error of the caller's (writing the download), not the connection
             # trio-websocket wraps the socket error in a HandshakeError with no message.
             reason = str(exc) or str(exc.__cause__ or "") or type(exc).__name__
             raise ConnectionFailed(f"cannot reach the API server at {self.config.api}: {reason}") from None
@@ -135,7 +144,13 @@ class Client:
             raise ChecksumMismatch(
                 f"server stored sha256 {reply.get('sha256')}, sent data has {hasher.hexdigest()}"
             )
-        return FileInfo(reply["name"], reply["size"], reply["sha256"])
+        return FileInfo(
+            reply["name"],
+            reply["size"],
+            reply["sha256"],
+            str(reply.get("scheme", "")),
+            int(reply.get("spare", 0)),
+        )
 
     async def download(self, name: str, dst: Path, *, progress: Progress | None = None) -> FileInfo:
         """Download ``name`` to ``dst`` (written to a temporary file, then renamed)."""

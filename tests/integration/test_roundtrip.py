@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from karma8.bucket.store import overhead
 from karma8.config import MiB
 from karma8.core.fragments import parse_fragment_id
 from karma8.core.layout import Layout
@@ -33,11 +34,12 @@ async def test_round_trip(cluster: Cluster, tmp_path: Path, size: int) -> None:
     if size >= 6:
         assert all(p["size"] > 0 for p in parts)
 
-    # On disk: each bucket named in the registry holds exactly its part, footer included.
+    # On disk: each bucket named in the registry holds exactly its part, with a crc32c
+    # per unit and the footer.
     for p in parts:
         files = cluster.bucket(p["bucket"]).files_of(stat["upload_id"])
         assert [parse_fragment_id(f.name) for f in files] == [(stat["upload_id"], p["part"])]
-        assert files[0].stat().st_size == p["size"] + 48
+        assert files[0].stat().st_size == p["size"] + overhead(p["size"], stat["stripe_unit"])
     assert not any(b.tmp_files() for b in cluster.buckets)
 
 

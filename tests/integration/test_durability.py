@@ -1,0 +1,163 @@
+"""Erasure coding on real processes: 8 buckets, 6+2, buckets killed and bytes flipped."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from karma8.client import FileInfo
+from karma8.config import MiB
+from karma8.errors import RemoteError
+from tests.integration.harness import Cluster, make_file, open_cluster, sha256_of, wait_until
+from tests.integration.up_harness import karma8_up
+
+SIZES = {"empty": 0, "one": 1, "small": 1000, "stripes": 3 * MiB + 17, "big": 20 * MiB + 5}
+LEGACY = Path(__file__).parents[1] / "data" / "release-0.1.tar.gz"
+
+
+@pytest.fixture
+async def cluster8(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """An in-process API server (6+2) with 8 live bucket processes."""
+    async with open_cluster(tmp_path, buckets=8) as c:
+        yield c
+
+
+async def _upload_all(cluster: Cluster, root: Path) -> dict[str, str]:
+    digests = {}
+    for name, size in SIZES.items():
+        digests[name] = make_file(root / name, size, seed=size)
+        info = await cluster.client.upload(root / name, name)
+        assert info.spare == 2
+    return digests
+
+
+async def _download_equal(cluster: Cluster, name: str, digest: str, root: Path) -> None:
+    dst = root / f"back-{name.replace('/', '_')}"
+    await cluster.client.download(name, dst)
+    assert sha256_of(dst) == digest
+    dst.unlink()
+
+
+def _repairs(cluster: Cluster) -> dict[str, str]:
+    db = cluster.registry()
+    try:
+        return {u: r for u, _, r in db.repairs()}
+    finally:
+        db.close()
+
+
+async def test_any_two_killed_buckets_lose_nothing_and_a_third_is_a_clear_error(
+    cluster8: Cluster, tmp_path: Path
+) -> None:
+    digests = await _upload_all(cluster8, tmp_path)
+    stat = await cluster8.client.stat("big")
+    assert stat["scheme"] == "6+2 (isa_l_rs_cauchy)"
+    assert [p["role"] for p in stat["parts"]] == ["data"] * 6 + ["parity"] * 2
+    assert {p["state"] for p in stat["parts"]} == {"ok"}
+    by_part = {p["part"]: p["bucket"] for p in stat["parts"]}
+
+    # Two data fragments of every multi-stripe file gone: everything must decode.
+    for part in (1, 4):
+        cluster8.bucket(by_part[part]).kill()
+    for name, digest in digests.items():
+        await _download_equal(cluster8, name, digest, tmp_path)
+    assert _repairs(cluster8)[stat["upload_id"]] == "degraded_read"
+
+    cluster8.bucket(by_part[6]).kill()
+    with pytest.raises(RemoteError, match="only 5 of the 6 fragments needed") as info:
+        await cluster8.client.download("big", tmp_path / "never")
+    assert info.value.code == "unreadable"
+    assert not list(tmp_path.glob("*never*")), "a failed download left a file"
+
+
+async def test_a_bucket_killed_mid_upload_leaves_the_upload_acknowledged(
+    cluster8: Cluster, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    digest = make_file(src, 96 * MiB, seed=3)
+    result: list[FileInfo] = []
+    killed: list[str] = []
+
+    async def upload() -> None:
+        result.append(await cluster8.client.upload(src, "victim"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upload)
+
+        def a_put_is_under_way() -> bool:
+            for b in cluster8.buckets:
+                if b.tmp_files():
+                    b.kill()
+                    killed.append(b.bucket_id)
+                    return True
+            return False
+
+        await wait_until(a_put_is_under_way, "a Put under way", within=30)
+
+    [info] = result
+    assert (info.sha256, info.spare) == (digest, 1)
+    stat = await cluster8.client.stat("victim")
+    owed = [p for p in stat["parts"] if p["state"] == "owed"]
+    assert [p["bucket"] for p in owed] == killed
+    assert _repairs(cluster8) == {stat["upload_id"]: "owed"}
+    await _download_equal(cluster8, "victim", digest, tmp_path)
+
+
+async def test_a_flipped_byte_on_disk_is_read_around(cluster8: Cluster, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    digest = make_file(src, 3 * MiB + 17, seed=9)
+    await cluster8.client.upload(src, "fragile")
+    stat = await cluster8.client.stat("fragile")
+    part = next(p for p in stat["parts"] if p["part"] == 2)
+    [path] = cluster8.bucket(part["bucket"]).files_of(stat["upload_id"])
+    raw = bytearray(path.read_bytes())
+    raw[1234] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+    await _download_equal(cluster8, "fragile", digest, tmp_path)
+    assert _repairs(cluster8) == {stat["upload_id"]: "degraded_read"}
+
+
+async def test_six_buckets_still_take_uploads_and_owe_the_parity(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=6) as cluster:
+        src = tmp_path / "src"
+        digest = make_file(src, MiB, seed=1)
+        info = await cluster.client.upload(src, "six")
+        assert (info.scheme, info.spare) == ("6+2 (isa_l_rs_cauchy)", 0)
+        stat = await cluster.client.stat("six")
+        assert len(stat["parts"]) == 6
+        assert _repairs(cluster) == {stat["upload_id"]: "under_protected"}
+        await _download_equal(cluster, "six", digest, tmp_path)
+
+
+async def test_a_store_written_by_release_0_1_opens_and_serves(tmp_path: Path) -> None:
+    """The data directory of `karma8 up` from release 0.1 (no parity, fragment format 1)."""
+    with tarfile.open(LEGACY) as tar:
+        tar.extractall(tmp_path, filter="data")
+    data = tmp_path / "data"
+    expected = {
+        "legacy/empty.bin": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        "legacy/tiny.bin": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        "legacy/small.bin": "4a45139524022c424302944caa2640c47d24da8e2bdfc5e0434836262b9dbd8c",
+        "legacy/medium.bin": "fe2aaf82bfa2ffec207a0c6fa7ce7d4af268d67e2672fdaec675f3f9b65d0854",
+        "legacy/replaced.bin": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+    }
+    async with karma8_up(data, tmp_path / "up.log") as stack:
+        cluster = Cluster(data, 0, stack.url)
+        assert sorted(f["name"] for f in await cluster.client.list()) == sorted(expected)
+        for name, digest in expected.items():
+            await _download_equal(cluster, name, digest, tmp_path)
+            stat = await cluster.client.stat(name)
+            assert (stat["scheme"], stat["format"]) == ("6+0", 1)
+        # New files next to the old ones get the new scheme.
+        src = tmp_path / "new"
+        digest = make_file(src, MiB + 1, seed=4)
+        await cluster.client.upload(src, "new")
+        assert (await cluster.client.stat("new"))["format"] == 2
+        await _download_equal(cluster, "new", digest, tmp_path)
+    shutil.rmtree(data)
