@@ -2,9 +2,11 @@
 disks (read directly), and how the two compare.
 
 The bucket layout is the one docs/architecture.md describes: fragment files under
-``<data>/fragments/<2 hex>/<upload id>.<part>``, each ending with a 48-byte footer (magic
-``K8FRAG01``, data length, sha256 of the data), and Puts in progress under ``<data>/tmp/``.
-The footer is parsed here from that description, not with the bucket's own code.
+``<data>/fragments/<2 hex>/<upload id>.<part>`` and Puts in progress under ``<data>/tmp/``.
+A fragment file is its data and then, in format 1, a 48-byte footer (magic ``K8FRAG01``,
+data length, sha256 of the data); in format 2, a crc32c per unit and a 56-byte footer
+(data length, unit, sha256 of the data, magic ``K8FRAG02``). The footers are parsed here
+from that description, not with the bucket's own code.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import trio
 
 from karma8.registry.db import RegistryDB
 
-FOOTER = struct.Struct("<8sQ32s")
-MAGIC = b"K8FRAG01"
+FOOTER_1 = struct.Struct("<8sQ32s")
+FOOTER_2 = struct.Struct("<QQ32s8s")
+
 
 #: A fragment's key across the whole stack: (bucket id, fragment id).
 Key = tuple[str, str]
@@ -156,12 +159,19 @@ def _footer(path: Path) -> tuple[int, str | None]:
     """(data size, sha256 from the footer); sha256 None if the footer is not valid."""
     with path.open("rb") as f:
         total = f.seek(0, 2)
-        if total < FOOTER.size:
+        if total >= FOOTER_2.size:
+            f.seek(total - FOOTER_2.size)
+            size, unit, digest, magic = FOOTER_2.unpack(f.read(FOOTER_2.size))
+            if magic == b"K8FRAG02":
+                if unit < 1 or total != size + 4 * -(-size // unit) + FOOTER_2.size:
+                    return size, None
+                return int(size), bytes(digest).hex()
+        if total < FOOTER_1.size:
             return total, None
-        f.seek(total - FOOTER.size)
-        magic, size, digest = FOOTER.unpack(f.read(FOOTER.size))
-    if magic != MAGIC or size != total - FOOTER.size:
-        return total - FOOTER.size, None
+        f.seek(total - FOOTER_1.size)
+        magic, size, digest = FOOTER_1.unpack(f.read(FOOTER_1.size))
+    if magic != b"K8FRAG01" or size != total - FOOTER_1.size:
+        return total - FOOTER_1.size, None
     return int(size), bytes(digest).hex()
 
 

@@ -75,7 +75,7 @@ async def handle_upload(session: Session, name: str) -> None:
         try:
             # Inside the try: a bucket that stopped being live since placement fails the
             # upload through the cleanup below, like any other failure.
-            clients = [services.cluster.client(b) for b in bucket_ids]
+            clients = {part: services.cluster.client(b) for part, b in enumerate(bucket_ids)}
 
             async def receive() -> bytes:
                 data = await session.receive_data()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -52,30 +52,31 @@ async def write_fragments(
     layout: Layout,
     scheme: Scheme,
     upload_id: str,
-    buckets: Sequence[Bucket],
+    buckets: Mapping[int, Bucket],
     quorum: int,
     limits: Limits,
 ) -> Written:
     """Write the file that ``receive`` yields (frame by frame, ``b""`` at the end).
 
     Args:
-        buckets: the bucket of each placed fragment, parts ``0..len(buckets)-1``: every
-            data part, then as many parity parts as there were buckets for.
+        buckets: part -> the bucket its fragment goes to. An upload places every data part
+            and as many parity parts as there were buckets for; a repair, the parts it
+            rebuilds.
         quorum: fragments that must be committed; fewer, and the write fails.
 
     Raises:
         SizeMismatch: more or fewer bytes than ``layout.size``.
         BucketUnavailable: (or another bucket error) the quorum can no longer be met.
     """
-    if not scheme.data <= len(buckets) <= scheme.width or not 0 < quorum <= len(buckets):
-        raise ValueError(f"{len(buckets)} buckets, quorum {quorum} for {scheme}")
+    if not all(0 <= p < scheme.width for p in buckets) or not 0 < quorum <= len(buckets):
+        raise ValueError(f"parts {sorted(buckets)}, quorum {quorum} for {scheme}")
     written = Written()
     try:
         async with trio.open_nursery() as nursery:
-            senders: list[trio.MemorySendChannel[Unit]] = []
-            for part, bucket in enumerate(buckets):
+            senders: dict[int, trio.MemorySendChannel[Unit]] = {}
+            for part, bucket in sorted(buckets.items()):
                 send, receive_units = trio.open_memory_channel[Unit](limits.queue_depth)
-                senders.append(send)
+                senders[part] = send
                 nursery.start_soon(
                     _part_task,
                     bucket,
@@ -89,7 +90,7 @@ async def write_fragments(
                     len(buckets),
                 )
             with contextlib.ExitStack() as stack:
-                for send in senders:
+                for send in senders.values():
                     stack.enter_context(send)
                 written.sha256 = await _produce(receive, layout, scheme, senders)
     except BaseExceptionGroup as group:
@@ -101,18 +102,19 @@ async def _produce(
     receive: Callable[[], Awaitable[bytes]],
     layout: Layout,
     scheme: Scheme,
-    senders: list[trio.MemorySendChannel[Unit]],
+    senders: dict[int, trio.MemorySendChannel[Unit]],
 ) -> str:
     hasher = hashlib.sha256()
     striper = Striper(layout)
     k = scheme.data
-    coder = StripeCoder(scheme) if len(senders) > k else None
+    coder = StripeCoder(scheme) if any(p >= k for p in senders) else None
     stripe: list[bytes] = []
 
     async def flush_parity() -> None:
         if coder is not None and stripe:
-            for j, unit in enumerate(coder.encode(stripe)[: len(senders) - k]):
-                await senders[k + j].send((unit, crc(unit)))
+            for j, unit in enumerate(coder.encode(stripe)):
+                if k + j in senders:
+                    await senders[k + j].send((unit, crc(unit)))
         stripe.clear()
 
     while data := await receive():
@@ -122,7 +124,8 @@ async def _produce(
         except OverflowError:
             raise SizeMismatch(f"more than the announced {layout.size} bytes") from None
         for part, unit in units:
-            await senders[part].send((unit, crc(unit)))
+            if part in senders:
+                await senders[part].send((unit, crc(unit)))
             if coder is not None:
                 stripe.append(unit)
                 if part == k - 1:

@@ -43,7 +43,7 @@ async def _write(
 ) -> tuple[Layout, dict[int, str], dict[int, Karma8Error]]:
     layout = Layout.for_size(len(data), scheme.data, UNIT, scheme.parity)
     written = await write_fragments(
-        _frames(data), layout, scheme, UPLOAD, buckets, quorum or len(buckets), LIMITS
+        _frames(data), layout, scheme, UPLOAD, dict(enumerate(buckets)), quorum or len(buckets), LIMITS
     )
     assert written.sha256 == hashlib.sha256(data).hexdigest()
     return layout, written.stored, written.failed
