@@ -191,6 +191,20 @@ class ApiConfig(_Section):
         32 * MiB, description="Bytes per second the rebalancer copies at most (0: unlimited)."
     )
     rebalance_concurrency: Int = Field(2, ge=1, le=64, description="Fragments the rebalancer moves at once.")
+    repair_after: Seconds = Field(
+        600.0,
+        description="A bucket not live for this long is lost: its fragments are rebuilt elsewhere"
+        " (a bucket down for less triggers nothing).",
+    )
+    repair_interval: Seconds = Field(
+        10.0, description="How often the repair queue and lost buckets are checked (also on demand)."
+    )
+    repair_bandwidth: ByteSize = Field(
+        64 * MiB,
+        description="Bytes per second repairs read at most (0: unlimited); files with no fragment"
+        " to spare are repaired unthrottled.",
+    )
+    repair_concurrency: Int = Field(2, ge=1, le=64, description="Files repaired at once.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")
     bucket_secret: Credential = Field(

@@ -19,6 +19,7 @@ from karma8.api.listener import ListenerSettings, serve_websockets
 from karma8.api.metrics import MEMBERSHIP, METRICS_HTTP, WEBSOCKET, ApiMetrics, BucketSample
 from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
+from karma8.api.repair import Repairer
 from karma8.api.server import ApiHandler
 from karma8.api.session import Services
 from karma8.config import ApiConfig
@@ -180,14 +181,16 @@ async def _serve(
         )
         reconciler = Reconciler(registry, cluster, config, metrics)
         rebalancer = Rebalancer(registry, cluster, janitor, config, metrics=metrics)
+        repairer = Repairer(registry, cluster, janitor, leases, config)
 
         def on_hello(bucket_id: str) -> None:
             reconciler.request(bucket_id)
             rebalancer.joined(bucket_id)
+            repairer.joined()
 
         cluster.on_hello = on_hello
         handler = ApiHandler(
-            Services(config, registry, cluster, janitor, leases, reconciler, rebalancer, metrics)
+            Services(config, registry, cluster, janitor, leases, reconciler, rebalancer, repairer, metrics)
         )
         try:
             readiness.cluster = cluster
@@ -216,6 +219,7 @@ async def _serve(
                 nursery.start_soon(janitor.run)
                 nursery.start_soon(reconciler.run)
                 nursery.start_soon(rebalancer.run)
+                await nursery.start(repairer.serve)
                 endpoints = ApiEndpoints(
                     config.host,
                     port,

@@ -47,11 +47,15 @@ class Cluster:
         self._portal = portal
         self._config = config
         self._buckets: dict[str, BucketState] = {}
+        #: When this process began to know the buckets (a bucket silent since then has
+        #: been down at least that long).
+        self._since = -math.inf
         #: Called with the id of a bucket that (re-)registered (the reconciler listens).
         self.on_hello: Callable[[str], None] = lambda bucket_id: None
 
     async def load(self) -> None:
         """Learn the buckets the registry knows (not live until they heartbeat)."""
+        self._since = trio.current_time()
         for row in await self._registry.buckets():
             usage = Usage(row.used, row.free, row.capacity, row.fragments)
             self._buckets[row.bucket_id] = BucketState(row.bucket_id, row.address, usage, -math.inf)
@@ -114,6 +118,25 @@ class Cluster:
             for s in self.states()
             if self.is_live(s.bucket_id)
         ]
+
+    def lost(self, after: float) -> list[str]:
+        """Buckets not live for at least ``after`` seconds (counted from this process's
+        start for a bucket not heard from since), by id."""
+        now = trio.current_time()
+        return [
+            s.bucket_id
+            for s in self.states()
+            if not self.is_live(s.bucket_id) and now - max(s.last_seen, self._since) >= after
+        ]
+
+    def down_for(self, bucket_id: str) -> float:
+        """Seconds since the bucket was last live (0 while it is)."""
+        state = self._buckets.get(bucket_id)
+        if state is None:
+            return math.inf
+        if self.is_live(bucket_id):
+            return 0.0
+        return trio.current_time() - max(state.last_seen, self._since)
 
     def capacities(self) -> dict[str, int]:
         """Live bucket id -> capacity (for rebalancing)."""

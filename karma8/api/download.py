@@ -58,7 +58,8 @@ async def handle_download(session: Session, name: str) -> None:
         why = "; ".join(f"part {p}: {e.message}" for p, e in sorted(failed.items()))
         session.log.warning("download name=%r read around %d fragment(s): %s", name, len(failed), why)
         good = sum(f.state == "ok" for f in file.fragments) - len(failed)
-        await services.registry.queue_repair(upload.upload_id, "degraded_read", good - scheme.data)
+        await services.registry.queue_repair(upload.upload_id, "degraded_read", good - scheme.data, failed)
+        services.repairer.poke()
     digest = hasher.hexdigest()
     if digest != file.sha256:
         raise ChecksumMismatch(f"{name!r}: data read back has sha256 {digest}, expected {file.sha256}")

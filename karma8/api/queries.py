@@ -6,9 +6,10 @@ import math
 
 import trio
 
-from karma8.api.cluster import BucketState
+from karma8.api.cluster import BucketState, Cluster
 from karma8.api.reconcile import Inventory
 from karma8.api.session import Session
+from karma8.config import ApiConfig
 from karma8.core import balance
 from karma8.core.balance import Fill
 from karma8.core.fragments import fragment_id
@@ -109,8 +110,43 @@ async def handle_status(session: Session) -> None:
                 "auto": session.config.rebalance_auto,
                 "last": rebalancer.last.as_dict() if rebalancer.last else None,
             },
+            protection=_protection(session.config, len(fills)),
+            repair={
+                **await services.registry.repair_summary(),
+                **services.repairer.progress.as_dict(),
+                "lost_after": session.config.repair_after,
+                "down": _down(cluster, session.config.repair_after),
+            },
         )
     )
+
+
+def _down(cluster: Cluster, repair_after: float) -> list[dict[str, object]]:
+    """Buckets not live: for how long, and in how long they count as lost."""
+    out: list[dict[str, object]] = []
+    for s in cluster.states():
+        down = cluster.down_for(s.bucket_id)
+        if down > 0:
+            lost_in = max(0.0, repair_after - down)
+            out.append({"id": s.bucket_id, "down_for": round(down, 1), "lost_in": round(lost_in, 1)})
+    return out
+
+
+def _protection(config: ApiConfig, live: int) -> dict[str, object]:
+    """The scheme configured, and what new files get with ``live`` buckets."""
+    width = config.parts + config.parity
+    now = max(0, min(live, width) - config.parts)
+    out: dict[str, object] = {
+        "configured": f"{config.parts}+{config.parity}",
+        "new_files": f"{config.parts}+{now}" if live >= config.parts else "refused (not enough buckets)",
+        "write_quorum": config.quorum,
+    }
+    if live < width:
+        out["warning"] = (
+            f"only {live} live bucket(s): new files get {now} of {config.parity} parity fragments"
+            f" now and survive the loss of {now} bucket(s); the rest is owed to repair"
+        )
+    return out
 
 
 async def handle_rebalance(session: Session, dry_run: bool) -> None:

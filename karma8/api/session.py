@@ -17,6 +17,7 @@ from karma8.api.metrics import ApiMetrics
 from karma8.api.pool import Limits
 from karma8.api.rebalance import Rebalancer
 from karma8.api.reconcile import Reconciler
+from karma8.api.repair import Repairer
 from karma8.api.streams import bucket_step, open_bucket_stream
 from karma8.config import ApiConfig
 from karma8.errors import BadRequest, Timeout
@@ -37,6 +38,7 @@ class Services:
     leases: ReadLeases
     reconciler: Reconciler
     rebalancer: Rebalancer
+    repairer: Repairer
     metrics: ApiMetrics
     #: Names with an upload in progress (a second concurrent upload is a conflict).
     uploading: set[str] = field(default_factory=set)

@@ -115,6 +115,8 @@ async def handle_upload(session: Session, name: str) -> None:
     )
     if replaced is not None:
         services.janitor.poke()
+    if len(written.stored) < scheme.width:
+        services.repairer.poke()
     spare = len(written.stored) - scheme.data
     await session.send(
         encode_ok(name=name, size=header.size, sha256=written.sha256, scheme=str(scheme), spare=spare)

@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
@@ -26,6 +26,7 @@ from karma8.registry.db import (
     StaleRow,
     UploadRow,
 )
+from karma8.registry.repairs import RepairRow
 
 __all__ = [
     "BucketRow",
@@ -34,6 +35,7 @@ __all__ = [
     "FragmentRow",
     "MoveRow",
     "Registry",
+    "RepairRow",
     "StaleRow",
     "UploadRow",
     "open_registry",
@@ -76,11 +78,54 @@ class Registry:
     ) -> str | None:
         return await self._run(self.db.commit_upload, upload_id, sha256, checksums, time.time(), owed)
 
-    async def queue_repair(self, upload_id: str, reason: str, spare: int) -> None:
-        await self._run(self.db.queue_repair, upload_id, reason, spare, time.time())
+    # -- the repair queue (karma8/registry/repairs.py) --
 
-    async def repairs(self) -> list[tuple[str, int, str]]:
+    async def queue_repair(self, upload_id: str, reason: str, spare: int, bad: Iterable[int] = ()) -> None:
+        await self._run(self.db.queue_repair, upload_id, reason, spare, time.time(), tuple(bad))
+
+    async def queue_lost_buckets(self, bucket_ids: Iterable[str]) -> int:
+        return await self._run(self.db.queue_lost_buckets, tuple(bucket_ids), time.time())
+
+    async def queue_upgrades(self, parity: int) -> int:
+        return await self._run(self.db.queue_upgrades, parity, time.time())
+
+    async def repairs(self) -> list[RepairRow]:
         return await self._run(self.db.repairs)
+
+    async def repair_summary(self) -> dict[str, Any]:
+        return await self._run(self.db.repair_summary)
+
+    async def due_repairs(self, limit: int, skip: Iterable[str] = ()) -> list[RepairRow]:
+        return await self._run(self.db.due_repairs, time.time(), limit, tuple(skip))
+
+    async def repair_later(self, upload_id: str, spare: int, bad: Iterable[int], delay: float) -> None:
+        await self._run(self.db.repair_later, upload_id, spare, tuple(bad), time.time() + delay)
+
+    async def repair_done(self, upload_id: str) -> None:
+        await self._run(self.db.repair_done, upload_id)
+
+    async def retry_repairs_now(self) -> None:
+        await self._run(self.db.retry_repairs_now, time.time())
+
+    async def stale_buckets(self, upload_id: str) -> set[str]:
+        return await self._run(self.db.stale_buckets, upload_id)
+
+    async def start_repair_copies(
+        self, upload_id: str, targets: Mapping[int, str], sizes: Mapping[int, int]
+    ) -> set[int]:
+        return await self._run(self.db.start_repair_copies, upload_id, targets, sizes, time.time())
+
+    async def finish_repair_copies(
+        self,
+        upload_id: str,
+        targets: Mapping[int, str],
+        stored: Mapping[int, str],
+        replaced: Mapping[int, str | None],
+        sizes: Mapping[int, int],
+    ) -> set[int]:
+        return await self._run(
+            self.db.finish_repair_copies, upload_id, targets, stored, replaced, sizes, time.time()
+        )
 
     async def fail_upload(self, upload_id: str) -> None:
         await self._run(self.db.fail_upload, upload_id, time.time())

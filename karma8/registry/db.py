@@ -38,6 +38,7 @@ from karma8.core.placement import Candidate, choose_buckets
 from karma8.core.records import Heartbeat
 from karma8.errors import Internal
 from karma8.registry import schema
+from karma8.registry.repairs import RepairQueue, queue_if_short
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class _Movable:
         return None
 
 
-class RegistryDB:
+class RegistryDB(RepairQueue):
     """Synchronous registry over one SQLite connection (thread-safe by a lock)."""
 
     def __init__(self, path: Path) -> None:
@@ -315,7 +316,7 @@ class RegistryDB:
                 "UPDATE uploads SET state = 'committed', sha256 = ?, finished = ? WHERE id = ?",
                 (sha256, now, upload_id),
             )
-            _queue_if_short(c, upload_id, "owed" if owed else "under_protected", now)
+            queue_if_short(c, upload_id, "owed" if owed else "under_protected", now)
             if old is not None:
                 c.execute("UPDATE uploads SET state = 'deleting', finished = ? WHERE id = ?", (now, old[0]))
             c.execute(
@@ -326,15 +327,6 @@ class RegistryDB:
                 (name, upload_id, size, sha256, now),
             )
         return None if old is None else str(old[0])
-
-    def queue_repair(self, upload_id: str, reason: str, spare: int, now: float) -> None:
-        """Put a committed upload in the repair queue (or move it up, if ``spare`` is lower)."""
-        self._tx([(_QUEUE_REPAIR, (upload_id, spare, reason, now, now))])
-
-    def repairs(self) -> list[tuple[str, int, str]]:
-        """The repair queue, most at risk first: (upload id, spare fragments, reason)."""
-        rows = self._query("SELECT upload_id, spare, reason FROM repairs ORDER BY spare, next_try, upload_id")
-        return [(str(u), int(s), str(r)) for u, s, r in rows]
 
     def fail_upload(self, upload_id: str, now: float) -> None:
         """Mark an in-progress upload failed (its fragments are then cleaned up)."""
@@ -607,25 +599,6 @@ def _insert_upload(c: sqlite3.Connection, upload: UploadRow, fragments: list[Fra
         "INSERT INTO fragments (upload_id, part, bucket_id, size, state) VALUES (?, ?, ?, ?, ?)",
         [(f.upload_id, f.part, f.bucket_id, f.size, f.state) for f in fragments],
     )
-
-
-_QUEUE_REPAIR = """
-INSERT INTO repairs (upload_id, spare, reason, since, next_try) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (upload_id) DO UPDATE SET
-    spare = min(spare, excluded.spare), next_try = min(next_try, excluded.next_try),
-    reason = CASE WHEN excluded.spare < spare THEN excluded.reason ELSE reason END
-"""
-
-
-def _queue_if_short(c: sqlite3.Connection, upload_id: str, reason: str, now: float) -> None:
-    """Queue ``upload_id`` for repair if it has fewer good fragments than its scheme."""
-    parts, parity, good = c.execute(
-        "SELECT u.parts, u.parity, (SELECT COUNT(*) FROM fragments f WHERE f.upload_id = u.id"
-        " AND f.state = 'ok') FROM uploads u WHERE u.id = ?",
-        (upload_id,),
-    ).fetchone()
-    if good < parts + parity:
-        c.execute(_QUEUE_REPAIR, (upload_id, good - parts, reason, now, now))
 
 
 def _planned_usage(c: sqlite3.Connection) -> dict[str, int]:

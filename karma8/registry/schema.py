@@ -125,7 +125,8 @@ CREATE TABLE repairs (
     reason      TEXT NOT NULL,
     since       REAL NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    next_try    REAL NOT NULL
+    next_try    REAL NOT NULL,
+    bad         TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX repairs_order ON repairs(spare, next_try);
 """

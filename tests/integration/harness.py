@@ -247,6 +247,14 @@ class Cluster:
         self.buckets.append(bucket)
         return bucket
 
+    async def restart_bucket(self, bucket: BucketProcess) -> BucketProcess:
+        """Start a stopped bucket again on its data directory (same bucket id)."""
+        bucket.kill()
+        await bucket.proc.wait()
+        again = await start_bucket(bucket.data_dir, self.membership_port, self.bucket_env)
+        self.buckets[self.buckets.index(bucket)] = again
+        return again
+
     async def live_count(self) -> int:
         return int((await self.client.status())["live"])
 

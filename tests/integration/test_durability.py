@@ -46,7 +46,7 @@ async def _download_equal(cluster: Cluster, name: str, digest: str, root: Path) 
 def _repairs(cluster: Cluster) -> dict[str, str]:
     db = cluster.registry()
     try:
-        return {u: r for u, _, r in db.repairs()}
+        return {r.upload_id: r.reason for r in db.repairs()}
     finally:
         db.close()
 
@@ -161,3 +161,126 @@ async def test_a_store_written_by_release_0_1_opens_and_serves(tmp_path: Path) -
         assert (await cluster.client.stat("new"))["format"] == 2
         await _download_equal(cluster, "new", digest, tmp_path)
     shutil.rmtree(data)
+
+
+# -- repair ---------------------------------------------------------------------------
+
+REPAIR_FAST = {"repair_interval": 0.3, "repair_after": 3.0}
+
+
+async def _fully_protected(cluster: Cluster, names: list[str]) -> bool:
+    """Every file has all 8 fragments, ok, on 8 distinct live buckets, and the queue is empty."""
+    if _repairs(cluster):
+        return False
+    for name in names:
+        stat = await cluster.client.stat(name)
+        parts = stat["parts"]
+        if len(parts) != 8 or {p["state"] for p in parts} != {"ok"} or not all(p["live"] for p in parts):
+            return False
+        if len({p["bucket"] for p in parts}) != 8:
+            return False
+    return True
+
+
+async def test_an_owed_fragment_is_written_when_its_bucket_returns(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=8, **REPAIR_FAST) as cluster:
+        src = tmp_path / "src"
+        digest = make_file(src, 96 * MiB, seed=5)
+        killed = []
+
+        async def upload() -> None:
+            await cluster.client.upload(src, "owed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+
+            def kill_a_writer() -> bool:
+                for b in cluster.buckets:
+                    if b.tmp_files():
+                        b.kill()
+                        killed.append(b)
+                        return True
+                return False
+
+            await wait_until(kill_a_writer, "a Put under way")
+        assert list(_repairs(cluster).values()) == ["owed"]
+
+        await cluster.restart_bucket(killed[0])
+        await wait_until(lambda: _fully_protected(cluster, ["owed"]), "the owed fragment written")
+        # Any two buckets may go now.
+        stat = await cluster.client.stat("owed")
+        for p in stat["parts"][:2]:
+            cluster.bucket(p["bucket"]).kill()
+        await _download_equal(cluster, "owed", digest, tmp_path)
+
+
+async def test_files_written_on_six_buckets_are_raised_to_six_plus_two(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=6, **REPAIR_FAST) as cluster:
+        digests = {}
+        for name, size in (("a", 3 * MiB + 1), ("b", 1000), ("c", 0)):
+            digests[name] = make_file(tmp_path / name, size, seed=size)
+            await cluster.client.upload(tmp_path / name, name)
+        assert set(_repairs(cluster).values()) == {"under_protected"}
+        status = await cluster.client.status()
+        assert "only 6 live bucket(s)" in status["protection"]["warning"]
+
+        await cluster.add_bucket()
+        await cluster.add_bucket()
+        await wait_until(lambda: _fully_protected(cluster, list(digests)), "every file raised to 6+2")
+        first_two = {p["bucket"] for p in (await cluster.client.stat("a"))["parts"][:2]}
+        for bucket_id in first_two:
+            cluster.bucket(bucket_id).kill()
+        for name, digest in digests.items():
+            await _download_equal(cluster, name, digest, tmp_path)
+
+
+async def test_a_bucket_lost_for_good_is_rebuilt_elsewhere_and_its_copies_go(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=9, **REPAIR_FAST) as cluster:
+        digests = {}
+        for i in range(6):
+            name = f"f{i}"
+            digests[name] = make_file(tmp_path / name, 200_000 * (i + 1), seed=i)
+            await cluster.client.upload(tmp_path / name, name)
+        victim = cluster.bucket((await cluster.client.stat("f5"))["parts"][0]["bucket"])
+        held = [p.name for p in victim.fragment_files()]
+        assert held
+        victim.kill()
+
+        async def declared_lost() -> bool:
+            status = await cluster.client.status()
+            return any(d["id"] == victim.bucket_id and d["lost_in"] == 0 for d in status["repair"]["down"])
+
+        await wait_until(declared_lost, "the bucket declared lost")
+        status = await cluster.client.status()
+        await wait_until(
+            lambda: _fully_protected(cluster, list(digests)), "the lost bucket's fragments rebuilt"
+        )
+        assert status["repair"]["lost_after"] == 3.0
+        for name, digest in digests.items():
+            await _download_equal(cluster, name, digest, tmp_path)
+
+        back = await cluster.restart_bucket(victim)
+        await wait_until(
+            lambda: not back.fragment_files(), "the janitor deleting the returned bucket's copies"
+        )
+
+
+async def test_a_flipped_byte_is_repaired(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=9, **REPAIR_FAST) as cluster:
+        src = tmp_path / "src"
+        digest = make_file(src, 3 * MiB + 17, seed=9)
+        await cluster.client.upload(src, "fragile")
+        stat = await cluster.client.stat("fragile")
+        part = stat["parts"][2]
+        holder = cluster.bucket(part["bucket"])
+        [path] = holder.files_of(stat["upload_id"])
+        raw = bytearray(path.read_bytes())
+        raw[1234] ^= 0x40
+        path.write_bytes(bytes(raw))
+
+        await _download_equal(cluster, "fragile", digest, tmp_path)
+        await wait_until(lambda: _fully_protected(cluster, ["fragile"]), "the damaged fragment rewritten")
+        after = await cluster.client.stat("fragile")
+        assert after["parts"][2]["bucket"] != part["bucket"]
+        await wait_until(lambda: not holder.files_of(stat["upload_id"]), "the damaged copy deleted")
+        await _download_equal(cluster, "fragile", digest, tmp_path)

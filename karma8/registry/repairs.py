@@ -1,0 +1,250 @@
+"""The repair queue: committed files with fewer good fragments than their scheme.
+
+One row per file (``repairs``), kept in the registry so it survives restarts. ``spare``
+is how many fragments beyond the data parts the file was last known to have (negative:
+it cannot be read now); the repairer takes the lowest first. ``bad`` lists the parts
+known to be damaged or gone (a failed read, a lost bucket, reconciliation, scrub), which
+the registry's fragment rows alone do not show. A repair writes its new copies as moves
+(``moves`` rows with no source), so a crash turns them into stale copies the janitor
+deletes, exactly like an interrupted rebalancer move.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+_UPSERT = """
+INSERT INTO repairs (upload_id, spare, reason, since, next_try, bad) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (upload_id) DO UPDATE SET
+    reason = CASE WHEN excluded.spare < spare THEN excluded.reason ELSE reason END,
+    spare = min(spare, excluded.spare),
+    next_try = min(next_try, excluded.next_try),
+    bad = excluded.bad
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RepairRow:
+    """A file waiting for repair."""
+
+    upload_id: str
+    spare: int
+    reason: str
+    since: float
+    attempts: int
+    bad: frozenset[int]
+
+
+def _parts(text: str) -> frozenset[int]:
+    return frozenset(int(p) for p in text.split(",") if p)
+
+
+def _text(parts: Iterable[int]) -> str:
+    return ",".join(str(p) for p in sorted(set(parts)))
+
+
+def _upsert(
+    c: sqlite3.Connection, upload_id: str, reason: str, spare: int, now: float, bad: Iterable[int] = ()
+) -> None:
+    row = c.execute("SELECT bad FROM repairs WHERE upload_id = ?", (upload_id,)).fetchone()
+    known = _parts(row[0]) if row else frozenset()
+    c.execute(_UPSERT, (upload_id, spare, reason, now, now, _text(known | set(bad))))
+
+
+def queue_if_short(c: sqlite3.Connection, upload_id: str, reason: str, now: float) -> None:
+    """Queue ``upload_id`` if it has fewer good fragments than its scheme."""
+    parts, parity, good = c.execute(
+        "SELECT u.parts, u.parity, (SELECT COUNT(*) FROM fragments f WHERE f.upload_id = u.id"
+        " AND f.state = 'ok') FROM uploads u WHERE u.id = ?",
+        (upload_id,),
+    ).fetchone()
+    if good < parts + parity:
+        _upsert(c, upload_id, reason, good - parts, now)
+
+
+class _DB(Protocol):
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]: ...
+
+
+class RepairQueue:
+    """The repair queue's queries (mixed into :class:`karma8.registry.db.RegistryDB`)."""
+
+    def queue_repair(
+        self: _DB, upload_id: str, reason: str, spare: int, now: float, bad: Iterable[int] = ()
+    ) -> None:
+        """Queue a committed upload (or move it up, if ``spare`` is lower); add ``bad`` parts."""
+        with self._transaction() as c:
+            if c.execute(
+                "SELECT 1 FROM uploads WHERE id = ? AND state = 'committed'", (upload_id,)
+            ).fetchone():
+                _upsert(c, upload_id, reason, spare, now, bad)
+
+    def queue_lost_buckets(self: _DB, bucket_ids: Iterable[str], now: float) -> int:
+        """Queue every committed file with a fragment on these buckets (declared lost)."""
+        ids = sorted(set(bucket_ids))
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self._transaction() as c:
+            rows = c.execute(
+                "SELECT f.upload_id, group_concat(f.part), u.parts, u.parity,"
+                " (SELECT COUNT(*) FROM fragments g WHERE g.upload_id = f.upload_id AND g.state = 'ok')"
+                f" FROM fragments f JOIN uploads u ON u.id = f.upload_id WHERE f.bucket_id IN ({marks})"
+                " AND f.state = 'ok' AND u.state = 'committed' GROUP BY f.upload_id",
+                ids,
+            ).fetchall()
+            for upload_id, parts, data, _, good in rows:
+                lost = _parts(str(parts))
+                _upsert(c, upload_id, "bucket_lost", good - len(lost) - data, now, lost)
+        return len(rows)
+
+    def queue_upgrades(self: _DB, parity: int, now: float) -> int:
+        """Queue committed files stored with less protection than ``parity`` or in format 1."""
+        with self._transaction() as c:
+            return c.execute(
+                "INSERT OR IGNORE INTO repairs (upload_id, spare, reason, since, next_try)"
+                " SELECT id, parity, 'upgrade', ?, ? FROM uploads"
+                " WHERE state = 'committed' AND (format < 2 OR parity < ?)",
+                (now, now, parity),
+            ).rowcount
+
+    def repairs(self: _DB) -> list[RepairRow]:
+        """The whole queue, most at risk first."""
+        rows = self._query(
+            "SELECT upload_id, spare, reason, since, attempts, bad FROM repairs"
+            " ORDER BY spare, next_try, upload_id"
+        )
+        return [RepairRow(str(u), int(s), str(r), float(t), int(a), _parts(b)) for u, s, r, t, a, b in rows]
+
+    def repair_summary(self: _DB) -> dict[str, Any]:
+        """The queue in numbers: files, files by fragments to spare, by reason."""
+        by_spare = self._query("SELECT spare, COUNT(*) FROM repairs GROUP BY spare ORDER BY spare")
+        by_reason = self._query("SELECT reason, COUNT(*) FROM repairs GROUP BY reason ORDER BY reason")
+        return {
+            "files": sum(int(n) for _, n in by_spare),
+            "by_spare": {str(s): int(n) for s, n in by_spare},
+            "by_reason": {str(r): int(n) for r, n in by_reason},
+        }
+
+    def due_repairs(self: _DB, now: float, limit: int, skip: Iterable[str] = ()) -> list[RepairRow]:
+        """Up to ``limit`` files due for repair now, most at risk first, except ``skip``."""
+        skipped = set(skip)
+        rows = self._query(
+            "SELECT upload_id, spare, reason, since, attempts, bad FROM repairs WHERE next_try <= ?"
+            " ORDER BY spare, next_try, upload_id LIMIT ?",
+            (now, limit + len(skipped)),
+        )
+        out = [RepairRow(str(u), int(s), str(r), float(t), int(a), _parts(b)) for u, s, r, t, a, b in rows]
+        return [r for r in out if r.upload_id not in skipped][:limit]
+
+    def repair_later(self: _DB, upload_id: str, spare: int, bad: Iterable[int], next_try: float) -> None:
+        """A repair did not finish the file: try again at ``next_try``."""
+        with self._transaction() as c:
+            c.execute(
+                "UPDATE repairs SET attempts = attempts + 1, spare = ?, bad = ?, next_try = ?"
+                " WHERE upload_id = ?",
+                (spare, _text(bad), next_try, upload_id),
+            )
+
+    def repair_done(self: _DB, upload_id: str) -> None:
+        """The file has every fragment of its scheme (or is gone): off the queue."""
+        with self._transaction() as c:
+            c.execute("DELETE FROM repairs WHERE upload_id = ?", (upload_id,))
+
+    def retry_repairs_now(self: _DB, now: float) -> None:
+        """Buckets joined: every waiting repair may find a target now."""
+        with self._transaction() as c:
+            c.execute("UPDATE repairs SET next_try = ? WHERE next_try > ?", (now, now))
+
+    def stale_buckets(self: _DB, upload_id: str) -> set[str]:
+        """Buckets holding a stale copy (or a copy under way) of a fragment of ``upload_id``."""
+        rows = self._query(
+            "SELECT bucket_id FROM stale WHERE upload_id = ?1"
+            " UNION SELECT dst FROM moves WHERE upload_id = ?1",
+            (upload_id,),
+        )
+        return {str(b) for (b,) in rows}
+
+    def start_repair_copies(
+        self: _DB, upload_id: str, targets: Mapping[int, str], sizes: Mapping[int, int], now: float
+    ) -> set[int]:
+        """Record new copies of ``upload_id``'s parts about to be written (part -> bucket).
+
+        Returns the parts recorded: a part being moved by the rebalancer is left out.
+        """
+        accepted = set()
+        with self._transaction() as c:
+            for part, dst in targets.items():
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO moves (upload_id, part, src, dst, size, sha256, started)"
+                    " VALUES (?, ?, '', ?, ?, '', ?)",
+                    (upload_id, part, dst, sizes[part], now),
+                )
+                if cur.rowcount:
+                    accepted.add(part)
+        return accepted
+
+    def finish_repair_copies(
+        self: _DB,
+        upload_id: str,
+        targets: Mapping[int, str],
+        stored: Mapping[int, str],
+        replaced: Mapping[int, str | None],
+        sizes: Mapping[int, int],
+        now: float,
+    ) -> set[int]:
+        """Make the copies in ``stored`` (part -> sha256) their parts' homes, atomically.
+
+        A part switches only if the file is still the same committed version and the
+        part's row still names the bucket it named when the repair began (``replaced``:
+        part -> bucket, None for a part with no row); its old copy becomes stale. Every
+        other copy of ``targets`` (not stored, or not switched) becomes stale.
+
+        Returns:
+            The parts switched.
+        """
+        switched = set()
+        with self._transaction() as c:
+            committed = c.execute(
+                "SELECT 1 FROM uploads WHERE id = ? AND state = 'committed'", (upload_id,)
+            ).fetchone()
+            for part, dst in targets.items():
+                c.execute(
+                    "DELETE FROM moves WHERE upload_id = ? AND part = ? AND dst = ?", (upload_id, part, dst)
+                )
+                row = c.execute(
+                    "SELECT bucket_id FROM fragments WHERE upload_id = ? AND part = ?", (upload_id, part)
+                ).fetchone()
+                current = None if row is None else str(row[0])
+                if committed and part in stored and current == replaced.get(part):
+                    if row is None:
+                        c.execute(
+                            "INSERT INTO fragments (upload_id, part, bucket_id, size, sha256, state)"
+                            " VALUES (?, ?, ?, ?, ?, 'ok')",
+                            (upload_id, part, dst, sizes[part], stored[part]),
+                        )
+                    else:
+                        c.execute(
+                            "UPDATE fragments SET bucket_id = ?, sha256 = ?, state = 'ok'"
+                            " WHERE upload_id = ? AND part = ?",
+                            (dst, stored[part], upload_id, part),
+                        )
+                        if current != dst:  # an owed part written where it was planned has no old copy
+                            _stale(c, str(current), upload_id, part, sizes[part], now)
+                    switched.add(part)
+                else:
+                    _stale(c, dst, upload_id, part, sizes[part], now)
+        return switched
+
+
+def _stale(c: sqlite3.Connection, bucket_id: str, upload_id: str, part: int, size: int, now: float) -> None:
+    c.execute(
+        "INSERT OR IGNORE INTO stale (bucket_id, upload_id, part, size, since) VALUES (?, ?, ?, ?, ?)",
+        (bucket_id, upload_id, part, size, now),
+    )
