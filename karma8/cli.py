@@ -129,7 +129,7 @@ def _client(config: Path | None, api: str | None) -> Client:
 
 @app.command()
 def up(
-    buckets: Annotated[int | None, typer.Option(help="Number of buckets (default 6).")] = None,
+    buckets: Annotated[int | None, typer.Option(help="Number of buckets (default 8).")] = None,
     data: Annotated[Path | None, typer.Option(help="Data directory (default ./karma8-data).")] = None,
     port: Annotated[int | None, typer.Option(help="WebSocket port (default 8080).")] = None,
     config: ConfigOpt = None,

@@ -321,11 +321,22 @@ class StackConfig(_Section):
     env_prefix = "KARMA8_STACK_"
 
     data: Path = Field(Path("karma8-data"), description="Root data directory (api/, bucket-N/).")
-    buckets: Int = Field(6, ge=1, le=256, description="How many buckets to start.")
+    buckets: Int = Field(8, ge=1, le=256, description="How many buckets to start.")
     port: Port = Field(8080, description="WebSocket port of the API server.")
-    membership_port: Port = Field(8081, description="Membership gRPC port of the API server.")
+    membership_port: Port = Field(
+        0, description="Membership gRPC port of the API server (0 picks a free one, kept across restarts)."
+    )
+    metrics_port: Port = Field(
+        0, description="The API server's /metrics port (0 picks a free one, kept across restarts)."
+    )
     start_timeout: Seconds = Field(30.0, description="Limit for the stack to become ready.")
     stop_timeout: Seconds = Field(10.0, description="Limit for children to exit before SIGKILL.")
+    restart_delay_max: Seconds = Field(
+        30.0, description="Longest wait before restarting a child that exited (the wait doubles from 0.5 s)."
+    )
+    start_failures: Int = Field(
+        5, ge=1, le=1000, description="A child that fails to start this many times in a row stops the stack."
+    )
 
 
 S = TypeVar("S", bound=_Section)

@@ -1,9 +1,12 @@
 """The local stack (``karma8 up``): an API server and N buckets as child processes.
 
 Each child is the ordinary ``karma8 api`` / ``karma8 bucket`` command with its own data
-directory under one root. The supervisor waits until every bucket is live, reports where
-the API listens, and on cancellation (Ctrl-C, SIGTERM) stops the children with SIGTERM,
-then SIGKILL after ``stop_timeout``.
+directory under one root. The supervisor waits until every bucket is live and reports
+where the API listens. A child that exits is restarted after a delay that doubles while
+it keeps exiting (compose's ``restart: unless-stopped``); the others keep running. The
+stack stops on cancellation (Ctrl-C, SIGTERM), stopping the children with SIGTERM, then
+SIGKILL after ``stop_timeout``, or when a child fails to start ``start_failures`` times
+in a row.
 
 The API server and the buckets share a secret, generated at the first start and kept in
 ``<data>/secret`` (mode 0600) so restarts reuse it. Children get it in their environment,
@@ -19,7 +22,7 @@ import secrets
 import signal
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -118,69 +121,118 @@ async def stop_process(proc: trio.Process, sig: int, kill_after: float) -> bool:
     return killed
 
 
+@dataclass
+class Child:
+    """One process of the stack, as the supervisor restarts it."""
+
+    name: str
+    args: list[str]
+    ready: Path
+    proc: trio.Process | None = None
+    #: Ready-file contents of the last start.
+    info: dict[str, object] = field(default_factory=dict)
+    restarts: int = 0
+
+
 class Supervisor:
-    """Starts children, and stops them all when done."""
+    """Starts children, restarts those that exit, and stops them all when done."""
 
     def __init__(
         self,
+        config: StackConfig,
         log_level: str,
-        stop_timeout: float,
         config_file: Path | None,
         env: dict[str, str],
         log_format: str = "text",
     ) -> None:
+        self._config = config
         self._log_level = log_level
         self._log_format = log_format
         self._env = env
-        self._stop_timeout = stop_timeout
         # Children read their own [api] / [bucket] tables from the same file.
         self._config_args = ["--config", str(config_file.absolute())] if config_file else []
-        self.children: list[tuple[str, trio.Process]] = []
+        self.children: list[Child] = []
 
-    async def start(self, what: str, args: list[str], ready: Path) -> dict[str, object]:
-        await trio.Path(ready).unlink(missing_ok=True)
+    async def start(self, child: Child) -> dict[str, object]:
+        """Start ``child`` and wait for its ready file (it exiting first is an error)."""
+        if child not in self.children:
+            self.children.append(child)
+        await trio.Path(child.ready).unlink(missing_ok=True)
         cmd = [
             sys.executable,
             "-m",
             "karma8",
-            *args,
+            *child.args,
             *self._config_args,
             "--ready-file",
-            str(ready),
+            str(child.ready),
             "--log-level",
             self._log_level,
             "--log-format",
             self._log_format,
         ]
-        proc = await trio.lowlevel.open_process(cmd, env=self._env)
-        self.children.append((what, proc))
-        info = await _wait_ready(ready, proc, what)
-        log.debug("%s started (pid %d): %s", what, proc.pid, info)
-        return info
+        child.proc = await trio.lowlevel.open_process(cmd, env=self._env)
+        child.info = await _wait_ready(child.ready, child.proc, child.name)
+        log.debug("%s started (pid %d): %s", child.name, child.proc.pid, child.info)
+        return child.info
 
-    async def watch(self) -> None:
-        """Return when any child exits on its own."""
-        async with trio.open_nursery() as nursery:
+    async def keep(self, child: Child) -> None:
+        """Restart ``child`` whenever it exits, with a growing delay, like compose's
+        ``restart: unless-stopped``.
 
-            async def one(what: str, proc: trio.Process) -> None:
-                await proc.wait()
-                log.error("%s (pid %d) exited with status %s", what, proc.pid, proc.returncode)
-                nursery.cancel_scope.cancel()
-
-            for what, proc in self.children:
-                nursery.start_soon(one, what, proc)
+        Raises:
+            StackError: it failed to start ``start_failures`` times in a row.
+        """
+        config = self._config
+        failures = 0
+        delay = 0.5
+        while True:
+            assert child.proc is not None
+            started = trio.current_time()
+            await child.proc.wait()
+            if trio.current_time() - started > 2 * config.restart_delay_max:
+                delay = 0.5  # it ran a good while: this is a new crash, not a crash loop
+            log.error(
+                "%s (pid %d) exited with status %s; restarting it in %.1f s",
+                child.name,
+                child.proc.pid,
+                child.proc.returncode,
+                delay,
+            )
+            while True:
+                await trio.sleep(delay)
+                delay = min(delay * 2, config.restart_delay_max)
+                try:
+                    with trio.fail_after(config.start_timeout):
+                        await self.start(child)
+                except (StackError, trio.TooSlowError) as exc:
+                    failures += 1
+                    if child.proc is not None and child.proc.returncode is None:
+                        await stop_process(child.proc, signal.SIGKILL, config.stop_timeout)
+                    if failures >= config.start_failures:
+                        raise StackError(
+                            f"{child.name} failed to start {failures} times in a row; stopping the stack"
+                        ) from None
+                    log.error("%s did not start (%s); trying again in %.1f s", child.name, exc, delay)
+                    continue
+                failures = 0
+                child.restarts += 1
+                log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
+                break
 
     async def stop(self) -> None:
         """SIGTERM every child, SIGKILL those still running after the deadline."""
 
-        async def one(what: str, proc: trio.Process) -> None:
-            if await stop_process(proc, signal.SIGTERM, self._stop_timeout):
-                log.warning("%s (pid %d) did not stop in time; killed it", what, proc.pid)
+        async def one(child: Child) -> None:
+            if child.proc is None:
+                return
+            if await stop_process(child.proc, signal.SIGTERM, self._config.stop_timeout):
+                log.warning("%s (pid %d) did not stop in time; killed it", child.name, child.proc.pid)
 
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
-                for what, proc in self.children:
-                    nursery.start_soon(one, what, proc)
+                for child in self.children:
+                    nursery.start_soon(one, child)
 
 
 async def run_stack(
@@ -193,8 +245,10 @@ async def run_stack(
 ) -> None:
     """Run the local stack until cancelled; ``started()`` once every bucket is live.
 
-    The API server keeps its configured metrics port; every bucket gets a free one, so
-    that the buckets of one host never collide.
+    A child that exits is restarted (see :meth:`Supervisor.keep`); the stack stops only
+    when cancelled or when a child keeps failing to start. Internal ports (membership,
+    metrics) are picked free unless configured, and kept across restarts; every bucket
+    gets free ports, so that several stacks run side by side.
     """
     data = config.data.absolute()
     data.mkdir(parents=True, exist_ok=True)
@@ -202,53 +256,73 @@ async def run_stack(
     env = {**os.environ, "KARMA8_API_BUCKET_SECRET": secret, "KARMA8_BUCKET_SECRET": secret}
     # What the API child reads besides the options given below: its token and TLS.
     api_config = load(ApiConfig, config_file)
-    sup = Supervisor(log_level, config.stop_timeout, config_file, env, log_format)
+    sup = Supervisor(config, log_level, config_file, env, log_format)
     try:
         with trio.fail_after(config.start_timeout):
-            api = await sup.start(
+            api = Child(
                 "api",
-                [
-                    "api",
-                    "--data-dir",
-                    str(data / "api"),
-                    "--port",
-                    str(config.port),
-                    "--membership-port",
-                    str(config.membership_port),
-                ],
+                _api_args(data, config.port, config.membership_port, config.metrics_port),
                 data / "api.ready",
             )
+            info = await sup.start(api)
+            # A restarted API server must come back where the buckets and clients look.
+            ports = int(str(info["port"])), int(str(info["membership_port"]))
+            metrics = info.get("metrics_port")
+            api.args = _api_args(
+                data, *ports, int(str(metrics)) if metrics is not None else config.metrics_port
+            )
+            buckets = [
+                Child(
+                    f"bucket-{i}",
+                    [
+                        "bucket",
+                        "--data-dir",
+                        str(data / f"bucket-{i}"),
+                        "--port",
+                        "0",
+                        "--metrics-port",
+                        "0",
+                        "--api",
+                        f"127.0.0.1:{ports[1]}",
+                    ],
+                    data / f"bucket-{i}.ready",
+                )
+                for i in range(1, config.buckets + 1)
+            ]
             async with trio.open_nursery() as starting:
-                for i in range(1, config.buckets + 1):
-                    starting.start_soon(
-                        sup.start,
-                        f"bucket-{i}",
-                        [
-                            "bucket",
-                            "--data-dir",
-                            str(data / f"bucket-{i}"),
-                            "--port",
-                            "0",
-                            "--metrics-port",
-                            "0",
-                            "--api",
-                            f"127.0.0.1:{api['membership_port']}",
-                        ],
-                        data / f"bucket-{i}.ready",
-                    )
-            url = f"{'wss' if api_config.tls_cert else 'ws'}://127.0.0.1:{api['port']}"
+                for child in buckets:
+                    starting.start_soon(sup.start, child)
+            url = f"{'wss' if api_config.tls_cert else 'ws'}://127.0.0.1:{ports[0]}"
             token = api_config.client_token.get_secret_value()
             client = Client(load(ClientConfig, config_file, api=url, token=token or None))
             # Polling another process's state: there is no event to wait on.
             while (await client.status())["live"] < config.buckets:  # noqa: ASYNC110
                 await trio.sleep(POLL)
-        metrics = api.get("metrics_port")
         metrics_url = f"http://{api_config.metrics_host}:{metrics}/metrics" if metrics is not None else None
-        info = StackInfo(url, data, config.buckets, metrics_url)
-        task_status.started(info)
-        await sup.watch()
-        raise StackError("a process of the local stack exited; stopping the stack")
+        task_status.started(StackInfo(url, data, config.buckets, metrics_url))
+        async with trio.open_nursery() as nursery:
+            for child in sup.children:
+                nursery.start_soon(sup.keep, child)
     except trio.TooSlowError:
         raise StackError(f"the local stack did not start within {config.start_timeout:g} s") from None
+    except BaseExceptionGroup as group:
+        stack_errors, rest = group.split(StackError)
+        if stack_errors is not None and rest is None:
+            raise stack_errors.exceptions[0] from None
+        raise
     finally:
         await sup.stop()
+
+
+def _api_args(data: Path, port: int, membership_port: int, metrics_port: int) -> list[str]:
+    return [
+        "api",
+        "--data-dir",
+        str(data / "api"),
+        "--port",
+        str(port),
+        "--membership-port",
+        str(membership_port),
+        "--metrics-port",
+        str(metrics_port),
+    ]

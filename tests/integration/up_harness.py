@@ -60,7 +60,7 @@ async def karma8_up(data: Path, log: Path, *args: str, **env: str) -> AsyncItera
     On the way out a stack still running is stopped (SIGTERM, then SIGKILL), and so is
     any of its children left behind, so a failing test leaks no process.
     """
-    environ = cli_env(KARMA8_STACK_MEMBERSHIP_PORT=str(free_port()), **env)
+    environ = cli_env(**env)  # internal ports: free ones, picked by karma8 up itself
     cmd = karma8_cmd("up", "--data", str(data), "--port", str(free_port()), "--buckets", "6", *args)
     with log.open("ab") as err:
         proc = await trio.lowlevel.open_process(
