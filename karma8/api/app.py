@@ -182,6 +182,7 @@ async def _serve(
         reconciler = Reconciler(registry, cluster, config, metrics)
         rebalancer = Rebalancer(registry, cluster, janitor, config, metrics=metrics)
         repairer = Repairer(registry, cluster, janitor, leases, config)
+        reconciler.on_damage = repairer.poke
 
         def on_hello(bucket_id: str) -> None:
             reconciler.request(bucket_id)

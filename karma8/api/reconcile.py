@@ -9,7 +9,8 @@ API lists the bucket's fragments (its block report) and compares:
   than ``orphan_grace`` by the bucket's own clock, so nothing still being written, or
   copied ahead of its registry row, can be taken for garbage.
 - *missing* fragments belong to committed files but are not on the bucket. They are
-  reported (``status``) and the files show as damaged in ``stat``. To avoid false alarms
+  reported (``status``), the files show as damaged in ``stat``, and they are queued for
+  repair. To avoid false alarms
   from races with the listing, a fragment counts as missing only if its upload was
   committed before the listing began and is still committed after it.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -56,6 +58,8 @@ class Reconciler:
     inventories: dict[str, Inventory] = field(default_factory=dict)
     #: Fragments a scrub (``verify``) found corrupt, until they read back intact.
     corrupt: set[str] = field(default_factory=set)
+    #: Called when missing fragments were queued for repair (the repairer listens).
+    on_damage: Callable[[], None] = lambda: None
     _due: set[str] = field(default_factory=set)
     _wake: trio.Event = field(default_factory=trio.Event)
 
@@ -101,6 +105,9 @@ class Reconciler:
             for fid, state in before.items()
             if state == "committed" and after.get(fid) == "committed" and fid not in on_disk
         )
+        if missing:
+            await self.registry.queue_bad_fragments((parse_fragment_id(f) for f in missing), "missing")
+            self.on_damage()
         deleted = await self._delete_orphans(bucket_id, orphans)
         inventory = Inventory(len(listed), len(unknown), deleted, missing)
         self.inventories[bucket_id] = inventory

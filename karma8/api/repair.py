@@ -28,6 +28,8 @@ backoff; the queue row stays until the file has every fragment of its scheme.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
@@ -38,11 +40,14 @@ from karma8.api.janitor import Janitor, ReadLeases
 from karma8.api.pool import Bucket, Limits
 from karma8.api.reading import read_fragments
 from karma8.api.rebalance import Throttle
-from karma8.api.writing import write_fragments
+from karma8.api.writing import Written, write_fragments
 from karma8.config import ApiConfig
+from karma8.core.checksums import FORMAT
+from karma8.core.coding import Scheme
+from karma8.core.fragments import new_upload_id
 from karma8.core.layout import Layout
 from karma8.core.placement import Candidate, choose_buckets
-from karma8.errors import Karma8Error, NotEnoughBuckets
+from karma8.errors import ChecksumMismatch, Karma8Error, NotEnoughBuckets
 from karma8.registry import FragmentRow, Registry, RepairRow, UploadRow
 
 log = logging.getLogger(__name__)
@@ -171,8 +176,7 @@ class Repairer:
             return
         if upload.format < 2 or upload.parity < self._config.parity:
             # Stored before erasure coding, or with less parity than configured now.
-            # Rewriting such files as new versions is not done yet: they stay queued.
-            await self._registry.repair_later(row.upload_id, row.spare, row.bad, MAX_BACKOFF)
+            await self._upgrade(upload, row)
             return
         fragments = await self._registry.fragments(row.upload_id)
         plan = await self._plan(upload, fragments, row)
@@ -273,20 +277,29 @@ class Repairer:
             return {}
         return dict(zip(parts, chosen, strict=False))
 
-    async def _copy(
-        self, upload: UploadRow, layout: Layout, plan: _Plan, targets: dict[int, str], *, throttled: bool
-    ) -> tuple[dict[int, str], dict[int, Karma8Error]]:
-        """Read the file from the sources and write the parts in ``targets``."""
+    @property
+    def _limits(self) -> Limits:
         config = self._config
-        limits = Limits(
+        return Limits(
             connect=config.connect_timeout,
             step=config.idle_timeout,
             stripe=config.stripe_timeout,
             queue_depth=config.queue_depth,
             small=config.stripe_unit,
         )
-        writers = {p: self._cluster.client(b) for p, b in targets.items()}
-        send, receive = trio.open_memory_channel[bytes](config.queue_depth)
+
+    async def _pipe(
+        self, source: UploadRow, sources: dict[int, Bucket], target: _Target, *, throttled: bool
+    ) -> tuple[Written, dict[int, Karma8Error]]:
+        """Read ``source`` from ``sources`` and write ``target``'s fragments from its bytes.
+
+        Returns what was written (with the sha256 of the bytes read) and the fragments
+        that had to be read around.
+        """
+        limits = self._limits
+        scheme = source.scheme
+        layout = Layout(source.size, scheme.data, source.unit, scheme.parity)
+        send, receive = trio.open_memory_channel[bytes](self._config.queue_depth)
         failed: dict[int, Karma8Error] = {}
 
         async def deliver(unit: bytes) -> None:
@@ -299,13 +312,7 @@ class Repairer:
             async with send:
                 failed.update(
                     await read_fragments(
-                        deliver,
-                        layout,
-                        upload.scheme,
-                        upload.upload_id,
-                        dict(plan.sources),
-                        limits,
-                        checked=True,
+                        deliver, layout, scheme, source.upload_id, sources, limits, checked=source.format >= 2
                     )
                 )
 
@@ -319,10 +326,27 @@ class Repairer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read)
                 written = await write_fragments(
-                    next_unit, layout, upload.scheme, upload.upload_id, writers, 1, limits
+                    next_unit,
+                    target.layout,
+                    target.scheme,
+                    target.upload_id,
+                    target.buckets,
+                    target.quorum,
+                    limits,
                 )
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+        for part, exc in written.failed.items():
+            log.warning("upload=%s writing part %d failed: %s", target.upload_id, part, exc.message)
+        return written, failed
+
+    async def _copy(
+        self, upload: UploadRow, layout: Layout, plan: _Plan, targets: dict[int, str], *, throttled: bool
+    ) -> tuple[dict[int, str], dict[int, Karma8Error]]:
+        """Read the file from the sources and write the parts in ``targets``."""
+        writers = {p: self._cluster.client(b) for p, b in targets.items()}
+        target = _Target(upload.upload_id, layout, upload.scheme, writers, 1)
+        written, failed = await self._pipe(upload, dict(plan.sources), target, throttled=throttled)
         if written.sha256 != upload.sha256:
             log.error(
                 "upload=%s: the file read for repair has sha256 %s, not the committed %s; nothing switched",
@@ -331,9 +355,72 @@ class Repairer:
                 upload.sha256,
             )
             return {}, failed
-        for part, exc in written.failed.items():
-            log.warning("upload=%s repair of part %d failed: %s", upload.upload_id, part, exc.message)
         return written.stored, failed
+
+    async def _upgrade(self, upload: UploadRow, row: RepairRow) -> None:
+        """Rewrite a file stored with less protection than configured (or before erasure
+        coding) as a new version with the configured scheme, if it is still current."""
+        config = self._config
+        scheme = Scheme.of(config.parts, config.parity)
+        live = self._cluster.live()
+        if len(live) < scheme.width:
+            await self._registry.repair_later(upload.upload_id, row.spare, row.bad, MAX_BACKOFF)
+            return
+        fragments = await self._registry.fragments(upload.upload_id)
+        sources: dict[int, Bucket] = {}
+        for f in fragments:
+            if f.state == "ok" and self._cluster.is_live(f.bucket_id):
+                sources[f.part] = self._cluster.client(f.bucket_id)
+        layout = Layout.for_size(upload.size, scheme.data, config.stripe_unit, scheme.parity)
+        new_id = new_upload_id()
+        bucket_ids = await self._registry.place_upload(
+            UploadRow(
+                new_id,
+                upload.name,
+                upload.size,
+                scheme.data,
+                layout.unit,
+                "in_progress",
+                created=time.time(),
+                parity=scheme.parity,
+                codec=scheme.codec,
+                format=FORMAT,
+            ),
+            layout.part_sizes(),
+            live,
+        )
+        try:
+            writers = {p: self._cluster.client(b) for p, b in enumerate(bucket_ids)}
+            target = _Target(new_id, layout, scheme, writers, scheme.width)
+            written, _ = await self._pipe(upload, sources, target, throttled=True)
+            if written.sha256 != upload.sha256:
+                raise ChecksumMismatch(f"read back sha256 {written.sha256}, committed {upload.sha256}")
+            await self._registry.commit_upload(
+                new_id, written.sha256, written.stored, replacing=upload.upload_id
+            )
+        except BaseException:
+            with trio.move_on_after(config.cleanup_timeout, shield=True):
+                await self._registry.fail_upload(new_id)
+                await self._janitor.delete(new_id, bucket_ids)
+            raise
+        self._janitor.poke()
+        self.progress.files += 1
+        self.progress.fragments += len(written.stored)
+        log.info(
+            "upload=%s name=%r rewritten as upload=%s with %s", upload.upload_id, upload.name, new_id, scheme
+        )
+        await self._registry.repair_done(upload.upload_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Fragments to write from a file's bytes."""
+
+    upload_id: str
+    layout: Layout
+    scheme: Scheme
+    buckets: Mapping[int, Bucket]
+    quorum: int
 
 
 def _backoff(attempts: int) -> float:

@@ -72,8 +72,11 @@ async def _check(session: Session, fragment: FragmentRow) -> str:
         return f"unreachable: {exc}"
     if not problem and (size != fragment.size or (fragment.sha256 and digest != fragment.sha256)):
         problem = "corrupt: differs from the registry's checksum"
-    if problem.startswith("corrupt"):
-        services.reconciler.corrupt.add(fid)
+    if problem.startswith("corrupt") or problem == "missing":
+        if problem != "missing":
+            services.reconciler.corrupt.add(fid)
+        await services.registry.queue_bad_fragments([(fragment.upload_id, fragment.part)], "scrub")
+        services.repairer.poke()
     elif not problem:
         services.reconciler.corrupt.discard(fid)
     return problem

@@ -19,15 +19,13 @@ import trio
 from karma8.api.metrics import CLEANUP
 from karma8.api.session import Session
 from karma8.api.writing import write_fragments
+from karma8.core.checksums import FORMAT
 from karma8.core.coding import Scheme
 from karma8.core.fragments import new_upload_id
 from karma8.core.layout import Layout
 from karma8.core.protocol import encode_ok, parse_upload_header
 from karma8.errors import BadRequest, ChecksumMismatch, Conflict
 from karma8.registry import UploadRow
-
-#: Fragment format of new uploads: a crc32c per unit (karma8/bucket/store.py).
-FORMAT = 2
 
 
 async def handle_upload(session: Session, name: str) -> None:

@@ -16,6 +16,8 @@ import crc32c
 
 #: Bytes of one stored checksum.
 CRC_SIZE = 4
+#: The fragment format of new uploads: 2, a crc32c per unit (karma8/bucket/store.py).
+FORMAT = 2
 
 
 def crc(data: bytes | memoryview) -> int:

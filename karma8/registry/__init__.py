@@ -74,14 +74,24 @@ class Registry:
         return await self._run(self.db.place_upload, upload, part_sizes, live, required)
 
     async def commit_upload(
-        self, upload_id: str, sha256: str, checksums: Mapping[int, str], owed: Iterable[int] = ()
+        self,
+        upload_id: str,
+        sha256: str,
+        checksums: Mapping[int, str],
+        owed: Iterable[int] = (),
+        replacing: str | None = None,
     ) -> str | None:
-        return await self._run(self.db.commit_upload, upload_id, sha256, checksums, time.time(), owed)
+        return await self._run(
+            self.db.commit_upload, upload_id, sha256, checksums, time.time(), tuple(owed), replacing
+        )
 
     # -- the repair queue (karma8/registry/repairs.py) --
 
     async def queue_repair(self, upload_id: str, reason: str, spare: int, bad: Iterable[int] = ()) -> None:
         await self._run(self.db.queue_repair, upload_id, reason, spare, time.time(), tuple(bad))
+
+    async def queue_bad_fragments(self, fragments: Iterable[tuple[str, int]], reason: str) -> int:
+        return await self._run(self.db.queue_bad_fragments, tuple(fragments), reason, time.time())
 
     async def queue_lost_buckets(self, bucket_ids: Iterable[str]) -> int:
         return await self._run(self.db.queue_lost_buckets, tuple(bucket_ids), time.time())

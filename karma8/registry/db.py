@@ -36,7 +36,7 @@ from karma8.core.coding import Scheme
 from karma8.core.fragments import fragment_id
 from karma8.core.placement import Candidate, choose_buckets
 from karma8.core.records import Heartbeat
-from karma8.errors import Internal
+from karma8.errors import Conflict, Internal
 from karma8.registry import schema
 from karma8.registry.repairs import RepairQueue, queue_if_short
 
@@ -284,14 +284,19 @@ class RegistryDB(RepairQueue):
         checksums: Mapping[int, str],
         now: float,
         owed: Iterable[int] = (),
+        replacing: str | None = None,
     ) -> str | None:
         """Make ``upload_id`` the current version of its name, atomically.
 
         Fragments in ``owed`` were placed but not written; they are marked so, and a file
         with fewer fragments than its scheme (owed or never placed) joins the repair
-        queue in the same transaction.
+        queue in the same transaction. With ``replacing`` (a rewrite of a stored file),
+        the name must still point at that upload, and keeps its creation time.
 
         Returns the id of the version it replaced (now ``deleting``), if any.
+
+        Raises:
+            Conflict: ``replacing`` is no longer the name's current version.
         """
         with self._transaction() as c:
             row = c.execute(
@@ -301,7 +306,12 @@ class RegistryDB(RepairQueue):
             if row is None:
                 raise Internal(f"upload {upload_id} is not in progress; cannot commit it")
             name, size = row
-            old = c.execute("SELECT upload_id FROM files WHERE name = ?", (name,)).fetchone()
+            old = c.execute("SELECT upload_id, created FROM files WHERE name = ?", (name,)).fetchone()
+            created = now
+            if replacing is not None:
+                if old is None or old[0] != replacing:
+                    raise Conflict(f"{name!r} changed while it was being rewritten")
+                created = old[1]
             for part, digest in checksums.items():
                 c.execute(
                     "UPDATE fragments SET sha256 = ? WHERE upload_id = ? AND part = ?",
@@ -324,7 +334,7 @@ class RegistryDB(RepairQueue):
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
                 " upload_id=excluded.upload_id, size=excluded.size,"
                 " sha256=excluded.sha256, created=excluded.created",
-                (name, upload_id, size, sha256, now),
+                (name, upload_id, size, sha256, created),
             )
         return None if old is None else str(old[0])
 

@@ -85,6 +85,25 @@ class RepairQueue:
             ).fetchone():
                 _upsert(c, upload_id, reason, spare, now, bad)
 
+    def queue_bad_fragments(self: _DB, fragments: Iterable[tuple[str, int]], reason: str, now: float) -> int:
+        """Queue the committed files of these (upload id, part) fragments, found missing or
+        damaged; returns how many files were queued."""
+        bad: dict[str, set[int]] = {}
+        for upload_id, part in fragments:
+            bad.setdefault(upload_id, set()).add(part)
+        queued = 0
+        with self._transaction() as c:
+            for upload_id, parts in sorted(bad.items()):
+                row = c.execute(
+                    "SELECT u.parts, (SELECT COUNT(*) FROM fragments f WHERE f.upload_id = u.id"
+                    " AND f.state = 'ok') FROM uploads u WHERE u.id = ? AND u.state = 'committed'",
+                    (upload_id,),
+                ).fetchone()
+                if row is not None:
+                    _upsert(c, upload_id, reason, row[1] - len(parts) - row[0], now, parts)
+                    queued += 1
+        return queued
+
     def queue_lost_buckets(self: _DB, bucket_ids: Iterable[str], now: float) -> int:
         """Queue every committed file with a fragment on these buckets (declared lost)."""
         ids = sorted(set(bucket_ids))

@@ -13,8 +13,9 @@ import trio
 from karma8.client import FileInfo
 from karma8.config import MiB
 from karma8.errors import RemoteError
+from karma8.registry.db import RegistryDB
 from tests.integration.harness import Cluster, make_file, open_cluster, sha256_of, wait_until
-from tests.integration.up_harness import karma8_up
+from tests.integration.up_harness import karma8_up, stop_with_ctrl_c
 
 SIZES = {"empty": 0, "one": 1, "small": 1000, "stripes": 3 * MiB + 17, "big": 20 * MiB + 5}
 LEGACY = Path(__file__).parents[1] / "data" / "release-0.1.tar.gz"
@@ -160,6 +161,32 @@ async def test_a_store_written_by_release_0_1_opens_and_serves(tmp_path: Path) -
         await cluster.client.upload(src, "new")
         assert (await cluster.client.stat("new"))["format"] == 2
         await _download_equal(cluster, "new", digest, tmp_path)
+        await stop_with_ctrl_c(stack)
+
+    # With 8 buckets the old files are rewritten with the configured 6+2.
+    expected["new"] = digest
+    async with karma8_up(
+        data, tmp_path / "up.log", "--buckets", "8", KARMA8_API_REPAIR_INTERVAL="0.3"
+    ) as stack:
+        cluster = Cluster(data, 0, stack.url)
+
+        async def upgraded() -> bool:
+            for name in expected:
+                stat = await cluster.client.stat(name)
+                if (stat["scheme"], stat["format"], len(stat["parts"])) != ("6+2 (isa_l_rs_cauchy)", 2, 8):
+                    return False
+            return True
+
+        await wait_until(upgraded, "every file rewritten as 6+2")
+        for name, digest in expected.items():
+            await _download_equal(cluster, name, digest, tmp_path)
+        await stop_with_ctrl_c(stack)
+    db = RegistryDB(data / "api" / "registry.sqlite3")
+    try:
+        assert db.repairs() == []
+        assert db._query("SELECT COUNT(*) FROM uploads WHERE format = 1") == [(0,)], "old versions left"
+    finally:
+        db.close()
     shutil.rmtree(data)
 
 
