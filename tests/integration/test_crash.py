@@ -19,6 +19,7 @@ from tests.integration.harness import (
     make_file,
     open_api_process,
     open_raw,
+    start_bucket,
     start_buckets,
     stop_process,
     upload_rows,
@@ -102,6 +103,58 @@ async def test_api_killed_mid_upload(tmp_path: Path) -> None:
                 db.close()
             assert [f["name"] for f in await client.list()] == ["keep"]
             assert (await client.download("keep", tmp_path / "out")).sha256 == digest
+    finally:
+        for b in buckets:
+            await stop_process(b.proc, signal.SIGTERM)
+
+
+async def test_api_killed_mid_repair_loses_nothing_and_resumes(tmp_path: Path) -> None:
+    membership = free_port()
+    src = tmp_path / "file"
+    digest = make_file(src, 24 * MiB + 3, seed=6)
+    buckets = await start_buckets(tmp_path, membership)
+    # Slow repairs, so that the kill lands in the middle of one.
+    settings = {"repair_bandwidth": 4 * MiB, "repair_interval": 0.3}
+    try:
+        async with open_api_process(tmp_path, membership, settings) as url:
+            client = Client(ClientConfig(api=url))
+            await wait_live(client, 6)
+            await client.upload(src, "file")  # 6 buckets: the parity is owed
+            upload_id = str((await client.stat("file"))["upload_id"])
+            new = [await start_bucket(tmp_path / f"bucket-{i}", membership) for i in (6, 7)]
+            buckets += new
+            await wait_until(lambda: any(b.tmp_files() for b in new), "the repair writing to a new bucket")
+            kill_api(tmp_path)
+
+        db = RegistryDB(tmp_path / "api" / "registry.sqlite3")
+        try:
+            assert [r.upload_id for r in db.repairs()] == [upload_id]
+            assert db._query("SELECT COUNT(*) FROM moves WHERE src = ''") != [(0,)]
+        finally:
+            db.close()
+
+        async with open_api_process(tmp_path, membership, settings) as url:
+            client = Client(ClientConfig(api=url))
+            await wait_live(client, 8)
+
+            def repaired() -> bool:
+                db = RegistryDB(tmp_path / "api" / "registry.sqlite3")
+                try:
+                    rows = db.fragments(upload_id)
+                    return (
+                        not db.repairs()
+                        and not db.pending_stale()
+                        and len(rows) == 8
+                        and all(f.state == "ok" for f in rows)
+                    )
+                finally:
+                    db.close()
+
+            await wait_until(repaired, "the repair resumed and finished", within=60)
+            every = [p.name for b in buckets for p in b.fragment_files()]
+            assert sorted(every) == sorted(f"{upload_id}.{p}" for p in range(8)), "garbage left"
+            assert not any(b.tmp_files() for b in buckets)
+            assert (await client.download("file", tmp_path / "out")).sha256 == digest
     finally:
         for b in buckets:
             await stop_process(b.proc, signal.SIGTERM)
