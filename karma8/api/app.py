@@ -181,7 +181,7 @@ async def _serve(
         )
         reconciler = Reconciler(registry, cluster, config, metrics)
         rebalancer = Rebalancer(registry, cluster, janitor, config, metrics=metrics)
-        repairer = Repairer(registry, cluster, janitor, leases, config)
+        repairer = Repairer(registry, cluster, janitor, leases, config, metrics)
         reconciler.on_damage = repairer.poke
 
         def on_hello(bucket_id: str) -> None:

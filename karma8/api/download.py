@@ -60,6 +60,7 @@ async def handle_download(session: Session, name: str) -> None:
         good = sum(f.state == "ok" for f in file.fragments) - len(failed)
         await services.registry.queue_repair(upload.upload_id, "degraded_read", good - scheme.data, failed)
         services.repairer.poke()
+        services.metrics.degraded_reads.inc()
     digest = hasher.hexdigest()
     if digest != file.sha256:
         raise ChecksumMismatch(f"{name!r}: data read back has sha256 {digest}, expected {file.sha256}")

@@ -166,6 +166,35 @@ class ApiMetrics:
             "Moves the current run's plan has left (0 when idle).",
             registry=r,
         )
+        # -- erasure coding and repair (docs/durability.md) -------------------------------
+        self.owed_fragments = Counter(
+            "karma8_api_owed_fragments",
+            "Fragments an upload was acknowledged without (its quorum met), owed to repair.",
+            registry=r,
+        )
+        self.degraded_reads = Counter(
+            "karma8_api_degraded_reads",
+            "Downloads that read around a failed, stalled or damaged fragment (and queued a repair).",
+            registry=r,
+        )
+        self.repair_queue = Gauge("karma8_api_repair_queue_files", "Files in the repair queue.", registry=r)
+        self.repair_at_risk = Gauge(
+            "karma8_api_repair_at_risk_files",
+            "Files in the repair queue with no fragment to spare (one more loss and they cannot be read).",
+            registry=r,
+        )
+        self.repairs = Counter(
+            "karma8_api_repairs",
+            "Repairs of one file that ended: done (all fragments of its scheme), later (retried), failed.",
+            ["result"],
+            registry=r,
+        )
+        self.repaired_fragments = Counter(
+            "karma8_api_repaired_fragments", "Fragments rebuilt and switched in by repairs.", registry=r
+        )
+        self.repair_read_bytes = Counter(
+            "karma8_api_repair_read_bytes", "File bytes read by repairs (to rebuild fragments).", registry=r
+        )
         # Series that exist from the start, so that rates and alerts need no special case.
         for op in Op:
             self.sessions.labels(op.value)
@@ -179,6 +208,8 @@ class ApiMetrics:
             self.reconciliations.labels(result)
         for result in ("done", "failed", "discarded"):
             self.rebalance_moves.labels(result)
+        for result in ("done", "later", "failed"):
+            self.repairs.labels(result)
 
     def watch_buckets(self, read: Callable[[], Sequence[BucketSample]]) -> None:
         """Report the buckets ``read`` returns at every scrape (called on a scrape thread)."""

@@ -37,6 +37,7 @@ import trio
 from karma8.api.cluster import Cluster
 from karma8.api.errors import first_error
 from karma8.api.janitor import Janitor, ReadLeases
+from karma8.api.metrics import ApiMetrics
 from karma8.api.pool import Bucket, Limits
 from karma8.api.reading import read_fragments
 from karma8.api.rebalance import Throttle
@@ -96,9 +97,16 @@ class Repairer:
     """Works through the repair queue; one instance per API server."""
 
     def __init__(
-        self, registry: Registry, cluster: Cluster, janitor: Janitor, leases: ReadLeases, config: ApiConfig
+        self,
+        registry: Registry,
+        cluster: Cluster,
+        janitor: Janitor,
+        leases: ReadLeases,
+        config: ApiConfig,
+        metrics: ApiMetrics,
     ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._cluster = cluster
         self._janitor = janitor
         self._leases = leases
@@ -149,6 +157,9 @@ class Repairer:
             n = await self._registry.queue_lost_buckets(lost)
             if n:
                 log.warning("repair: bucket(s) %s lost; %d file(s) queued", ",".join(lost), n)
+        summary = await self._registry.repair_summary()
+        self._metrics.repair_queue.set(summary["files"])
+        self._metrics.repair_at_risk.set(sum(n for s, n in summary["by_spare"].items() if int(s) <= 0))
         free = self._config.repair_concurrency - len(self._running)
         if free <= 0:
             return
@@ -163,6 +174,7 @@ class Repairer:
                 await self._repair(row)
         except Karma8Error as exc:
             self.progress.failed += 1
+            self._metrics.repairs.labels("failed").inc()
             log.warning("upload=%s repair failed: %s", row.upload_id, exc.message)
             await self._registry.repair_later(row.upload_id, row.spare, row.bad, _backoff(row.attempts))
         finally:
@@ -214,6 +226,7 @@ class Repairer:
                 )
                 self._janitor.poke()
         self.progress.fragments += len(switched)
+        self._metrics.repaired_fragments.inc(len(switched))
         still = (plan.rebuild - switched) | set(failed_reads)
         log.info(
             "upload=%s name=%r repaired part(s) %s%s",
@@ -226,8 +239,10 @@ class Repairer:
         if still or plan.waiting:
             delay = _backoff(row.attempts) if still else self._config.repair_interval
             await self._registry.repair_later(row.upload_id, good - scheme.data, still, delay)
+            self._metrics.repairs.labels("later").inc()
         else:
             self.progress.files += 1
+            self._metrics.repairs.labels("done").inc()
             await self._registry.repair_done(row.upload_id)
 
     async def _plan(self, upload: UploadRow, fragments: list[FragmentRow], row: RepairRow) -> _Plan:
@@ -306,6 +321,7 @@ class Repairer:
             if throttled:
                 await self._throttle.take(len(unit))
             self.progress.bytes += len(unit)
+            self._metrics.repair_read_bytes.inc(len(unit))
             await send.send(unit)
 
         async def read() -> None:
@@ -406,6 +422,8 @@ class Repairer:
         self._janitor.poke()
         self.progress.files += 1
         self.progress.fragments += len(written.stored)
+        self._metrics.repairs.labels("done").inc()
+        self._metrics.repaired_fragments.inc(len(written.stored))
         log.info(
             "upload=%s name=%r rewritten as upload=%s with %s", upload.upload_id, upload.name, new_id, scheme
         )

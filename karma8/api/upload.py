@@ -87,6 +87,7 @@ async def handle_upload(session: Session, name: str) -> None:
                 raise ChecksumMismatch(f"data has sha256 {written.sha256}, client announced {header.sha256}")
             for part, exc in sorted(written.failed.items()):
                 log.warning("part %d owed to repair: %s", part, exc.message)
+            services.metrics.owed_fragments.inc(len(written.failed))
             replaced = await services.registry.commit_upload(
                 upload_id, written.sha256, written.stored, owed=written.failed
             )
