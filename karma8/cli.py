@@ -341,11 +341,18 @@ def list_files(
 @app.command()
 def stat(
     name: Annotated[str, typer.Argument(help="Name of the stored file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     api: ApiOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show a file's size, sha256 and where each part lives (JSON)."""
-    _print_json(_run(functools.partial(_client(config, api).stat, name)))
+    """Show a file: size, sha256, scheme, health, and each fragment's role, bucket and state."""
+    from karma8.cli_report import print_stat
+
+    st = _run(functools.partial(_client(config, api).stat, name))
+    if as_json:
+        _print_json(st)
+    else:
+        print_stat(st)
 
 
 @app.command("rm")
@@ -383,8 +390,8 @@ def status(
     api: ApiOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show the buckets (live, used, free, fill, fragments), the spread and the rebalancer."""
-    from karma8.cli_report import human_size, percent, rebalancer_line, spread_text
+    """Show the buckets, the spread, the rebalancer, the protection of files and the repair queue."""
+    from karma8.cli_report import human_size, percent, protection_lines, rebalancer_line, spread_text
 
     st = _run(_client(config, api).status)
     if as_json:
@@ -403,6 +410,43 @@ def status(
         )
     typer.echo(f"spread: {spread_text(st.get('spread'))} (fullest / emptiest fill of the live buckets)")
     typer.echo(rebalancer_line(st.get("rebalancer")))
+    for line in protection_lines(st):
+        typer.echo(line)
+
+
+@app.command("repair")
+def repair_cmd(
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Start and return at once.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    api: ApiOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Repair now: rebuild lost, damaged and owed fragments, most at-risk files first.
+
+    The repairs run in the API server (they also run by themselves); this command asks
+    for every queued file to be tried now and shows the progress until the queue is
+    empty. Ctrl-C stops watching, not the repairs. Exit status 1 if files are left that
+    cannot be repaired now (too few buckets or readable fragments).
+    """
+    from karma8.cli_report import RepairWatch, repair_line
+
+    client = _client(config, api)
+    summary = _run(client.repair)
+    if no_wait:
+        if as_json:
+            _print_json(summary)
+        else:
+            typer.echo(f"repair: {summary['files']} file(s) queued; started")
+        return
+    watch = RepairWatch(client)
+    _run(watch.run)
+    final = watch.status
+    if as_json:
+        _print_json(final)
+    else:
+        typer.echo(repair_line(final))
+    if final["files"]:
+        raise typer.Exit(1)
 
 
 @app.command("rebalance")

@@ -1,6 +1,8 @@
-"""What ``karma8 status`` and ``karma8 rebalance`` print: sizes, fills, plans, progress.
+"""What ``karma8 status``, ``stat``, ``rebalance`` and ``repair`` print: sizes, fills,
+plans, protection, progress.
 
-Also :class:`Watch`, which follows a rebalance run through ``/status`` until it ends.
+Also :class:`Watch`, which follows a rebalance run through ``/status`` until it ends, and
+:class:`RepairWatch`, which follows the repair queue until it is empty or stuck.
 """
 
 from __future__ import annotations
@@ -63,6 +65,107 @@ class Watch:
                 await trio.sleep(WATCH_POLL)
         finally:
             self._line.clear()
+
+
+#: Seconds the repair queue may stay unchanged, nothing running, before ``repair`` gives up.
+REPAIR_STUCK = 15.0
+
+
+class RepairWatch:
+    """Polls /status until the repair queue is empty, or stuck (nothing running, no change)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._line = ProgressLine()
+        #: The last ``repair`` section of /status seen.
+        self.status: dict[str, Any] = {}
+
+    async def run(self) -> None:
+        last: tuple[object, ...] = ()
+        since = trio.current_time()
+        try:
+            while True:
+                rep = (await self._client.status())["repair"]
+                self.status = rep
+                now = trio.current_time()
+                if not rep["files"]:
+                    return
+                seen = (rep["files"], rep["repaired_fragments"], rep["read_bytes"], rep["running"])
+                if seen != last or rep["running"]:
+                    last, since = seen, now
+                elif now - since >= REPAIR_STUCK:
+                    return
+                self._line.show(f"repair: {repair_line(rep)}", now)
+                await trio.sleep(WATCH_POLL)
+        finally:
+            self._line.clear()
+
+
+def repair_line(rep: dict[str, Any]) -> str:
+    """The repair queue and progress, in one line."""
+    if not rep.get("files"):
+        done = f"; {rep['repaired_fragments']} fragment(s) rebuilt" if rep.get("repaired_fragments") else ""
+        return f"repair queue empty{done}"
+    at_risk = sum(n for s, n in rep["by_spare"].items() if int(s) <= 0)
+    reasons = ", ".join(f"{r} {n}" for r, n in rep["by_reason"].items())
+    eta = rep.get("eta")
+    return (
+        f"{rep['files']} file(s) ({human_size(rep['bytes'])}) to repair, {at_risk} with no fragment to spare"
+        f" [{reasons}]; {rep['running']} running, {rep['repaired_fragments']} fragment(s) rebuilt,"
+        f" {human_size(rep['read_bytes'])} read at {human_size(rep['rate'])}/s"
+        + (f", about {eta:.0f} s left" if eta is not None else "")
+    )
+
+
+def protection_lines(st: dict[str, Any]) -> list[str]:
+    """What ``status`` says about the protection of files: scheme, losses tolerated, repair."""
+    prot, rep = st.get("protection"), st.get("repair")
+    if prot is None or rep is None:  # an API server from before erasure coding
+        return []
+    lines = [
+        f"protection: new files get {prot['new_files']} (configured {prot['configured']},"
+        f" acknowledged with {prot['write_quorum']} fragments)"
+    ]
+    if "warning" in prot:
+        lines.append(f"WARNING: {prot['warning']}")
+    queued = sum(rep["by_spare"].values())
+    full = rep["stored_files"] - queued
+    parity = int(str(prot["configured"]).split("+")[1])
+    by_loss = {str(parity): full} if full else {}
+    for spare, n in rep["by_spare"].items():
+        by_loss[spare] = by_loss.get(spare, 0) + n
+    tolerated = ", ".join(
+        f"{n} survive {s} more loss(es)" if int(s) >= 0 else f"{n} UNREADABLE now"
+        for s, n in sorted(by_loss.items(), key=lambda kv: -int(kv[0]))
+    )
+    lines.append(f"files: {rep['stored_files']} ({human_size(rep['stored_bytes'])}): {tolerated or 'none'}")
+    lines.append(f"repair: {repair_line(rep)}")
+    for d in rep.get("down", []):
+        lost = "declared lost" if not d["lost_in"] else f"declared lost in {d['lost_in']:.0f} s"
+        lines.append(f"DOWN: bucket {d['id']} not live for {d['down_for']:.0f} s; {lost}")
+    return lines
+
+
+def print_stat(st: dict[str, Any]) -> None:
+    """``karma8 stat``: the file, then one line per fragment."""
+    typer.echo(f"name      {st['name']}")
+    typer.echo(f"size      {human_size(st['size'])} ({st['size']} bytes)")
+    typer.echo(f"sha256    {st['sha256']}")
+    typer.echo(f"created   {when(st.get('created'))}")
+    typer.echo(
+        f"scheme    {st.get('scheme', '?')}, unit {human_size(st['stripe_unit'])}, fragment format"
+        f" {st.get('format', 1)}"
+    )
+    health = st.get("health", "?")
+    tolerates = st.get("tolerates", 0)
+    more = f"survives {tolerates} more lost bucket(s)" if tolerates >= 0 else "cannot be read now"
+    typer.echo(f"health    {health}: {more}")
+    typer.echo(f"{'part':<6}{'role':<8}{'state':<11}{'bucket':<18}{'address':<24}{'size':>11}")
+    for p in st["parts"]:
+        typer.echo(
+            f"{p['part']:<6}{p.get('role', 'data'):<8}{p.get('state', 'ok'):<11}{p['bucket'] or '-':<18}"
+            f"{p['address'] or '-':<24}{human_size(p['size']):>11}"
+        )
 
 
 class ProgressLine:

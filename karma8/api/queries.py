@@ -13,6 +13,7 @@ from karma8.config import ApiConfig
 from karma8.core import balance
 from karma8.core.balance import Fill
 from karma8.core.fragments import fragment_id
+from karma8.core.health import file_health, fragment_state
 from karma8.core.protocol import encode_ok
 from karma8.errors import NotFound
 
@@ -35,24 +36,49 @@ async def handle_stat(session: Session, name: str) -> None:
         raise NotFound(name)
     missing = services.reconciler.missing()
     corrupt = services.reconciler.corrupt
-    parts = []
+    repairing = await services.registry.repairing(found.upload.upload_id)
+    parts: list[dict[str, object]] = []
     scheme = found.upload.scheme
-    for f in found.fragments:
+    rows = {f.part: f for f in found.fragments}
+    for part in range(max(scheme.width, len(rows))):
+        f = rows.get(part)
+        role = "data" if part < scheme.data else "parity"
+        if f is None:  # never placed: too few buckets were live
+            state = "repairing" if part in repairing else "owed"
+            parts.append(
+                {
+                    "part": part,
+                    "role": role,
+                    "state": state,
+                    "bucket": None,
+                    "address": "",
+                    "live": False,
+                    "size": 0,
+                    "sha256": None,
+                    "problem": None,
+                }
+            )
+            continue
         fid = fragment_id(f.upload_id, f.part)
+        live = services.cluster.is_live(f.bucket_id)
         problem = "missing" if fid in missing else "corrupt" if fid in corrupt else None
+        state = fragment_state(
+            f.state, live=live, missing=fid in missing, corrupt=fid in corrupt, repairing=part in repairing
+        )
         parts.append(
             {
                 "part": f.part,
-                "role": "data" if f.part < scheme.data else "parity",
-                "state": f.state,
+                "role": role,
+                "state": state,
                 "bucket": f.bucket_id,
                 "address": services.cluster.address(f.bucket_id),
-                "live": services.cluster.is_live(f.bucket_id),
+                "live": live,
                 "size": f.size,
                 "sha256": f.sha256,
                 "problem": problem,
             }
         )
+    health, tolerates = file_health((str(p["state"]) for p in parts), scheme.data, scheme.width)
     await session.send(
         encode_ok(
             name=found.name,
@@ -65,6 +91,8 @@ async def handle_stat(session: Session, name: str) -> None:
             data_parts=scheme.data,
             parity=scheme.parity,
             format=found.upload.format,
+            health=health,
+            tolerates=tolerates,
             damaged=any(p["problem"] for p in parts),
             parts=parts,
         )
@@ -98,6 +126,7 @@ async def handle_status(session: Session) -> None:
         if cluster.is_live(s.bucket_id)
     ]
     rebalancer = services.rebalancer
+    repairs = await services.registry.repair_summary()
     await session.send(
         encode_ok(
             parts=session.config.parts,
@@ -112,8 +141,9 @@ async def handle_status(session: Session) -> None:
             },
             protection=_protection(session.config, len(fills)),
             repair={
-                **await services.registry.repair_summary(),
+                **repairs,
                 **services.repairer.progress.as_dict(),
+                "eta": services.repairer.progress.eta(repairs["bytes"]),
                 "lost_after": session.config.repair_after,
                 "down": _down(cluster, session.config.repair_after),
             },
@@ -179,6 +209,14 @@ async def handle_rebalance(session: Session, dry_run: bool) -> None:
         rebalancer.request("requested by a client")
         session.log.info("rebalance requested: %d move(s), %d bytes", len(plan), summary["bytes"])
     await session.send(encode_ok(**summary, started=bool(plan)))
+
+
+async def handle_repair(session: Session) -> None:
+    """``/repair``: look at the repair queue now, every waiting file included."""
+    services = session.services
+    services.repairer.joined()
+    session.log.info("repair requested")
+    await session.send(encode_ok(**await services.registry.repair_summary(), started=True))
 
 
 def _finite(value: float) -> float | None:

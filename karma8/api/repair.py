@@ -68,13 +68,26 @@ class RepairProgress:
     failed: int = 0
     started: float | None = None
 
+    @property
+    def rate(self) -> float:
+        """Bytes read per second since the first repair began (0 before)."""
+        if self.started is None:
+            return 0.0
+        return self.bytes / max(time.time() - self.started, 1e-3)
+
+    def eta(self, queued_bytes: int) -> float | None:
+        """Seconds to repair ``queued_bytes`` at the rate so far (None: no rate yet)."""
+        rate = self.rate
+        return round(queued_bytes / rate, 1) if rate > 0 else None
+
     def as_dict(self) -> dict[str, object]:
         return {
             "running": self.running,
-            "files": self.files,
-            "fragments": self.fragments,
-            "bytes": self.bytes,
+            "repaired_files": self.files,
+            "repaired_fragments": self.fragments,
+            "read_bytes": self.bytes,
             "failed": self.failed,
+            "rate": round(self.rate),
         }
 
 
@@ -169,6 +182,8 @@ class Repairer:
 
     async def _repair_one(self, row: RepairRow) -> None:
         self.progress.running += 1
+        if self.progress.started is None:
+            self.progress.started = time.time()
         try:
             with self._leases.hold(row.upload_id):
                 await self._repair(row)

@@ -17,7 +17,14 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from karma8.api.download import handle_download
 from karma8.api.listener import Connection
 from karma8.api.metrics import CANCELLED, DISCONNECTED, OK
-from karma8.api.queries import handle_delete, handle_files, handle_rebalance, handle_stat, handle_status
+from karma8.api.queries import (
+    handle_delete,
+    handle_files,
+    handle_rebalance,
+    handle_repair,
+    handle_stat,
+    handle_status,
+)
 from karma8.api.scrub import handle_verify
 from karma8.api.session import Services, Session
 from karma8.api.upload import handle_upload
@@ -104,6 +111,8 @@ class ApiHandler:
             await handle_verify(session, req.name)
         elif req.op is Op.REBALANCE:
             await handle_rebalance(session, req.dry_run)
+        elif req.op is Op.REPAIR:
+            await handle_repair(session)
         else:
             await handle_status(session)
 

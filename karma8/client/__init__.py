@@ -214,6 +214,10 @@ class Client:
         """The buckets the API server knows, live or not, with their usage."""
         return await self._query("/status")
 
+    async def repair(self) -> dict[str, Any]:
+        """Have the repairer look at its whole queue now; the queue in numbers."""
+        return await self._query("/repair")
+
     async def rebalance(self, dry_run: bool = False) -> dict[str, Any]:
         """Ask for a rebalance now (it runs in the server); with ``dry_run``, only its plan."""
         return await self._query("/rebalance?dry_run=1" if dry_run else "/rebalance")

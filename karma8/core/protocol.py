@@ -30,6 +30,7 @@ class Op(enum.Enum):
     STATUS = "status"
     VERIFY = "verify"
     REBALANCE = "rebalance"
+    REPAIR = "repair"
 
 
 _NAMED = {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE}

@@ -117,6 +117,9 @@ class Registry:
     async def retry_repairs_now(self) -> None:
         await self._run(self.db.retry_repairs_now, time.time())
 
+    async def repairing(self, upload_id: str) -> set[int]:
+        return await self._run(self.db.repairing, upload_id)
+
     async def stale_buckets(self, upload_id: str) -> set[str]:
         return await self._run(self.db.stale_buckets, upload_id)
 

@@ -145,10 +145,17 @@ class RepairQueue:
         """The queue in numbers: files, files by fragments to spare, by reason."""
         by_spare = self._query("SELECT spare, COUNT(*) FROM repairs GROUP BY spare ORDER BY spare")
         by_reason = self._query("SELECT reason, COUNT(*) FROM repairs GROUP BY reason ORDER BY reason")
+        ((queued_bytes,),) = self._query(
+            "SELECT COALESCE(SUM(u.size), 0) FROM repairs r JOIN uploads u ON u.id = r.upload_id"
+        )
+        ((files, total),) = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files")
         return {
             "files": sum(int(n) for _, n in by_spare),
+            "bytes": int(queued_bytes),
             "by_spare": {str(s): int(n) for s, n in by_spare},
             "by_reason": {str(r): int(n) for r, n in by_reason},
+            "stored_files": int(files),
+            "stored_bytes": int(total),
         }
 
     def due_repairs(self: _DB, now: float, limit: int, skip: Iterable[str] = ()) -> list[RepairRow]:
@@ -180,6 +187,11 @@ class RepairQueue:
         """Buckets joined: every waiting repair may find a target now."""
         with self._transaction() as c:
             c.execute("UPDATE repairs SET next_try = ? WHERE next_try > ?", (now, now))
+
+    def repairing(self: _DB, upload_id: str) -> set[int]:
+        """Parts of ``upload_id`` a repair is writing now."""
+        rows = self._query("SELECT part FROM moves WHERE upload_id = ? AND src = ''", (upload_id,))
+        return {int(p) for (p,) in rows}
 
     def stale_buckets(self: _DB, upload_id: str) -> set[str]:
         """Buckets holding a stale copy (or a copy under way) of a fragment of ``upload_id``."""

@@ -22,6 +22,7 @@ from tests.integration.harness import (
     free_port,
     karma8_cmd,
     make_file,
+    open_cluster,
     sha256_of,
     upload_rows,
     wait_until,
@@ -139,7 +140,7 @@ async def test_ls_stat_status(cluster: Cluster, tmp_path: Path) -> None:
         ("other/x", 100_000, digest),
     ]
 
-    stat: dict[str, Any] = json.loads((await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out)
+    stat: dict[str, Any] = json.loads((await karma8("stat", NAME, "--json", cwd=tmp_path, env=env)).ok().out)
     assert (stat["name"], stat["size"], stat["sha256"]) == (NAME, 100_000, digest)
     assert len(stat["parts"]) == 6
     assert len({p["bucket"] for p in stat["parts"]}) == 6, "two parts on one bucket"
@@ -333,7 +334,7 @@ async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert sha256_of(tmp_path / "back") == digest
         st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
         assert st["live"] == 6
-        stat = json.loads((await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out)
+        stat = json.loads((await karma8("stat", NAME, "--json", cwd=tmp_path, env=env)).ok().out)
         assert len({p["bucket"] for p in stat["parts"]}) == 6
         # The scan stop_with_ctrl_c relies on sees the stack: karma8 up, the API, 6 buckets.
         running = processes_mentioning(str(data))
@@ -364,7 +365,7 @@ async def test_up_again_keeps_identities_and_files(tmp_path: Path) -> None:
         st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
         assert st["live"] == 6
         assert sorted(b["id"] for b in st["buckets"]) == sorted(ids), "buckets got new identities"
-        stat = json.loads((await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out)
+        stat = json.loads((await karma8("stat", NAME, "--json", cwd=tmp_path, env=env)).ok().out)
         assert {p["bucket"] for p in stat["parts"]} == set(ids)
         (await karma8("download", NAME, "-o", str(tmp_path / "back"), cwd=tmp_path, env=env)).ok()
         assert sha256_of(tmp_path / "back") == digest
@@ -384,3 +385,33 @@ async def test_up_passes_its_config_file_to_the_api_and_buckets(tmp_path: Path) 
         status = json.loads((await karma8("status", "--json", "--api", stack.url, cwd=tmp_path)).ok().out)
         assert {b["capacity"] for b in status["buckets"]} == {GiB}
         await stop_with_ctrl_c(stack)
+
+
+async def test_stat_status_and_repair_show_protection(tmp_path: Path) -> None:
+    """6 buckets: files owe their parity; `repair` raises them once 2 buckets joined."""
+    async with open_cluster(tmp_path, buckets=6, repair_interval=30.0) as cluster:
+        env = cli_env(KARMA8_API=cluster.url)
+        src = tmp_path / "src"
+        make_file(src, MiB, seed=1)
+        (await karma8("upload", str(src), "--name", NAME, cwd=tmp_path, env=env)).ok()
+
+        table = (await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out
+        assert "scheme    6+2 (isa_l_rs_cauchy)" in table
+        assert "health    at risk: survives 0 more lost bucket(s)" in table
+        lines = [line.split() for line in table.splitlines()]
+        assert ["6", "parity", "owed", "-", "-", "0", "B"] in lines
+        status = (await karma8("status", cwd=tmp_path, env=env)).ok().out
+        assert "WARNING: only 6 live bucket(s): new files get 0 of 2 parity fragments" in status
+        assert "files: 1 (" in status
+        assert "1 file(s)" in status
+
+        await cluster.add_bucket()
+        await cluster.add_bucket()
+        await cluster.wait_live(8)
+        done = (await karma8("repair", cwd=tmp_path, env=env)).ok().out
+        assert "repair queue empty; 2 fragment(s) rebuilt" in done, done
+        table = (await karma8("stat", NAME, cwd=tmp_path, env=env)).ok().out
+        assert "health    healthy: survives 2 more lost bucket(s)" in table
+        status = (await karma8("status", cwd=tmp_path, env=env)).ok().out
+        assert "WARNING" not in status
+        assert "1 survive 2 more loss(es)" in status
