@@ -65,6 +65,7 @@ _CLOSE_FOR_CODE = {
     "conflict": CloseCode.CONFLICT,
     "not_enough_buckets": CloseCode.TRY_AGAIN_LATER,
     "bucket_unavailable": CloseCode.TRY_AGAIN_LATER,
+    "unreadable": CloseCode.TRY_AGAIN_LATER,
     "timeout": CloseCode.POLICY_VIOLATION,
 }
 
