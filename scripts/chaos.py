@@ -6,13 +6,16 @@ seconds runs ``--concurrency`` workers that upload files of random sizes with kn
 (names from a small pool, so versions replace each other), download them and check the
 data, and delete some. Meanwhile it injects faults on schedules: uploads whose socket is
 closed mid-stream, ``karma8 upload`` processes SIGKILLed mid-upload, buckets and the API
-SIGKILLed and restarted. Every random choice follows from ``--seed``.
+SIGKILLed and restarted, buckets lost for good (wiped and replaced by empty ones), bits
+flipped in fragment files on disk. Every random choice follows from ``--seed``.
 
-Then it stops the faults, makes sure every process is up, waits for reconciliation and
-checks: every acknowledged upload that was not replaced or deleted later downloads with its
-sha256; nothing that was never acknowledged is listed (an upload whose outcome is unknown
-may be listed, with exactly its sha256); the fragment files on the bucket disks are exactly
-the fragments of committed files, and no temporary file is left. It prints a summary table
+Then it stops the faults, makes sure every process is up, scrubs every file (which queues
+damaged fragments for repair), waits for reconciliation and repair, and checks: every
+acknowledged upload that was not replaced or deleted later downloads with its sha256 (0
+acknowledged files lost); nothing that was never acknowledged is listed (an upload whose
+outcome is unknown may be listed, with exactly its sha256); the fragment files on the
+bucket disks are exactly the fragments of committed files, nothing is left to repair, a
+second scrub finds nothing damaged, and no temporary file is left. It prints a summary table
 and exits 1 on any violation, 0 otherwise (2 if the stack cannot start at all).
 See docs/chaos.md.
 
@@ -31,8 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import trio
-from chaos_check import report, wait_reconciled
-from chaos_faults import kill_api, kill_buckets, kill_clients, kill_sockets
+from chaos_check import report, scrub, wait_reconciled
+from chaos_faults import flip_bits, kill_api, kill_buckets, kill_clients, kill_sockets, lose_buckets
 from chaos_model import ChaosError, Interval, Ledger, Options, Stats, derive, format_summary, run_script
 from chaos_ops import Chaos, pool_names, verify_listing, worker
 from chaos_stack import Stack
@@ -54,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--seed", type=int, default=None, help="seed of every random choice [random, printed]")
     p.add_argument("--data", type=Path, default=None, help="data directory [a temporary one]")
     p.add_argument("--keep", action="store_true", help="keep the temporary data directory")
-    p.add_argument("--buckets", type=int, default=7, help="bucket processes [7]")
+    p.add_argument("--buckets", type=int, default=9, help="bucket processes [9: 8 for 6+2 while one is lost]")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent workers [8]")
     p.add_argument("--max-size", default="8MiB", help="largest upload [8MiB]; sizes are log-uniform from 0")
     p.add_argument("--names", type=int, default=24, help="size of the pool of file names [24]")
@@ -64,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--api-downtime", default="0.2:1.5", help="seconds the killed API stays down [0.2:1.5]")
     p.add_argument("--socket-kill-every", default="1:4", help="seconds between cut uploads [1:4]")
     p.add_argument("--client-kill-every", default="1:4", help="seconds between killed clients [1:4]")
+    p.add_argument(
+        "--bucket-loss-every",
+        default="25:45",
+        help="seconds between buckets lost for good [25:45]; off: none",
+    )
+    p.add_argument("--bit-flip-every", default="2:5", help="seconds between flipped bits [2:5]; off: none")
     p.add_argument(
         "--settle-timeout",
         type=float,
@@ -94,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             api_downtime=Interval.parse(a.api_downtime),
             socket_kill_every=Interval.parse(a.socket_kill_every),
             client_kill_every=Interval.parse(a.client_kill_every),
+            bucket_loss_every=None if a.bucket_loss_every == "off" else Interval.parse(a.bucket_loss_every),
+            bit_flip_every=None if a.bit_flip_every == "off" else Interval.parse(a.bit_flip_every),
             settle_timeout=a.settle_timeout,
             log_level=a.log_level,
             json_path=a.json_path,
@@ -123,14 +134,13 @@ async def chaos_phase(ctx: Chaos) -> None:
     """Workers and fault injectors for ``--duration``; then let them finish."""
     master = random.Random(ctx.options.seed)
     worker_rngs = [derive(master) for _ in range(ctx.options.concurrency)]
-    fault_rngs = [derive(master) for _ in range(4)]
+    injectors = (kill_sockets, kill_clients, kill_buckets, kill_api, lose_buckets, flip_bits)
+    fault_rngs = [derive(master) for _ in injectors]
     with trio.move_on_after(ctx.options.duration + STOP_GRACE) as scope:
         async with trio.open_nursery() as nursery:
             for i, rng in enumerate(worker_rngs):
                 nursery.start_soon(worker, ctx, i, rng)
-            for injector, rng in zip(
-                (kill_sockets, kill_clients, kill_buckets, kill_api), fault_rngs, strict=True
-            ):
+            for injector, rng in zip(injectors, fault_rngs, strict=True):
                 nursery.start_soon(injector, ctx, rng)
             await trio.sleep(ctx.options.duration)
             note("stopping the faults; waiting for running operations")
@@ -159,7 +169,11 @@ async def run(options: Options, root: Path) -> Stats:
                 await chaos_phase(ctx)
                 await stack.ensure_up()
                 await stack.wait_live()
-                note("every process is up; waiting for reconciliation")
+                found = await scrub(ctx, final=False)
+                note(
+                    f"every process is up; the scrub found {found} damaged fragment(s); waiting for"
+                    " reconciliation and repair"
+                )
                 snapshot, disks, comparison, took = await wait_reconciled(ctx)
                 if comparison.clean:
                     note(f"reconciled after {took:.1f} s")
@@ -167,6 +181,7 @@ async def run(options: Options, root: Path) -> Stats:
                     note(f"NOT reconciled after {took:.1f} s: {comparison.brief()}")
                 await report(ctx, snapshot, disks, comparison)
                 await verify_listing(ctx)
+                await scrub(ctx, final=True)
                 nursery.cancel_scope.cancel()
         except* (ChaosError, Karma8Error) as group:
             for exc in group.exceptions:

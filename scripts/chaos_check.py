@@ -13,6 +13,8 @@ import trio
 from chaos_ops import Chaos
 from chaos_store import Comparison, Disks, Snapshot, compare, scan_disks
 
+from karma8.errors import Karma8Error
+
 POLL = 0.5
 #: The longest the end of a run waits for reconciliation, progress or not.
 SETTLE_CAP = 900.0
@@ -83,3 +85,24 @@ async def report(ctx: Chaos, snapshot: Snapshot, disks: Disks, comparison: Compa
         stats.violation(f"upload {upload_id} of {name!r} still in progress")
     for line in comparison.inconsistent:
         stats.violation(f"registry: {line}")
+    for line in comparison.repairs:
+        stats.violation(f"not repaired: {line}")
+
+
+async def scrub(ctx: Chaos, final: bool) -> int:
+    """``verify`` every file (queues damaged fragments for repair); with ``final``, each
+    damaged fragment is a violation. Returns how many were damaged."""
+    try:
+        report = await ctx.client.verify()
+    except Karma8Error as exc:
+        if final:
+            ctx.stats.violation(f"the final scrub failed: {exc!r}")
+        return 0
+    damaged = report["damaged"]
+    if final:
+        ctx.stats.damaged_after_repair = len(damaged)
+        for d in damaged:
+            ctx.stats.violation(
+                f"damaged after repair: {d['name']!r} part {d['part']} on {d['bucket']}: {d['problem']}"
+            )
+    return len(damaged)

@@ -6,6 +6,12 @@
   registry shows its upload in progress. Its outcome is unknown: it may have committed.
 - ``bucket_kill``: SIGKILL of a random bucket, restarted after a downtime.
 - ``api_kill``: SIGKILL of the API server, restarted on the same ports after a downtime.
+- ``bucket_loss``: a bucket lost for good: SIGKILLed, its data directory wiped, an empty
+  bucket (a new identity) started in its place. Its fragments must be rebuilt elsewhere.
+- ``bit_flip``: one bit flipped in a fragment file on a bucket's disk (data, checksums or
+  footer). Reads must go around it and repair must rewrite it. At most one flip per
+  version of a file, so that a flip and a lost bucket never exceed the 2 losses a 6+2
+  file is promised to survive.
 
 A fault that could not be injected (the upload failed or completed before the cut) is
 counted as a miss.
@@ -20,6 +26,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import trio
 from chaos_model import Interval, content, log_uniform_size, write_content
@@ -187,6 +194,72 @@ async def kill_api(ctx: Chaos, rng: random.Random) -> None:
         if await ctx.sleep_or_stop(wait):
             return
         await _cycle(ctx, ctx.stack.api, "api_kill", downtime)
+
+
+async def lose_buckets(ctx: Chaos, rng: random.Random) -> None:
+    """Replace a random bucket by an empty one every ``--bucket-loss-every`` seconds."""
+    every = ctx.options.bucket_loss_every
+    if every is None:
+        return
+    while True:
+        wait = every.draw(rng)
+        victim = ctx.stack.buckets[rng.randrange(len(ctx.stack.buckets))]
+        if await ctx.sleep_or_stop(wait):
+            return
+        async with victim.lock:
+            if victim.running:
+                await ctx.stack.replace(victim)
+                ctx.stats.faults["bucket_loss"] += 1
+
+
+async def flip_bits(ctx: Chaos, rng: random.Random) -> None:
+    """Flip one bit of a random fragment file every ``--bit-flip-every`` seconds."""
+    every = ctx.options.bit_flip_every
+    if every is None:
+        return
+    flipped: set[str] = set()  # upload ids: one flip per version of a file
+    while True:
+        wait = every.draw(rng)
+        pick = rng.random()
+        if await ctx.sleep_or_stop(wait):
+            return
+        dirs = [ctx.stack.bucket_dir(i) for i in range(len(ctx.stack.buckets))]
+        files = await trio.to_thread.run_sync(_fragment_files, dirs)
+        candidates = [p for p in files if p.name.split(".")[0] not in flipped]
+        if not candidates:
+            ctx.stats.fault_misses["bit_flip"] += 1
+            continue
+        path = candidates[int(pick * len(candidates))]
+        if await trio.to_thread.run_sync(_flip, path, rng.getrandbits(64)):
+            flipped.add(path.name.split(".")[0])
+            ctx.stats.faults["bit_flip"] += 1
+        else:
+            ctx.stats.fault_misses["bit_flip"] += 1
+
+
+def _fragment_files(dirs: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for root in dirs:
+        frags = root / "fragments"
+        if frags.exists():
+            out += sorted(p for p in frags.rglob("*") if p.is_file() and p.stat().st_size > 0)
+    return out
+
+
+def _flip(path: Path, seed: int) -> bool:
+    """Flip one bit of ``path`` in place; False if it went away meanwhile."""
+    bits = random.Random(seed)
+    try:
+        with path.open("r+b") as f:
+            size = f.seek(0, 2)
+            offset = bits.randrange(size)
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ (1 << bits.randrange(8))]))
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 async def kill_sockets(ctx: Chaos, rng: random.Random) -> None:

@@ -165,6 +165,9 @@ class Options:
     api_downtime: Interval
     socket_kill_every: Interval
     client_kill_every: Interval
+    #: None: no such fault.
+    bucket_loss_every: Interval | None
+    bit_flip_every: Interval | None
     settle_timeout: float
     log_level: str
     json_path: Path | None
@@ -288,6 +291,10 @@ class Stats:
     orphans: int = 0
     missing: int = 0
     tmp_files: int = 0
+    #: Acknowledged current versions that could not be read back at the end.
+    lost_files: int = 0
+    #: Fragments the scrub at the end found damaged, after repairs.
+    damaged_after_repair: int = 0
     bytes_uploaded: int = 0
     unknown_outcomes: int = 0
     #: Fragment files not (or no longer) part of a committed file, and pending deletions,
@@ -328,12 +335,14 @@ class Stats:
             "orphans": self.orphans,
             "missing": self.missing,
             "tmp_files": self.tmp_files,
+            "lost_files": self.lost_files,
+            "damaged_after_repair": self.damaged_after_repair,
             "internal_errors": self.internal_errors,
             "violations": self.violations,
         }
 
 
-FAULT_KINDS = ("socket_kill", "client_kill", "bucket_kill", "api_kill")
+FAULT_KINDS = ("socket_kill", "client_kill", "bucket_kill", "api_kill", "bucket_loss", "bit_flip")
 
 
 def format_summary(stats: Stats, options: Options, elapsed: float) -> str:
@@ -361,6 +370,8 @@ def format_summary(stats: Stats, options: Options, elapsed: float) -> str:
         f"{'orphans found':<34}{stats.orphans:>8}",
         f"{'missing found':<34}{stats.missing:>8}",
         f"{'temporary files left':<34}{stats.tmp_files:>8}",
+        f"{'acknowledged files lost':<34}{stats.lost_files:>8}",
+        f"{'damaged after repair (scrub)':<34}{stats.damaged_after_repair:>8}",
         f"{'server internal errors':<34}{stats.internal_errors:>8}",
         f"{'violations':<34}{len(stats.violations):>8}",
     ]

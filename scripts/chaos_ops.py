@@ -250,6 +250,7 @@ async def verify_listing(ctx: Chaos) -> None:
             ctx.stats.violation(
                 f"listed {name!r} ({short(found)}) cannot be downloaded: {outcome_of(exc)} {exc}"
             )
+            ctx.stats.lost_files += 1
             continue
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +46,9 @@ RECONCILE_API = {
     "rebalance_delay": "1.0",
     "rebalance_interval": "5.0",
 }
+#: Repair, when this karma8 has it: a bucket gone for 4 s is lost (a killed bucket comes
+#: back sooner), and the queue is looked at twice a second.
+REPAIR_API = {"repair_after": "4.0", "repair_interval": "0.5"}
 #: Buckets retry registration quickly while the API is restarting.
 FAST_BUCKET = {"retry_max": "0.5"}
 
@@ -72,7 +76,7 @@ def child_env() -> tuple[dict[str, str], list[str]]:
     api_fields, bucket_fields = ApiConfig.model_fields, BucketConfig.model_fields
     for key, value in FAST_API.items():
         env[f"KARMA8_API_{key.upper()}"] = value
-    for key, value in RECONCILE_API.items():
+    for key, value in {**RECONCILE_API, **REPAIR_API}.items():
         if key in api_fields:
             env[f"KARMA8_API_{key.upper()}"] = value
             notes.append(f"{key}={value}")
@@ -213,6 +217,14 @@ class Stack:
                 return
         proc.kill()
         raise ChaosError(f"{child.name} did not start within {START_TIMEOUT:g} s:\n{child.log_tail()}")
+
+    async def replace(self, child: Child) -> None:
+        """A bucket lost for good: SIGKILL it, wipe its data directory, and start an empty
+        bucket (a new identity) in its place, as an operator replacing a dead disk would."""
+        await self.kill(child)
+        data = Path(child.args[child.args.index("--data-dir") + 1])
+        await trio.to_thread.run_sync(shutil.rmtree, data, True)
+        await self.start(child)
 
     async def kill(self, child: Child) -> None:
         """SIGKILL ``child`` and reap it."""

@@ -48,6 +48,8 @@ class Snapshot:
     files: dict[str, str]
     #: Committed uploads that no ``files`` row points at, and files rows whose upload is not committed.
     inconsistent: list[str]
+    #: Work repair still has to do: owed fragments, files in the repair queue.
+    repairs: list[str] = field(default_factory=list)
 
 
 class RegistryView:
@@ -79,9 +81,24 @@ class RegistryView:
     def _snapshot(self) -> Snapshot:
         db = self._open()
         committed: dict[Key, Expected] = {}
+        coded = any(row[1] == "state" for row in db._query("PRAGMA table_info(fragments)"))
+        repairs: list[str] = []
+        if coded:  # erasure coding: owed fragments and the repair queue
+            repairs += [
+                f"part {p} of upload {u} ({n!r}) is owed"
+                for u, p, n in db._query(
+                    "SELECT f.upload_id, f.part, u.name FROM fragments f JOIN uploads u ON u.id = f.upload_id"
+                    " WHERE f.state = 'owed' AND u.state = 'committed'"
+                )
+            ]
+            repairs += [
+                f"upload {u} queued for repair ({r}, {s} fragment(s) to spare)"
+                for u, r, s in db._query("SELECT upload_id, reason, spare FROM repairs")
+            ]
         for upload_id, part, bucket_id, size, sha, name in db._query(
             "SELECT f.upload_id, f.part, f.bucket_id, f.size, f.sha256, u.name FROM fragments f"
             " JOIN uploads u ON u.id = f.upload_id WHERE u.state = 'committed'"
+            + (" AND f.state = 'ok'" if coded else "")
         ):
             committed[str(bucket_id), f"{upload_id}.{part}"] = Expected(
                 str(name), str(upload_id), int(size), None if sha is None else str(sha)
@@ -107,7 +124,7 @@ class RegistryView:
                 "SELECT upload_id, dst FROM moves UNION SELECT upload_id, bucket_id FROM stale"
             )
         ]
-        return Snapshot(committed, pending, in_progress, files, inconsistent)
+        return Snapshot(committed, pending, in_progress, files, inconsistent, repairs)
 
     async def snapshot(self) -> Snapshot:
         return await trio.to_thread.run_sync(self._snapshot, limiter=self._limiter)
@@ -210,6 +227,7 @@ class Comparison:
     pending: list[tuple[str, str]]
     in_progress: list[tuple[str, str]]
     inconsistent: list[str]
+    repairs: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -221,6 +239,7 @@ class Comparison:
             or self.pending
             or self.in_progress
             or self.inconsistent
+            or self.repairs
         )
 
     @property
@@ -234,13 +253,15 @@ class Comparison:
             + len(self.pending)
             + len(self.in_progress)
             + len(self.inconsistent)
+            + len(self.repairs)
         )
 
     def brief(self) -> str:
         return (
             f"{len(self.orphans)} orphan(s), {len(self.missing)} missing, {len(self.damaged)} damaged,"
             f" {len(self.tmp)} temporary file(s), {len(self.pending)} pending deletion(s),"
-            f" {len(self.in_progress)} upload(s) in progress, {len(self.inconsistent)} registry problem(s)"
+            f" {len(self.in_progress)} upload(s) in progress, {len(self.inconsistent)} registry problem(s),"
+            f" {len(self.repairs)} repair(s) to do"
         )
 
 
@@ -263,4 +284,5 @@ def compare(snapshot: Snapshot, disks: Disks) -> Comparison:
         pending=snapshot.pending,
         in_progress=snapshot.in_progress,
         inconsistent=snapshot.inconsistent,
+        repairs=snapshot.repairs,
     )

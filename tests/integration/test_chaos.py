@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 CHAOS = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
-FAULTS = ("socket_kill", "client_kill", "bucket_kill", "api_kill")
+FAULTS = ("socket_kill", "client_kill", "bucket_kill", "api_kill", "bucket_loss", "bit_flip")
 
 
 def test_a_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
@@ -27,6 +27,8 @@ def test_a_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
         "--api-downtime=0.2:0.6",
         "--socket-kill-every=0.5:1.5",
         "--client-kill-every=0.5:1.5",
+        "--bucket-loss-every=6:10",
+        "--bit-flip-every=1:2",
         "--settle-timeout=60",
         f"--data={tmp_path / 'data'}",
         f"--json={summary}",
@@ -41,6 +43,7 @@ def test_a_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
     assert result["acknowledged"] >= 20, output
     assert result["files_verified"] >= 1, output
     assert result["orphans"] == result["missing"] == result["tmp_files"] == 0
+    assert result["lost_files"] == result["damaged_after_repair"] == 0
     # The table a person reads says the same.
     rows = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines() if line.strip()}
     for kind in FAULTS:
