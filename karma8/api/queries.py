@@ -194,7 +194,7 @@ async def handle_rebalance(session: Session, dry_run: bool) -> None:
         "dry_run": dry_run,
         "bytes": sum(m.size for m in plan),
         "count": len(plan),
-        "minimum": balance.minimum_to_move(fills, session.config.parts),
+        "minimum": balance.minimum_to_move(fills, rebalancer.spread_parts(len(fills))),
         "spread": _finite(balance.spread(fills)),
         "spread_after": _finite(balance.spread(fills_after)),
     }

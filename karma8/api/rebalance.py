@@ -144,9 +144,16 @@ class Rebalancer:
         """The live buckets' fills as the registry counts them (moves under way as done)."""
         return await self._registry.fills(self._cluster.capacities())
 
+    def spread_parts(self, live: int) -> int:
+        """Fragments per file, as balancing counts them: a bucket holds at most one of each
+        file's ``parts + parity`` fragments, and with fewer live buckets than that, each
+        holds one of every file."""
+        return min(self._config.parts + self._config.parity, max(self._config.parts, live))
+
     async def plan(self) -> list[MoveRow]:
         """The moves a run would make now (recorded nowhere)."""
-        return await self._registry.plan_moves(self._cluster.capacities(), self.tolerance, self._config.parts)
+        live = self._cluster.capacities()
+        return await self._registry.plan_moves(live, self.tolerance, self.spread_parts(len(live)))
 
     async def run(self) -> None:
         """Forever: runs when requested, and when a periodic check finds the spread too wide."""
@@ -162,7 +169,8 @@ class Rebalancer:
             elif now >= next_check:
                 next_check = now + self._config.rebalance_interval
                 if self._config.rebalance_auto:
-                    spread = balance.imbalance(await self.fills(), self._config.parts)
+                    fills = await self.fills()
+                    spread = balance.imbalance(fills, self.spread_parts(len(fills)))
                     if spread > 1 + self._config.rebalance_threshold:
                         await self.rebalance(
                             f"spread {spread:.3f} above 1 + {self._config.rebalance_threshold:g}"
@@ -214,7 +222,9 @@ class Rebalancer:
             while True:
                 await slots.acquire()
                 live = {b: c for b, c in self._cluster.capacities().items() if b not in broken}
-                move = await self._registry.start_move(live, self.tolerance, self._config.parts, skip)
+                move = await self._registry.start_move(
+                    live, self.tolerance, self.spread_parts(len(live)), skip
+                )
                 if move is None:
                     slots.release()
                     return
