@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from karma8.config import ApiConfig
 from karma8.core.records import Piece, StoredFragment
 
 
@@ -80,3 +81,14 @@ class Limits:
     queue_depth: int
     #: Fragments up to this size move in one call (``put_whole`` / ``get_whole``).
     small: int
+
+    @classmethod
+    def of(cls, config: ApiConfig) -> Limits:
+        """The limits the API server's config sets."""
+        return cls(
+            connect=config.connect_timeout,
+            step=config.idle_timeout,
+            stripe=config.stripe_timeout,
+            queue_depth=config.queue_depth,
+            small=config.stripe_unit,
+        )

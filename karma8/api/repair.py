@@ -43,7 +43,6 @@ from karma8.api.reading import read_fragments
 from karma8.api.rebalance import Throttle
 from karma8.api.writing import Written, write_fragments
 from karma8.config import ApiConfig
-from karma8.core.checksums import FORMAT
 from karma8.core.coding import Scheme
 from karma8.core.fragments import new_upload_id
 from karma8.core.layout import Layout
@@ -307,17 +306,6 @@ class Repairer:
             return {}
         return dict(zip(parts, chosen, strict=False))
 
-    @property
-    def _limits(self) -> Limits:
-        config = self._config
-        return Limits(
-            connect=config.connect_timeout,
-            step=config.idle_timeout,
-            stripe=config.stripe_timeout,
-            queue_depth=config.queue_depth,
-            small=config.stripe_unit,
-        )
-
     async def _pipe(
         self, source: UploadRow, sources: dict[int, Bucket], target: _Target, *, throttled: bool
     ) -> tuple[Written, dict[int, Karma8Error]]:
@@ -326,7 +314,7 @@ class Repairer:
         Returns what was written (with the sha256 of the bytes read) and the fragments
         that had to be read around.
         """
-        limits = self._limits
+        limits = Limits.of(self._config)
         scheme = source.scheme
         layout = Layout(source.size, scheme.data, source.unit, scheme.parity)
         send, receive = trio.open_memory_channel[bytes](self._config.queue_depth)
@@ -405,18 +393,7 @@ class Repairer:
         layout = Layout.for_size(upload.size, scheme.data, config.stripe_unit, scheme.parity)
         new_id = new_upload_id()
         bucket_ids = await self._registry.place_upload(
-            UploadRow(
-                new_id,
-                upload.name,
-                upload.size,
-                scheme.data,
-                layout.unit,
-                "in_progress",
-                created=time.time(),
-                parity=scheme.parity,
-                codec=scheme.codec,
-                format=FORMAT,
-            ),
+            UploadRow.new(new_id, upload.name, upload.size, scheme, layout.unit, time.time()),
             layout.part_sizes(),
             live,
         )

@@ -80,14 +80,7 @@ class Session:
     @property
     def limits(self) -> Limits:
         """Deadlines and sizes of this session's fragment transfers."""
-        c = self.config
-        return Limits(
-            connect=c.connect_timeout,
-            step=c.idle_timeout,
-            stripe=c.stripe_timeout,
-            queue_depth=c.queue_depth,
-            small=c.stripe_unit,
-        )
+        return Limits.of(self.config)
 
     async def receive(self) -> str | bytes:
         """The client's next frame, within the idle timeout."""

@@ -19,7 +19,6 @@ import trio
 from karma8.api.metrics import CLEANUP
 from karma8.api.session import Session
 from karma8.api.writing import write_fragments
-from karma8.core.checksums import FORMAT
 from karma8.core.coding import Scheme
 from karma8.core.fragments import new_upload_id
 from karma8.core.layout import Layout
@@ -47,18 +46,7 @@ async def handle_upload(session: Session, name: str) -> None:
         # parts) and owe the rest, unless the operator asked for refusals instead.
         required = scheme.data if config.degraded_writes else config.quorum
         bucket_ids = await services.registry.place_upload(
-            UploadRow(
-                upload_id,
-                name,
-                header.size,
-                scheme.data,
-                layout.unit,
-                "in_progress",
-                created=time.time(),
-                parity=scheme.parity,
-                codec=scheme.codec,
-                format=FORMAT,
-            ),
+            UploadRow.new(upload_id, name, header.size, scheme, layout.unit, time.time()),
             layout.part_sizes(),
             services.cluster.live(),
             required,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from karma8.core import balance
+from karma8.core.checksums import FORMAT
 from karma8.core.coding import Scheme
 from karma8.core.fragments import fragment_id
 from karma8.core.placement import Candidate, choose_buckets
@@ -104,6 +105,22 @@ class UploadRow:
     @property
     def scheme(self) -> Scheme:
         return Scheme(self.codec, self.parts, self.parity)
+
+    @classmethod
+    def new(cls, upload_id: str, name: str, size: int, scheme: Scheme, unit: int, now: float) -> UploadRow:
+        """A new in-progress upload coded with ``scheme``, in today's fragment format."""
+        return cls(
+            upload_id,
+            name,
+            size,
+            scheme.data,
+            unit,
+            "in_progress",
+            created=now,
+            parity=scheme.parity,
+            codec=scheme.codec,
+            format=FORMAT,
+        )
 
 
 @dataclass(frozen=True, slots=True)
