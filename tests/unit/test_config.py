@@ -46,7 +46,8 @@ def test_defaults() -> None:
     assert bucket.max_chunk == 4 * MiB
     assert client.api == "ws://127.0.0.1:8080"
     assert client.receive_buffer == 256 * KiB
-    assert stack.buckets == 6
+    assert (stack.buckets, stack.membership_port, stack.metrics_port) == (8, 0, 0)
+    assert (api.parity, api.quorum, api.degraded_writes) == (2, 7, True)
 
 
 def test_no_file_is_like_an_empty_file(tmp_path: Path) -> None:

@@ -67,9 +67,26 @@ def test_rebalance_takes_a_dry_run_flag() -> None:
             parse_path(bad)
 
 
+def test_repair_takes_nothing() -> None:
+    assert parse_path("/repair") == Request(Op.REPAIR)
+    assert parse_path("/repair?x=1") == Request(Op.REPAIR)  # like /status: a query is ignored
+    with pytest.raises(BadRequest):
+        parse_path("/repair/x")
+
+
 def test_every_op_is_covered() -> None:
     # The tests above between them name every Op; a new one needs a test.
-    covered = {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE, Op.FILES, Op.STATUS, Op.VERIFY, Op.REBALANCE}
+    covered = {
+        Op.UPLOAD,
+        Op.DOWNLOAD,
+        Op.STAT,
+        Op.DELETE,
+        Op.FILES,
+        Op.STATUS,
+        Op.VERIFY,
+        Op.REBALANCE,
+        Op.REPAIR,
+    }
     assert covered == set(Op)
 
 
