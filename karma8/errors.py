@@ -87,6 +87,10 @@ class BucketUnavailable(Karma8Error):
         self.detail = detail
 
 
+class FragmentNotFound(BucketUnavailable):
+    """A live bucket does not hold a fragment the registry places on it."""
+
+
 class Unauthorized(Karma8Error):
     """The client presented no valid token (the API server's ``client_token``)."""
 

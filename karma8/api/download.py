@@ -15,11 +15,17 @@ import hashlib
 import trio
 
 from karma8.api.pool import Bucket
-from karma8.api.reading import read_fragments
+from karma8.api.reading import damaged, read_fragments
 from karma8.api.session import Session
 from karma8.core.layout import Layout
 from karma8.core.protocol import encode_ok
-from karma8.errors import BucketUnavailable, ChecksumMismatch, Conflict, Karma8Error, NotFound
+from karma8.errors import (
+    BucketUnavailable,
+    ChecksumMismatch,
+    Conflict,
+    Karma8Error,
+    NotFound,
+)
 from karma8.registry import FileRow
 
 
@@ -58,7 +64,11 @@ async def handle_download(session: Session, name: str) -> None:
         why = "; ".join(f"part {p}: {e.message}" for p, e in sorted(failed.items()))
         session.log.warning("download name=%r read around %d fragment(s): %s", name, len(failed), why)
         good = sum(f.state == "ok" for f in file.fragments) - len(failed)
-        await services.registry.queue_repair(upload.upload_id, "degraded_read", good - scheme.data, failed)
+        # Damaged or missing copies are rebuilt at once; a bucket that is down may come
+        # back, and is rebuilt elsewhere only once it counts as lost (repair_after).
+        await services.registry.queue_repair(
+            upload.upload_id, "degraded_read", good - scheme.data, damaged(failed)
+        )
         services.repairer.poke()
         services.metrics.degraded_reads.inc()
     digest = hasher.hexdigest()

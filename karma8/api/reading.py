@@ -25,7 +25,13 @@ from karma8.core.coding import Scheme, StripeCoder
 from karma8.core.fragments import fragment_id
 from karma8.core.layout import Layout
 from karma8.core.records import Piece
-from karma8.errors import BucketUnavailable, ChecksumMismatch, Karma8Error, Unreadable
+from karma8.errors import BucketUnavailable, ChecksumMismatch, FragmentNotFound, Karma8Error, Unreadable
+
+
+def damaged(failed: Mapping[int, Karma8Error]) -> set[int]:
+    """The parts among ``failed`` whose copy is damaged or gone (to rebuild at once), as
+    opposed to out of reach (their bucket may come back; see ``repair_after``)."""
+    return {p for p, e in failed.items() if isinstance(e, (ChecksumMismatch, FragmentNotFound))}
 
 
 class _Source:

@@ -39,7 +39,7 @@ from karma8.api.errors import first_error
 from karma8.api.janitor import Janitor, ReadLeases
 from karma8.api.metrics import ApiMetrics
 from karma8.api.pool import Bucket, Limits
-from karma8.api.reading import read_fragments
+from karma8.api.reading import damaged, read_fragments
 from karma8.api.rebalance import Throttle
 from karma8.api.writing import Written, write_fragments
 from karma8.config import ApiConfig
@@ -241,7 +241,7 @@ class Repairer:
                 self._janitor.poke()
         self.progress.fragments += len(switched)
         self._metrics.repaired_fragments.inc(len(switched))
-        still = (plan.rebuild - switched) | set(failed_reads)
+        still = (plan.rebuild - switched) | damaged(failed_reads)
         log.info(
             "upload=%s name=%r repaired part(s) %s%s",
             upload.upload_id,

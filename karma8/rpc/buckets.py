@@ -26,7 +26,7 @@ import trio
 
 from karma8 import speedups
 from karma8.core.records import Piece, StoredFragment, Usage
-from karma8.errors import BucketUnavailable, ChecksumMismatch, Internal, Karma8Error
+from karma8.errors import BucketUnavailable, ChecksumMismatch, FragmentNotFound, Internal, Karma8Error
 from karma8.rpc.auth import ChannelSecurity, attach_secret
 from karma8.rpc.bridge import Portal, PortalClosed
 from karma8.rpc.gen.karma8 import v1 as pb
@@ -51,6 +51,8 @@ def translate_errors(bucket_id: str) -> Iterator[None]:
             raise BucketUnavailable(bucket_id, "authentication failed") from None
         if exc.status is _S.DATA_LOSS:
             raise ChecksumMismatch(f"bucket {bucket_id}: {exc.message}") from None
+        if exc.status is _S.NOT_FOUND:
+            raise FragmentNotFound(bucket_id, detail) from None
         if exc.status is _S.INVALID_ARGUMENT:  # we sent something a bucket refuses: our bug
             raise Internal(f"bucket {bucket_id} refused the request: {exc.message}") from None
         raise BucketUnavailable(bucket_id, detail) from None

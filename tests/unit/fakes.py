@@ -16,7 +16,7 @@ import trio
 
 from karma8.core.checksums import first_bad_unit, unit_crcs
 from karma8.core.records import Piece, StoredFragment
-from karma8.errors import BucketUnavailable, ChecksumMismatch, Karma8Error
+from karma8.errors import BucketUnavailable, ChecksumMismatch, FragmentNotFound, Karma8Error
 
 
 @dataclass
@@ -74,7 +74,7 @@ class FakeBucket:
         try:
             stored = self.fragments[fragment_id]
         except KeyError:
-            raise BucketUnavailable(self.bucket_id, f"NOT_FOUND: no fragment {fragment_id}") from None
+            raise FragmentNotFound(self.bucket_id, f"NOT_FOUND: no fragment {fragment_id}") from None
         u = stored.unit
         out = []
         for i in range(first_unit, len(stored.crcs)):

@@ -37,9 +37,9 @@ COMPOSE = ROOT / "compose"
 DOCKERFILE = COMPOSE / "Dockerfile"
 BASE = COMPOSE / "compose.yaml"
 MORE = COMPOSE / "compose.more-buckets.yaml"
-#: The command that adds bucket-7 and bucket-8 to a running stack, as the docs give it.
+#: The command that adds bucket-9 and bucket-10 to a running stack, as the docs give it.
 ADD_BUCKETS = (
-    "docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml up -d bucket-7 bucket-8"
+    "docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml up -d bucket-9 bucket-10"
 )
 #: Where every container keeps its state (the Dockerfile creates it, owned by its user).
 DATA = "/data"
@@ -440,12 +440,17 @@ def test_every_service_restarts_and_has_a_healthcheck(files: Files) -> None:
         assert service.raw["healthcheck"]["interval"], service.name
 
 
-def test_the_stack_has_an_api_and_six_buckets_and_two_more_can_join() -> None:
-    assert [b.name for b in buckets_of(compose_services(BASE))] == [f"bucket-{i}" for i in range(1, 7)]
-    assert [b.name for b in buckets_of(compose_services(BASE, MORE))] == [f"bucket-{i}" for i in range(1, 9)]
+def test_the_stack_has_an_api_and_eight_buckets_and_two_more_can_join() -> None:
+    assert [b.name for b in buckets_of(compose_services(BASE))] == [f"bucket-{i}" for i in range(1, 9)]
+    assert [b.name for b in buckets_of(compose_services(BASE, MORE))] == [f"bucket-{i}" for i in range(1, 11)]
     api = api_of(compose_services(BASE)).config
     assert isinstance(api, ApiConfig)
-    assert len(buckets_of(compose_services(BASE))) >= api.parts
+    # Every fragment of a file (data and parity) on a bucket of its own: new files get
+    # their full protection, not parity owed to repair (docs/durability.md).
+    assert len(buckets_of(compose_services(BASE))) == api.parts + api.parity
+    # The added buckets hold none of a file stored before: a lost bucket's fragments can
+    # be rebuilt on them.
+    assert len(buckets_of(compose_services(BASE, MORE))) > api.parts + api.parity
 
 
 def test_the_added_buckets_are_defined_like_the_others() -> None:

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from karma8.api.pool import Limits
-from karma8.api.reading import read_fragments
+from karma8.api.reading import damaged, read_fragments
 from karma8.api.writing import write_fragments
 from karma8.core.coding import Scheme
 from karma8.core.layout import Layout
@@ -203,3 +203,22 @@ async def test_parity_written_with_fewer_buckets_is_the_same_parity() -> None:
     await _write(data, seven)
     await _write(data, eight)
     assert seven[6].fragments == eight[6].fragments
+
+
+async def test_damaged_or_missing_copies_are_told_from_buckets_out_of_reach() -> None:
+    buckets = fleet(8)
+    data = _data(SIZE)
+    layout, _, _ = await _write(data, buckets)
+    buckets[0].damage_at = 1
+    buckets[5].down = True
+    back, failed = await _read(layout, buckets)
+    assert back == data
+    assert sorted(failed) == [0, 5]
+    assert damaged(failed) == {0}
+
+    buckets[0].damage_at = None
+    del buckets[3].fragments[f"{UPLOAD}.3"]
+    back, failed = await _read(layout, buckets)
+    assert back == data
+    assert sorted(failed) == [3, 5]
+    assert damaged(failed) == {3}
