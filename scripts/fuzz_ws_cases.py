@@ -262,6 +262,7 @@ BAD_OPS = (
     "/files/x",
     "/status/x",
     "/rebalance/x",
+    "/repair/x",
     "/verify//",
     "*",
     "/../upload/a",
@@ -282,6 +283,7 @@ def query_path(g: Gen, op: str, valid: bool) -> str:
     good = {
         "files": ("/files", "/files?prefix=fz/", "/files?prefix=", "/files?prefix=fz%2F", "/files?x=1"),
         "status": ("/status", "/status?x"),
+        "repair": ("/repair", "/repair?now"),
         "rebalance": ("/rebalance?dry_run=1", "/rebalance?dry_run=1", "/rebalance?dry_run=0", "/rebalance"),
         # Not a full /verify: a scrub of the whole store takes as long as reading every
         # fragment, which grows with the run and would read as a server that hangs.

@@ -134,7 +134,9 @@ def s_upload_valid(g: Gen) -> tuple[Plan, ...]:
 
 
 def s_query_valid(g: Gen) -> tuple[Plan, ...]:
-    op = g.rng.choice(("download", "download", "stat", "delete", "files", "status", "rebalance", "verify"))
+    op = g.rng.choice(
+        ("download", "download", "stat", "delete", "files", "status", "rebalance", "verify", "repair")
+    )
     if op in ("download", "stat", "delete"):
         name, path = name_path(g, op)
         return (Plan(path, steps=(Read(),), name=name),)
@@ -172,7 +174,7 @@ def s_upload_frames(g: Gen) -> tuple[Plan, ...]:
 
 def s_frames_anywhere(g: Gen) -> tuple[Plan, ...]:
     """Any endpoint, a few random frames with reads between them."""
-    op = g.rng.choice(("upload", "download", "stat", "delete", "files", "status", "rebalance"))
+    op = g.rng.choice(("upload", "download", "stat", "delete", "files", "status", "rebalance", "repair"))
     if op in ("upload", "download", "stat", "delete"):
         name, path = name_path(g, op)
     else:
