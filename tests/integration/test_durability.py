@@ -311,3 +311,32 @@ async def test_a_flipped_byte_is_repaired(tmp_path: Path) -> None:
         assert after["parts"][2]["bucket"] != part["bucket"]
         await wait_until(lambda: not holder.files_of(stat["upload_id"]), "the damaged copy deleted")
         await _download_equal(cluster, "fragile", digest, tmp_path)
+
+
+async def test_eight_buckets_one_gone_tolerate_one_loss_fewer_until_a_bucket_joins(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=8, **REPAIR_FAST) as cluster:
+        digests = {}
+        for i in range(3):
+            name = f"g{i}"
+            digests[name] = make_file(tmp_path / name, 300_000 * (i + 1), seed=10 + i)
+            await cluster.client.upload(tmp_path / name, name)
+        victim = cluster.buckets[0]
+        victim.kill()
+
+        async def one_loss_fewer() -> bool:
+            status = await cluster.client.status()
+            rep = status["repair"]
+            lost = any(d["id"] == victim.bucket_id and d["lost_in"] == 0 for d in rep["down"])
+            return lost and rep["by_spare"] == {"1": 3} and rep["running"] == 0
+
+        await wait_until(one_loss_fewer, "3 files tolerating one loss, nowhere to rebuild")
+        for name, digest in digests.items():
+            await _download_equal(cluster, name, digest, tmp_path)
+            assert (await cluster.client.stat(name))["health"] == "degraded"
+
+        await cluster.add_bucket()
+        await wait_until(
+            lambda: _fully_protected(cluster, list(digests)), "full protection on the new bucket"
+        )
+        for name, digest in digests.items():
+            await _download_equal(cluster, name, digest, tmp_path)
