@@ -5,7 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# Start the local stack without Docker (API + 6 buckets as plain processes, ./karma8-data)
+# Start the local stack without Docker (API + 8 buckets as plain processes, ./karma8-data)
 dev *ARGS:
     scripts/dev.sh {{ARGS}}
 
@@ -42,9 +42,9 @@ up:
     docker compose -f compose/compose.yaml up -d --build
     docker compose -f compose/compose.yaml ps
 
-# Add bucket-7 and bucket-8 to the running service stack
+# Add bucket-9 and bucket-10 to the running service stack
 add-buckets:
-    docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml up -d bucket-7 bucket-8
+    docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml up -d bucket-9 bucket-10
 
 # Follow the service stack's logs (JSON lines; e.g. just logs api)
 logs *SERVICES:

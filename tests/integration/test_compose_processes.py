@@ -3,8 +3,8 @@
 Each service of compose/compose.yaml runs as ``karma8 <its command>`` with its environment,
 the way its container would, on loopback: service names become 127.0.0.1, its volume a
 temporary directory, and each fixed port a free one. Each service's healthcheck command
-must succeed, and then a file goes up and comes back through the API. Then buckets 7 and
-8 of compose.more-buckets.yaml join the running stack the same way: they register and the
+must succeed, and then a file goes up and comes back through the API. Then buckets 9 and
+10 of compose.more-buckets.yaml join the running stack the same way: they register and the
 next file is placed on them.
 """
 
@@ -42,7 +42,7 @@ from tests.unit.test_compose import (
     services,
 )
 
-#: Starting 7 Python processes on 2 shared cores takes a while.
+#: Starting 9 Python processes on 2 shared cores takes a while.
 START_DEADLINE = 90.0
 LOOPBACK = "127.0.0.1"
 _HOST_PORT = re.compile(r"([\w.-]+):(\d+)")
@@ -123,7 +123,7 @@ async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
     found = services(load_compose(BASE, MORE, environ={"KARMA8_SECRET": TEST_SECRET}))
     api, buckets = api_of(base), buckets_of(base)
     more = [b.name for b in buckets_of(found) if b.name not in base]
-    assert more == ["bucket-7", "bucket-8"]
+    assert more == ["bucket-9", "bucket-10"]
     local = {
         s.name: Local(
             s, {getattr(s.config, k): free_port() for k in port_fields(s.config)}, tmp_path / s.name
@@ -149,10 +149,10 @@ async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
         assert sha256_of(dst) == digest
         assert dst.read_bytes() == src.read_bytes()
 
-        # Buckets 7 and 8 join the running stack: they register and the next file uses
+        # Buckets 9 and 10 join the running stack: they register and the next file uses
         # them (placement fills the emptiest buckets first). How the rebalancer evens out a
         # cluster with more data is tested in test_rebalance.py and by scripts/balance.py;
-        # one file's six whole fragments cannot be spread more evenly over eight buckets.
+        # one file's eight whole fragments cannot be spread more evenly over ten buckets.
         await _start_healthy(more, local, procs)
         await wait_live(client, len(buckets) + len(more))
         new_ids = {(local[name].data / "bucket-id").read_text().strip() for name in more}
