@@ -9,10 +9,17 @@ uses a running stack instead (``--data`` then helps find its processes). The cas
 - small files: ``--small-files`` files of ``--small-size`` (200 x 64 KiB) uploaded, then
   downloaded, ``--concurrency`` (8) at a time, ``--repeat`` times.
 
-``--vs-swift`` also runs every case against the Swift peer (``swiftpeer.sh``, started here
-unless it is up, ``rep1`` policy) in the same run, alternating karma8 and Swift every
-repeat (karma8 first on odd repeats, Swift first on even ones), and prints the ratios
-karma8 / Swift next to the targets of issue 5.
+``--policy`` sets how both systems store a file: ``ec62`` (default: the local stack runs 8
+buckets with 6 data + 2 parity fragments, Swift's container is in its ``ec62`` policy) or
+``rep1`` (6 buckets, no parity; Swift's ``rep1``, one replica). ``--vs-swift`` also runs
+every case against the Swift peer (``swiftpeer.sh``, started here unless it is up) in the
+same run, alternating karma8 and Swift every repeat (karma8 first on odd repeats, Swift
+first on even ones), and prints the ratios karma8 / Swift next to the targets of issue 5.
+
+With parity, each big file is downloaded once more with 2 processes holding its data
+fragments killed: 2 buckets of a stack started here (its supervisor paused meanwhile, so
+that they stay down), 2 object servers of a Swift peer started here; they are restarted
+after that download (docs/performance.md).
 
 Reported: MB/s (10^6 bytes per second) or files/s, median and range; the ratio to the disk
 copy; CPU seconds per GiB moved for each group of server processes and the client (this
@@ -24,7 +31,8 @@ Usage::
 
     python scripts/bench.py                                  # 1 GiB and 4 GiB, 200 x 64 KiB, once each
     python scripts/bench.py --sizes 64M,256M --repeat 3 --json bench.json
-    python scripts/bench.py --vs-swift --size 1G --repeat 3
+    python scripts/bench.py --vs-swift --size 1G --repeat 3         # karma8 6+2 vs Swift ec62
+    python scripts/bench.py --vs-swift --policy rep1 --size 1G      # no redundancy on either side
     python scripts/bench.py --api ws://127.0.0.1:8080 --data karma8-data
 """
 
@@ -47,13 +55,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import trio
-from bench_cases import Karma8Target, System, round_trip, small_round
+from bench_cases import Karma8Target, Outage, System, round_trip, small_round
 from bench_meter import Meter, settle
 from bench_model import (
+    DEFAULT_POLICY,
+    DOWN,
     MB,
+    POLICIES,
     SWIFT_ROLES,
     BenchError,
     Options,
+    Policy,
     SizeRun,
     SmallRun,
     Source,
@@ -61,9 +73,17 @@ from bench_model import (
     note,
     size_label,
 )
-from bench_procs import Watched, find_stack_processes, open_local_stack, status_bytes
+from bench_procs import BucketsDown, LocalStack, Watched, find_stack_processes, open_local_stack, status_bytes
 from bench_report import Results, format_report, write_json
-from bench_swift import DEFAULT_SCRIPT, URL, SwiftTarget, authenticate, find_swift_processes, open_swift_peer
+from bench_swift import (
+    DEFAULT_SCRIPT,
+    URL,
+    ObjectServersDown,
+    SwiftTarget,
+    authenticate,
+    find_swift_processes,
+    open_swift_peer,
+)
 
 from karma8 import speedups
 from karma8.client import Client
@@ -74,8 +94,6 @@ BLOCK = MiB
 #: Pools of random 1 MiB blocks; coprime sizes make the XOR of two repeat only every 221 MiB.
 POOL_A, POOL_B = 13, 17
 DEFAULT_SIZES = "1G,4G"
-#: Free disk needed, in multiples of the largest size: source, stored fragments, download.
-DISK_FACTOR = 3
 
 
 # -- options ---------------------------------------------------------------------------
@@ -94,6 +112,13 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--small-size", default="64K", help="size of each small file [64K]")
     parser.add_argument("--concurrency", type=int, default=8, help="small-file transfers at a time [8]")
     parser.add_argument("--vs-swift", action="store_true", help="also run every case against the Swift peer")
+    parser.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default=DEFAULT_POLICY,
+        help="ec62: karma8 6+2 on 8 buckets vs Swift ec62; rep1: karma8 6+0 on 6 buckets vs Swift rep1 "
+        f"[{DEFAULT_POLICY}]",
+    )
     parser.add_argument(
         "--swift-peer", type=Path, default=DEFAULT_SCRIPT, help=f"swiftpeer.sh [default {DEFAULT_SCRIPT}]"
     )
@@ -127,6 +152,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         args.concurrency,
         args.vs_swift,
         args.swift_peer,
+        POLICIES[args.policy],
     )
 
 
@@ -223,12 +249,14 @@ def disk_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - start
 
 
-def check_disk_space(workdir: Path, largest: int) -> None:
+def check_disk_space(workdir: Path, largest: int, policy: Policy) -> None:
+    """Room for the source, its download and its stored fragments (parity included)."""
+    factor = 2 + policy.buckets / policy.parts
     free = shutil.disk_usage(workdir).free
-    if free < DISK_FACTOR * largest:
+    if free < factor * largest:
         raise BenchError(
             f"not enough disk space in {workdir}: {free / GiB:.1f} GiB free, "
-            f"{DISK_FACTOR} x {size_label(largest)} needed (source, stored fragments, download)"
+            f"{factor:.2f} x {size_label(largest)} needed (source, stored fragments, download)"
         )
 
 
@@ -280,7 +308,9 @@ async def bench_small(systems: Sequence[System], options: Options, workdir: Path
     await trio.Path(path).unlink()
 
 
-async def karma8_system(url: str, data: Path | None, results: Results) -> System:
+async def karma8_system(
+    url: str, data: Path | None, local: LocalStack | None, options: Options, results: Results
+) -> System:
     watched = find_stack_processes(url, data)
     if watched.api is None:
         note("warning: API server process not found; its CPU and RSS are not reported")
@@ -288,20 +318,44 @@ async def karma8_system(url: str, data: Path | None, results: Results) -> System
     results.idle_api_rss = None if watched.api is None else status_bytes(watched.api, "VmRSS")
     client = Client(load(ClientConfig, api=url))
     status = await client.status()  # fails early if the API server is unreachable
-    results.stack += f"; {status['live']} live buckets"
+    scheme = str(status["protection"]["configured"])  # what the API server stores new files as
+    results.stack += f"; {status['live']} live buckets, files stored as {scheme}"
     results.karma8.pids = watched.groups()
-    return System(Karma8Target(client), Meter(watched.groups()), results.karma8)
+    results.karma8.scheme = scheme
+    if scheme != options.policy.scheme:
+        wanted = options.policy
+        note(f"warning: karma8 stores files as {scheme}, not as --policy {wanted.name}'s {wanted.scheme}")
+    outage: Outage | None = None
+    if local is None:
+        results.karma8.no_degraded = "the stack was not started here (its buckets are not ours to kill)"
+    elif int(scheme.split("+")[1]) < DOWN:
+        results.karma8.no_degraded = f"{scheme} has no parity to read around {DOWN} buckets down"
+    else:
+        outage = BucketsDown(local, client, int(status["live"]))
+        results.karma8.down = outage.what
+    return System(Karma8Target(client), Meter(watched.groups()), results.karma8, outage)
 
 
-async def swift_system(started: bool, results: Results) -> System:
-    account = await trio.to_thread.run_sync(authenticate)
+async def swift_system(started: bool, options: Options, log_path: Path, results: Results) -> System:
+    policy = options.policy
+    account = await trio.to_thread.run_sync(authenticate, policy.name)
     procs = find_swift_processes()
-    results.swift = SystemRuns("Swift", SWIFT_ROLES, procs.groups())
+    results.swift = SystemRuns("Swift", SWIFT_ROLES, procs.groups(), scheme=policy.name)
     results.swift_peer = (
-        f"{'started here' if started else 'already running'} at {URL}, policy rep1; "
-        f"{len(procs.proxy)} proxy, {len(procs.objects)} object server, {len(procs.others)} other processes"
+        f"{'started here' if started else 'already running'} at {URL}, container {account.container} "
+        f"(policy {policy.name}); {len(procs.proxy)} proxy, {len(procs.objects)} object server, "
+        f"{len(procs.others)} other processes"
     )
-    return System(SwiftTarget(account), Meter(procs.groups()), results.swift)
+    outage: Outage | None = None
+    if not started:
+        results.swift.no_degraded = "the peer was not started here (its servers are not ours to kill)"
+    elif policy.parity < DOWN:
+        results.swift.no_degraded = f"{policy.name} has no parity to read around {DOWN} object servers down"
+    else:
+        script = options.swift_peer or DEFAULT_SCRIPT
+        outage = ObjectServersDown(script, account, policy.name, log_path)
+        results.swift.down = outage.what
+    return System(SwiftTarget(account), Meter(procs.groups()), results.swift, outage)
 
 
 async def bench_systems(systems: Sequence[System], options: Options, workdir: Path) -> None:
@@ -317,21 +371,25 @@ async def run_bench(options: Options, workdir: Path, results: Results) -> None:
     start = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
         started = False
+        swift_log = workdir / "swift.log"
         if options.vs_swift:
             script = options.swift_peer or DEFAULT_SCRIPT
-            started = await stack.enter_async_context(open_swift_peer(script, workdir / "swift.log"))
+            started = await stack.enter_async_context(open_swift_peer(script, swift_log))
         data = options.data
+        local = None
         if options.api is not None:
             url = options.api
             results.stack = f"running stack at {url}"
         else:
             data = options.data or workdir / "data"
-            url = await stack.enter_async_context(open_local_stack(data, workdir / "stack.log"))
+            policy = options.policy
+            local = await stack.enter_async_context(open_local_stack(data, workdir / "stack.log", policy))
+            url = local.url
             results.stack = f"local stack started here ({url}, data in {data})"
             note(f"karma8 is up at {url}")
-        systems = [await karma8_system(url, data, results)]
+        systems = [await karma8_system(url, data, local, options, results)]
         if options.vs_swift:
-            systems.append(await swift_system(started, results))
+            systems.append(await swift_system(started, options, swift_log, results))
         await bench_systems(systems, options, workdir)
     results.seconds = time.perf_counter() - start
     results.facts["loadavg_end"] = _load_average()
@@ -371,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list[str] = []
     with work_directory(options) as workdir:
         try:
-            check_disk_space(workdir, max(options.sizes))
+            check_disk_space(workdir, max(options.sizes), options.policy)
             speedups.tune_malloc()  # the client in this process, as the karma8 CLI does
             trio.run(run_bench, options, workdir, results)
         except* (BenchError, Karma8Error, OSError, http.client.HTTPException) as group:

@@ -2,7 +2,9 @@
 
 A target is the system under test behind one small interface: karma8 through its client
 library, or the Swift peer (bench_swift). Each case measures the upload and the download
-separately and then checks every downloaded byte against the source's sha256.
+separately and then checks every downloaded byte against the source's sha256. Where the
+system has an outage (two processes holding data fragments that can be killed and brought
+back), a big file is downloaded once more with them down: the degraded download.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 import trio
-from bench_meter import Meter
-from bench_model import POLL, BenchError, SizeRun, SmallRun, Source, SystemRuns, note
+from bench_meter import Groups, Meter
+from bench_model import POLL, BenchError, SizeRun, SmallRun, Source, SystemRuns, Transfer, note
 
 from karma8.client import Client
 
@@ -41,6 +43,21 @@ class Target(Protocol):
         ...
 
 
+class Outage(Protocol):
+    """Processes of a system taken down for one download (bench_procs, bench_swift)."""
+
+    #: What is down, for the report: ``2 buckets``.
+    what: str
+
+    def down(self, name: str) -> contextlib.AbstractAsyncContextManager[tuple[int, ...]]:
+        """Kill processes holding data fragments of ``name``, yield their pids; back afterwards."""
+        ...
+
+    def groups(self) -> Groups:
+        """The processes to measure once they are back (restarted ones have new pids)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class System:
     """One system under test: how to drive it, how to measure it, where its results go."""
@@ -48,6 +65,8 @@ class System:
     target: Target
     meter: Meter
     results: SystemRuns
+    #: For the degraded download (None: not measured).
+    outage: Outage | None = None
 
 
 # -- karma8 ----------------------------------------------------------------------------
@@ -127,18 +146,35 @@ async def _check_and_remove(src: Source, what: str, paths: Sequence[Path]) -> No
             raise BenchError(f"{what}: {path.name} has sha256 {got}, source {src.sha256}")
 
 
+async def degraded_download(system: System, outage: Outage, src: Source, name: str, dst: Path) -> Transfer:
+    """Download ``name`` with ``outage`` down; measured over the processes still running."""
+    target = system.target
+    async with outage.down(name) as killed:
+        degraded, _ = await system.meter.without(killed).measure(
+            src.size, lambda: target.download(src, name, dst)
+        )
+    system.meter.regroup(outage.groups())
+    await _check_and_remove(src, f"{target.name} download of {name} with {outage.what} down", [dst])
+    return degraded
+
+
 async def round_trip(system: System, run: SizeRun, src: Source, workdir: Path) -> str:
-    """Upload ``src``, download it, check it, delete it; a progress line."""
-    target, meter = system.target, system.meter
+    """Upload ``src``, download it (and again degraded), check it, delete it; a progress line."""
+    target, meter, outage = system.target, system.meter, system.outage
     name = f"bench/{src.path.name}"
     dst = workdir / f"download-{target.name}-{src.path.name}"
     async with target.stored([name], 1):
         up, _ = await meter.measure(src.size, lambda: target.upload(src, name))
         down, _ = await meter.measure(src.size, lambda: target.download(src, name, dst))
         await _check_and_remove(src, f"{target.name} download of {name}", [dst])
+        degraded = None if outage is None else await degraded_download(system, outage, src, name, dst)
     run.upload.append(up)
     run.download.append(down)
-    return f"{target.name:<6} upload {up.mb_per_s:7.1f} MB/s, download {down.mb_per_s:7.1f} MB/s, sha256 ok"
+    line = f"{target.name:<6} upload {up.mb_per_s:7.1f} MB/s, download {down.mb_per_s:7.1f} MB/s"
+    if degraded is not None and outage is not None:
+        run.degraded.append(degraded)
+        line += f", with {outage.what} down {degraded.mb_per_s:7.1f} MB/s"
+    return line + ", sha256 ok"
 
 
 async def small_round(system: System, run: SmallRun, src: Source, workdir: Path) -> str:

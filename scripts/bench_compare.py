@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from bench_model import MB, SizeRun, SmallRun, SystemRuns, Transfer, size_label
+from bench_model import DOWN, MB, SizeRun, SmallRun, SystemRuns, Transfer, size_label
 
 #: Issue 5: karma8 at least 1.5 x Swift's throughput and file rate, at most Swift's CPU per GiB.
 FASTER = 1.5
@@ -14,6 +14,8 @@ CPU_AT_MOST = 1.0
 #: Issue 5: absolute memory targets for karma8 (Swift's peaks are shown for reference).
 API_RSS_TARGET = 100 * MB
 BUCKET_RSS_TARGET = 64 * MB
+#: A download with DOWN buckets holding data fragments down: at least half a healthy one's MB/s.
+DEGRADED_AT_LEAST = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,20 +63,47 @@ def _row(
 
 
 def _cases(ours: SystemRuns, theirs: SystemRuns) -> Iterator[tuple[str, str, list[Transfer], list[Transfer]]]:
-    """(case, unit, karma8's transfers, Swift's) for every direction of every case both ran."""
+    """(case, unit, karma8's transfers, Swift's) for every direction of every case both ran
+    (the degraded download where either measured it).
+    """
     for a, b in zip(ours.runs, theirs.runs, strict=True):
         label = size_label(a.size)
         yield f"{label} upload", "MB/s", a.upload, b.upload
         yield f"{label} download", "MB/s", a.download, b.download
+        if a.degraded or b.degraded:
+            yield f"{label} download ({DOWN} down)", "MB/s", a.degraded, b.degraded
     for x, y in zip(ours.small, theirs.small, strict=True):
         label = f"{size_label(x.size)} (c={x.concurrency})"
         yield f"{label} uploads", "files/s", x.upload, y.upload
         yield f"{label} downloads", "files/s", x.download, y.download
 
 
+def transfers(run: SizeRun | SmallRun) -> list[Transfer]:
+    """Every transfer of a case: uploads, downloads, degraded downloads."""
+    return [*run.upload, *run.download, *(run.degraded if isinstance(run, SizeRun) else ())]
+
+
 def _peak(runs: Sequence[SizeRun | SmallRun], role: str) -> float | None:
-    peaks = [r for run in runs for t in (*run.upload, *run.download) if (r := t.peak_rss[role]) is not None]
+    peaks = [r for run in runs for t in transfers(run) if (r := t.peak_rss[role]) is not None]
     return max(peaks) / MB if peaks else None
+
+
+def degraded_ratio(run: SizeRun) -> float | None:
+    """Median MB/s of the degraded downloads / of the healthy ones (None: not measured)."""
+    if not run.degraded or not run.download:
+        return None
+    return statistics.median(t.mb_per_s for t in run.degraded) / statistics.median(
+        t.mb_per_s for t in run.download
+    )
+
+
+def _degraded_rows(ours: SystemRuns, theirs: SystemRuns) -> Iterator[Comparison]:
+    for a, b in zip(ours.runs, theirs.runs, strict=True):
+        if a.degraded or b.degraded:
+            k, s = degraded_ratio(a), degraded_ratio(b)
+            met = None if k is None else k >= DEGRADED_AT_LEAST
+            target = f"karma8 >= {DEGRADED_AT_LEAST:.2f} x"
+            yield Comparison(f"{size_label(a.size)} degraded / healthy", "x", k, None, s, None, target, met)
 
 
 def _memory_row(case: str, ours: float | None, theirs: float | None, limit: int) -> Comparison:
@@ -88,6 +117,7 @@ def compare(ours: SystemRuns, theirs: SystemRuns) -> list[Comparison]:
         _row(case, unit, k, s, (lambda t: t.mb_per_s) if unit == "MB/s" else (lambda t: t.files_per_s), True)
         for case, unit, k, s in cases
     ]
+    rows += _degraded_rows(ours, theirs)
     rows += [
         _row(f"{case} CPU", "s/GiB", k, s, lambda t: t.server_cpu_per_gib(), False) for case, _, k, s in cases
     ]
@@ -121,14 +151,21 @@ def _value(value: float | None, spread: tuple[float, float] | None) -> str:
     return f"{fmt.format(value)} [{fmt.format(spread[0])}-{fmt.format(spread[1])}]"
 
 
-def format_comparison(rows: Sequence[Comparison], repeat: int) -> list[str]:
-    heading = LINE.format("case", "unit", "karma8", "Swift (rep1)", "k8/Swift", "target (issue 5)", "met")
+def format_comparison(
+    rows: Sequence[Comparison], repeat: int, ours: SystemRuns, theirs: SystemRuns
+) -> list[str]:
+    heading = LINE.format("case", "unit", ours.label, theirs.label, "k8/Swift", "target (issue 5)", "met")
     lines = [
-        f"karma8 vs Swift: median [min-max] over {repeat} repeat(s), alternating; CPU = servers only "
-        "(client excluded), s per GiB moved",
-        heading,
-        "-" * len(heading),
+        f"{ours.label} vs {theirs.label}: median [min-max] over {repeat} repeat(s), alternating; "
+        "CPU = servers only (client excluded), s per GiB moved",
     ]
+    if any(row.unit == "x" for row in rows):
+        lines.append(
+            f"({DOWN} down) = {ours.name}: {ours.down or 'not measured'}, {theirs.name}: "
+            f"{theirs.down or 'not measured'}, each holding a data fragment of the file, killed for "
+            "the download"
+        )
+    lines += [heading, "-" * len(heading)]
     for row in rows:
         ratio = "n/a" if row.ratio is None else f"{row.ratio:.2f}"
         met = "n/a" if row.met is None else "yes" if row.met else "NO"

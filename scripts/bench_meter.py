@@ -74,6 +74,8 @@ class Meter:
 
     groups: Groups
     lifetime: dict[int, int] = field(default_factory=dict)
+    #: Processes that were killed and replaced, by role: their lifetime peaks still count.
+    retired: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def _reset_peaks(self, pids: Sequence[int]) -> list[int]:
         """Reset VmHWM (keeping the lifetime peak it held); the pids where that worked."""
@@ -82,7 +84,22 @@ class Meter:
 
     def lifetime_peaks(self) -> dict[str, int | None]:
         _add_hwm(_all_pids(self.groups), self.lifetime)
-        return _rss_by_role(self.groups, self.lifetime)
+        everyone = {role: (*pids, *self.retired.get(role, ())) for role, pids in self.groups.items()}
+        return _rss_by_role(everyone, self.lifetime)
+
+    def without(self, gone: Iterable[int]) -> Meter:
+        """A meter of the processes but ``gone`` (killed for a measurement), sharing lifetime peaks."""
+        dead = set(gone)
+        groups = {role: tuple(p for p in pids if p not in dead) for role, pids in self.groups.items()}
+        return Meter(groups, self.lifetime, self.retired)
+
+    def regroup(self, groups: Groups) -> None:
+        """Measure ``groups`` from now on (killed processes were restarted with new pids)."""
+        current = set(_all_pids(groups))
+        for role, pids in self.groups.items():
+            gone = tuple(p for p in pids if p not in current)
+            self.retired[role] = (*self.retired.get(role, ()), *gone)
+        self.groups = groups
 
     async def measure(
         self, size: int, transfer: Callable[[], Awaitable[T]], count: int = 1

@@ -15,6 +15,8 @@ CLIENT = "client"
 #: The processes measured, by role: the servers, then the client (this process, never compared).
 KARMA8_ROLES = ("api", "buckets", CLIENT)
 SWIFT_ROLES = ("proxy", "objects", "others", CLIENT)
+#: Processes killed for the degraded download: as many as the erasure code's parity covers.
+DOWN = 2
 
 
 class BenchError(Exception):
@@ -24,6 +26,32 @@ class BenchError(Exception):
 def note(message: str) -> None:
     """Progress on stderr, so that stdout holds only the report."""
     print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One storage layout on both systems: karma8's parts + parity, Swift's storage policy.
+
+    karma8 runs as many buckets as a file has fragments; Swift's peer runs its 8 object
+    servers whatever the policy.
+    """
+
+    name: str
+    parts: int
+    parity: int
+
+    @property
+    def buckets(self) -> int:
+        return self.parts + self.parity
+
+    @property
+    def scheme(self) -> str:
+        return f"{self.parts}+{self.parity}"
+
+
+#: ``--policy``: Swift's policy names, and karma8's scheme that stores a file the same way.
+POLICIES = {"ec62": Policy("ec62", 6, 2), "rep1": Policy("rep1", 6, 0)}
+DEFAULT_POLICY = "ec62"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +69,8 @@ class Options:
     #: Also run every case against the Swift peer started by this script.
     vs_swift: bool = False
     swift_peer: Path | None = None
+    #: The layout of both systems: the local stack's buckets and scheme, Swift's container policy.
+    policy: Policy = POLICIES[DEFAULT_POLICY]
 
 
 def size_label(size: int) -> str:
@@ -103,6 +133,8 @@ class SizeRun:
     disk_copy_seconds: list[float] = field(default_factory=list)
     upload: list[Transfer] = field(default_factory=list)
     download: list[Transfer] = field(default_factory=list)
+    #: Downloads with DOWN processes holding data fragments killed (none: not measured).
+    degraded: list[Transfer] = field(default_factory=list)
 
     def disk_mb_per_s(self) -> float | None:
         return (
@@ -133,6 +165,16 @@ class SystemRuns:
     name: str
     roles: tuple[str, ...]
     pids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: The storage layout measured: ``6+2`` (karma8's scheme), ``ec62`` (Swift's policy).
+    scheme: str = ""
+    #: What the degraded download had down (``2 buckets``); empty: not measured, for ``no_degraded``.
+    down: str = ""
+    no_degraded: str = ""
     runs: list[SizeRun] = field(default_factory=list)
     small: list[SmallRun] = field(default_factory=list)
     lifetime_hwm: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``karma8 6+2``, ``Swift ec62``: the name with the layout measured."""
+        return f"{self.name} {self.scheme}".strip()

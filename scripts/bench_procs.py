@@ -1,4 +1,6 @@
-"""The processes of a karma8 stack: /proc readers, finding them, starting and stopping a local one."""
+"""The processes of a karma8 stack: /proc readers, finding them, starting and stopping a local one,
+and taking two of its buckets down for a degraded download.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trio
-from bench_model import POLL, BenchError, note
+from bench_model import DOWN, POLL, BenchError, Policy, note
 
+from karma8.client import Client
 from karma8.stack import stop_process
 
 STACK_START_TIMEOUT = 120.0
@@ -50,6 +53,25 @@ def status_bytes(pid: int, key: str) -> int | None:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return None
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie (killed, not yet reaped by its parent)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return any(line.split()[1:2] == ["Z"] for line in text.splitlines() if line.startswith("State:"))
+
+
+async def wait_dead(pids: Sequence[int]) -> None:
+    """Until every one of ``pids`` is dead (after a SIGKILL: at once, unless it is stuck in the kernel)."""
+    with trio.move_on_after(STACK_STOP_TIMEOUT) as scope:
+        # Another process's state: there is no event to wait on.
+        while not all(dead(pid) for pid in pids):  # noqa: ASYNC110
+            await trio.sleep(POLL / 10)
+    if scope.cancelled_caught:
+        raise BenchError(f"processes {pids} still alive {STACK_STOP_TIMEOUT:g} s after SIGKILL")
 
 
 def reset_peak(pid: int) -> bool:
@@ -189,6 +211,8 @@ def _report_stack_log(path: Path) -> None:
             note(f"the stack logged {len(errors)} error(s) and {len(warnings)} warning(s); the first ones:")
             for line in (errors + warnings)[:STACK_LOG_LINES]:
                 note(f"  {line}")
+            if any("exited with status -9" in line for line in errors):
+                note("  (status -9, read around: the buckets killed for the degraded downloads)")
 
 
 async def _wait_until_up(proc: trio.Process, log_path: Path) -> str:
@@ -213,20 +237,133 @@ async def _stop(proc: trio.Process) -> None:
         note(f"karma8 up (pid {proc.pid}) did not stop in {STACK_STOP_TIMEOUT:g} s; killed it")
 
 
+@dataclass(frozen=True, slots=True)
+class LocalStack:
+    """A stack started here: where clients connect, its data, and its supervisor (``karma8 up``)."""
+
+    url: str
+    data: Path
+    supervisor: int
+
+
 @contextlib.asynccontextmanager
-async def open_local_stack(data: Path, log_path: Path) -> AsyncIterator[str]:
-    """Run ``karma8 up`` on free ports (both 0: the ready files carry the real ones)."""
-    env = {**os.environ, "KARMA8_STACK_MEMBERSHIP_PORT": "0"}
+async def open_local_stack(data: Path, log_path: Path, policy: Policy) -> AsyncIterator[LocalStack]:
+    """Run ``karma8 up`` with ``policy``'s buckets and scheme, on free ports (both 0: the ready
+    files carry the real ones).
+    """
+    env = {
+        **os.environ,
+        "KARMA8_STACK_MEMBERSHIP_PORT": "0",
+        # The API child reads these: the scheme is the policy's, not the environment's.
+        "KARMA8_API_PARTS": str(policy.parts),
+        "KARMA8_API_PARITY": str(policy.parity),
+    }
     cmd = [sys.executable, "-m", "karma8", "up", "--data", str(data), "--port", "0"]
+    cmd += ["--buckets", str(policy.buckets)]
     log_fd = _open_log(log_path)
     try:
         proc = await trio.lowlevel.open_process(cmd, stdout=log_fd, stderr=subprocess.STDOUT, env=env)
     finally:
         os.close(log_fd)
     try:
-        yield await _wait_until_up(proc, log_path)
+        yield LocalStack(await _wait_until_up(proc, log_path), data, proc.pid)
         if proc.returncode is not None:
             raise BenchError(f"the stack exited during the run:\n{log_tail(log_path)}")
     finally:
+        # A paused supervisor (see BucketsDown) would not hear the SIGINT.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
         await _stop(proc)
         _report_stack_log(log_path)
+
+
+# -- buckets down ----------------------------------------------------------------------
+
+
+def stack_buckets(data: Path) -> dict[str, tuple[int, int | None]]:
+    """The running bucket processes of the stack in ``data``: bucket id -> (pid, port when ready).
+
+    The id is the one in the bucket's ``--data-dir``, the port its ready file's (written once
+    it serves; a restarted bucket gets a new port).
+    """
+    found: dict[str, tuple[int, int | None]] = {}
+    for proc in karma8_processes():
+        data_dir = proc.path_option("--data-dir")
+        if proc.role != "bucket" or data_dir is None or not _under(proc, data):
+            continue
+        with contextlib.suppress(OSError):
+            bucket_id = (data_dir / "bucket-id").read_text().strip()
+            info = _ready_info(proc)
+            port = info.get("port") if info.get("bucket_id") == bucket_id else None
+            found[bucket_id] = (proc.pid, None if port is None else int(port))
+    return found
+
+
+class BucketsDown:
+    """The outage of a degraded download on a stack started here: DOWN buckets holding data
+    fragments of the file, killed.
+
+    The supervisor (``karma8 up``) is paused first (SIGSTOP), so that it restarts nothing
+    while the download runs: the buckets are down for the whole download whatever its
+    length, and no restart's start-up work lands in the measurement. The buckets get
+    SIGKILL (no goodbye to the API server: as if their machine died). Afterwards the
+    supervisor resumes (SIGCONT) and restarts them as after any crash; the outage ends
+    when the API server has every bucket live again, the restarted ones at their new ports.
+    """
+
+    def __init__(self, stack: LocalStack, client: Client, buckets: int) -> None:
+        self.stack = stack
+        self.client = client
+        self.buckets = buckets
+        self.what = f"{DOWN} buckets"
+
+    async def _victims(self, name: str) -> dict[str, int]:
+        stat = await self.client.stat(name)
+        holders = [str(p["bucket"]) for p in stat["parts"] if p["role"] == "data" and p["bucket"]]
+        running = await trio.to_thread.run_sync(stack_buckets, self.stack.data)
+        victims = {bucket: running[bucket][0] for bucket in holders if bucket in running}
+        if len(victims) < DOWN:
+            raise BenchError(
+                f"{name}: fewer than {DOWN} running buckets hold its data fragments "
+                f"(data fragments on {holders}, buckets running: {sorted(running)})"
+            )
+        return dict(list(victims.items())[:DOWN])
+
+    @contextlib.asynccontextmanager
+    async def down(self, name: str) -> AsyncIterator[tuple[int, ...]]:
+        """Kill DOWN buckets holding data fragments of ``name``; yield their pids; restart them after."""
+        victims = await self._victims(name)
+        supervisor = self.stack.supervisor
+        os.kill(supervisor, signal.SIGSTOP)
+        try:
+            for pid in victims.values():
+                os.kill(pid, signal.SIGKILL)
+            await wait_dead(tuple(victims.values()))
+            yield tuple(victims.values())
+        finally:
+            os.kill(supervisor, signal.SIGCONT)
+        await self._wait_back(list(victims))
+
+    async def _back(self, ids: Sequence[str]) -> bool:
+        running = await trio.to_thread.run_sync(stack_buckets, self.stack.data)
+        status = await self.client.status()
+        rows = {str(b["id"]): b for b in status["buckets"]}
+
+        def known(bucket: str) -> bool:
+            port = running.get(bucket, (0, None))[1]
+            row = rows.get(bucket, {})
+            return port is not None and bool(row.get("live")) and str(row.get("address")).endswith(f":{port}")
+
+        return int(status["live"]) >= self.buckets and all(known(b) for b in ids)
+
+    async def _wait_back(self, ids: Sequence[str]) -> None:
+        with trio.move_on_after(STACK_START_TIMEOUT) as scope:
+            # Another process's state: there is no event to wait on.
+            while not await self._back(ids):  # noqa: ASYNC110
+                await trio.sleep(POLL)
+        if scope.cancelled_caught:
+            raise BenchError(f"buckets {', '.join(ids)} not back after {STACK_START_TIMEOUT:g} s")
+
+    def groups(self) -> dict[str, tuple[int, ...]]:
+        """The stack's processes to measure from now on (the restarted buckets' new pids)."""
+        return find_stack_processes(self.stack.url, self.stack.data).groups()

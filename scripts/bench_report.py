@@ -8,7 +8,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench_compare import API_RSS_TARGET, BUCKET_RSS_TARGET, compare, format_comparison
+from bench_compare import (
+    API_RSS_TARGET,
+    BUCKET_RSS_TARGET,
+    DEGRADED_AT_LEAST,
+    compare,
+    degraded_ratio,
+    format_comparison,
+    transfers,
+)
 from bench_model import CLIENT, KARMA8_ROLES, MB, Options, SizeRun, SmallRun, SystemRuns, Transfer, size_label
 from bench_procs import Watched
 
@@ -77,16 +85,18 @@ def _size_rows(roles: Sequence[str], run: SizeRun) -> Iterator[str]:
         yield _row(
             [label, "disk copy", _rate(rates), "MB/s", "1.00"], [""] * (len(roles) + 1), [""] * len(roles)
         )
-    for op, transfers in (("upload", run.upload), ("download", run.download)):
-        rates = [t.mb_per_s for t in transfers]
+    for op, done in (("upload", run.upload), ("download", run.download), ("degraded", run.degraded)):
+        if not done:
+            continue
+        rates = [t.mb_per_s for t in done]
         ratio = "" if disk is None else f"{statistics.median(rates) / disk:.2f}"
-        yield _row([label, op, _rate(rates), "MB/s", ratio], *_measures(roles, transfers))
+        yield _row([label, op, _rate(rates), "MB/s", ratio], *_measures(roles, done))
 
 
 def _small_rows(roles: Sequence[str], run: SmallRun) -> Iterator[str]:
-    for op, transfers in (("upload", run.upload), ("download", run.download)):
-        rates = [t.files_per_s for t in transfers]
-        yield _row([run.label(), op, _rate(rates), "files/s", ""], *_measures(roles, transfers))
+    for op, done in (("upload", run.upload), ("download", run.download)):
+        rates = [t.files_per_s for t in done]
+        yield _row([run.label(), op, _rate(rates), "files/s", ""], *_measures(roles, done))
 
 
 def format_table(system: SystemRuns) -> list[str]:
@@ -99,8 +109,9 @@ def format_table(system: SystemRuns) -> list[str]:
         [*roles, "server"],
         [SINGULAR.get(role, role) for role in roles],
     )
+    degraded = f" (degraded = download with {system.down} down)" if system.down else ""
     lines = [
-        system.name,
+        system.label + degraded,
         (" " * len(LEFT.format(*[""] * 5)) + " | " + groups).rstrip(),
         heading,
         "-" * len(heading),
@@ -116,7 +127,7 @@ def format_table(system: SystemRuns) -> list[str]:
 
 
 def _run_peak(run: SizeRun, role: str) -> int | None:
-    return _peak([*run.upload, *run.download], role)
+    return _peak(transfers(run), role)
 
 
 def _extremes(results: Results) -> tuple[SizeRun, SizeRun]:
@@ -137,8 +148,10 @@ def _api_steps(results: Results) -> Iterator[str]:
     cases: list[tuple[str, SizeRun | SmallRun]] = [(size_label(r.size), r) for r in results.karma8.runs]
     cases += [(r.label(), r) for r in results.karma8.small]
     for label, run in cases:
-        for up, down in zip(run.upload, run.download, strict=True):
-            for op, t in (("upload", up), ("download", down)):
+        degraded = run.degraded if isinstance(run, SizeRun) else []
+        for i, (up, down) in enumerate(zip(run.upload, run.download, strict=True)):
+            steps = [("upload", up), ("download", down), *(("degraded", t) for t in degraded[i : i + 1])]
+            for op, t in steps:
                 path = " > ".join(
                     _mb(v) for v in (t.rss_before["api"], t.peak_rss["api"], t.rss_after["api"])
                 )
@@ -147,7 +160,7 @@ def _api_steps(results: Results) -> Iterator[str]:
 
 def _under(results: Results, role: str, limit: int) -> str:
     runs: list[SizeRun | SmallRun] = [*results.karma8.runs, *results.karma8.small]
-    peaks = [p for run in runs if (p := _peak([*run.upload, *run.download], role)) is not None]
+    peaks = [p for run in runs if (p := _peak(transfers(run), role)) is not None]
     if not peaks:
         return "n/a"
     return f"{'yes' if max(peaks) <= limit else 'NO'} (highest {max(peaks) / MB:.1f} MB)"
@@ -171,6 +184,37 @@ def format_memory(results: Results) -> list[str]:
     ]
 
 
+# -- degraded downloads ----------------------------------------------------------------
+
+
+def _degraded_lines(system: SystemRuns) -> Iterator[str]:
+    for run in system.runs:
+        if not run.degraded:
+            continue
+        healthy = [t.mb_per_s for t in run.download]
+        rates = [t.mb_per_s for t in run.degraded]
+        ratio = degraded_ratio(run)
+        met = "n/a" if ratio is None else "yes" if ratio >= DEGRADED_AT_LEAST else "NO"
+        yield (
+            f"  {system.label:<12} {size_label(run.size):<8} healthy {_rate(healthy)} MB/s, "
+            f"download ({system.down} down) {_rate(rates)} MB/s = {_num(ratio)} x healthy "
+            f"(target >= {DEGRADED_AT_LEAST:.2f} x: {met})"
+        )
+
+
+def format_degraded(systems: Sequence[SystemRuns]) -> list[str]:
+    """Each big size's degraded download against its healthy one, or why it was not measured."""
+    lines = [
+        "Degraded downloads: processes holding data fragments of the file killed (SIGKILL) before",
+        "  the download, back after it; median [min-max] MB/s",
+    ]
+    for system in systems:
+        if system.no_degraded:
+            lines.append(f"  {system.label:<12} not measured: {system.no_degraded}")
+        lines += _degraded_lines(system)
+    return lines
+
+
 # -- the report ------------------------------------------------------------------------
 
 
@@ -187,8 +231,9 @@ def format_report(results: Results, options: Options) -> str:
     facts = results.facts
     w = results.watched
     peer = [f"swift   : {results.swift_peer}"] if results.swift is not None else []
+    systems = [results.karma8, *([results.swift] if results.swift is not None else [])]
     lines = [
-        "karma8 benchmark" + (" vs Swift" if results.swift is not None else ""),
+        "karma8 benchmark: " + " vs ".join(system.label for system in systems),
         f"command : {results.command}",
         f"date    : {facts['date']}",
         f"machine : {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']} RAM, Linux {facts['kernel']}, "
@@ -210,7 +255,9 @@ def format_report(results: Results, options: Options) -> str:
     ]
     if results.swift is not None:
         lines += ["", *format_table(results.swift)]
-        lines += ["", *format_comparison(compare(results.karma8, results.swift), options.repeat)]
+        rows = compare(results.karma8, results.swift)
+        lines += ["", *format_comparison(rows, options.repeat, results.karma8, results.swift)]
+    lines += ["", *format_degraded(systems)]
     lines += ["", *format_memory(results)]
     return "\n".join(lines)
 
@@ -218,6 +265,9 @@ def format_report(results: Results, options: Options) -> str:
 def _runs_json(system: SystemRuns) -> dict[str, object]:
     return {
         "name": system.name,
+        "scheme": system.scheme,
+        "down": system.down,
+        "no_degraded": system.no_degraded,
         "pids": system.pids,
         "lifetime_hwm": system.lifetime_hwm,
         "runs": [
@@ -226,8 +276,11 @@ def _runs_json(system: SystemRuns) -> dict[str, object]:
                 "disk_mb_per_s": run.disk_mb_per_s(),
                 "upload_mb_per_s": [t.mb_per_s for t in run.upload],
                 "download_mb_per_s": [t.mb_per_s for t in run.download],
+                "degraded_mb_per_s": [t.mb_per_s for t in run.degraded],
+                "degraded_ratio": degraded_ratio(run),
                 "upload_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.upload],
                 "download_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.download],
+                "degraded_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.degraded],
             }
             for run in system.runs
         ],
@@ -262,6 +315,7 @@ def write_json(path: Path, results: Results, options: Options) -> None:
         "seconds": results.seconds,
         "runs": karma8["runs"],
         "small": karma8["small"],
+        "karma8": {k: karma8[k] for k in ("scheme", "down", "no_degraded")},
     }
     if results.swift is not None:
         data["swift_peer"] = results.swift_peer

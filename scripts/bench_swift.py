@@ -1,15 +1,20 @@
 """The Swift peer for ``bench.py --vs-swift``: its lifecycle, its processes and a lean HTTP client.
 
-``swiftpeer.sh start`` runs memcached, the account and container servers, 6 object servers
-and a proxy on 127.0.0.1:8080 (tempauth ``test:tester`` / ``testing``); this module starts it
-unless it is already up, and stops it again only if it started it. Objects go to one
-container in the ``rep1`` policy (one replica: no redundancy, like karma8's 6 parts).
+``swiftpeer.sh start`` runs memcached, the account and container servers, 8 object servers
+(``SWIFTPEER_OBJECT_SERVERS``) and a proxy on 127.0.0.1:8080 (tempauth ``test:tester`` /
+``testing``); this module starts it unless it is already up, and stops it again only if it
+started it. Objects go to one container per storage policy (a container's policy is fixed
+when it is created): ``ec62`` (erasure coding 6+2, like karma8's default) or ``rep1`` (one
+replica: no redundancy, like karma8 with parity 0).
 
 The client mirrors what karma8's client does and no more: an upload streams the file in
 1 MiB blocks and sends its md5 ahead as ``ETag`` (Swift checks it before it answers 201,
 as karma8's API checks sha256 before it commits); a download streams into a file, hashes
 sha256 on the way (the hash karma8's client checks) and fsyncs it. Blocking ``http.client``
 calls run in threads, one persistent connection per thread.
+
+For the degraded download, two object servers holding data fragments of the object are
+killed, and ``swiftpeer.sh start`` brings them back afterwards (ObjectServersDown).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -26,12 +32,12 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import trio
-from bench_model import CLIENT, BenchError, Source, note
-from bench_procs import log_tail
+from bench_model import CLIENT, DOWN, BenchError, Source, note
+from bench_procs import log_tail, wait_dead
 
 URL = "http://127.0.0.1:8080"
 USER, KEY = "test:tester", "testing"
-POLICY = "rep1"
+#: The benchmark's containers: ``karma8-bench-ec62``, ``karma8-bench-rep1``.
 CONTAINER = "karma8-bench"
 BLOCK = 1024 * 1024
 HTTP_TIMEOUT = 120.0
@@ -191,27 +197,34 @@ class SwiftAccount:
 
     token: str
     path: str
+    container: str
+
+    @property
+    def account(self) -> str:
+        """``AUTH_test``: the account's name, as Swift's ring hashes it."""
+        return self.path.rsplit("/", 1)[-1]
 
     def object_path(self, name: str) -> str:
-        return f"{self.path}/{CONTAINER}/{quote(name)}"
+        return f"{self.path}/{self.container}/{quote(name)}"
 
 
-def authenticate() -> SwiftAccount:
-    """Log in and make sure the benchmark container exists in the rep1 policy."""
+def authenticate(policy: str) -> SwiftAccount:
+    """Log in and make sure the benchmark's container for ``policy`` exists, in that policy."""
+    container = f"{CONTAINER}-{policy}"
     conn = _connection()
     status, headers, body = _call(conn, "GET", "/auth/v1.0", {"X-Auth-User": USER, "X-Auth-Key": KEY})
     _expect(status, (200,), "auth", body)
-    account = SwiftAccount(headers["X-Auth-Token"], urlsplit(headers["X-Storage-Url"]).path)
+    account = SwiftAccount(headers["X-Auth-Token"], urlsplit(headers["X-Storage-Url"]).path, container)
     auth = {"X-Auth-Token": account.token}
-    container = f"{account.path}/{CONTAINER}"
-    status, _, body = _call(conn, "PUT", container, {**auth, "X-Storage-Policy": POLICY})
-    _expect(status, (201, 202), f"PUT container {CONTAINER}", body)
-    status, headers, body = _call(conn, "HEAD", container, auth)
-    _expect(status, (204,), f"HEAD container {CONTAINER}", body)
-    if headers.get("X-Storage-Policy") != POLICY:
+    path = f"{account.path}/{container}"
+    status, _, body = _call(conn, "PUT", path, {**auth, "X-Storage-Policy": policy})
+    _expect(status, (201, 202), f"PUT container {container} (policy {policy})", body)
+    status, headers, body = _call(conn, "HEAD", path, auth)
+    _expect(status, (204,), f"HEAD container {container}", body)
+    if headers.get("X-Storage-Policy") != policy:
         raise BenchError(
-            f"Swift container {CONTAINER} is in policy {headers.get('X-Storage-Policy')}, "
-            f"not {POLICY}: delete it"
+            f"Swift container {container} is in policy {headers.get('X-Storage-Policy')}, "
+            f"not {policy}: delete it"
         )
     conn.close()
     return account
@@ -293,7 +306,7 @@ async def _in_threads(count: int, concurrency: int, op: Op) -> None:
 
 
 class SwiftTarget:
-    """The benchmark cases against the Swift peer (rep1)."""
+    """The benchmark cases against the Swift peer, in the account's container."""
 
     name = "Swift"
 
@@ -326,3 +339,94 @@ class SwiftTarget:
         await _in_threads(
             len(names), concurrency, lambda conn, i: delete_object(conn, self.account, names[i])
         )
+
+
+# -- object servers down ---------------------------------------------------------------
+
+#: Run by the peer's Python: the ports of the object servers holding data fragments of an
+#: object, from Swift's own ring (an EC fragment's index is its primary's position in the
+#: ring's list; indexes below ec_ndata are data). Argv: etc, policy, account, container, object.
+RING_QUERY = """
+import sys
+import swift.common.utils as utils
+etc, name, account, container, obj = sys.argv[1:]
+utils.SWIFT_CONF_FILE = etc + "/swift.conf"
+from swift.common.storage_policy import POLICIES, reload_storage_policies
+reload_storage_policies()
+policy = POLICIES.get_by_name(name)
+policy.load_ring(etc)
+_, nodes = policy.object_ring.get_nodes(account, container, obj)
+data = getattr(policy, "ec_ndata", len(nodes))
+print(" ".join(str(n["port"]) for n in nodes if n["index"] < data))
+"""
+
+
+def _object_servers() -> dict[int, str]:
+    """Port -> the peer's name for the object server listening there (``object3``)."""
+    servers = {}
+    for conf in (peer_base() / "etc" / "object-server").glob("*.conf"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in conf.read_text().splitlines():
+                if line.replace(" ", "").startswith("bind_port="):
+                    servers[int(line.split("=", 1)[1])] = f"object{conf.stem}"
+    return servers
+
+
+class ObjectServersDown:
+    """The outage of a degraded download on the peer started here: DOWN object servers holding
+    data fragments of the object, killed (SIGKILL, each server's parent and its worker).
+
+    Nothing restarts them during the download; ``swiftpeer.sh start`` brings them back
+    afterwards (it starts the servers whose pid is dead and waits for every port).
+    """
+
+    def __init__(self, script: Path, account: SwiftAccount, policy: str, log_path: Path) -> None:
+        self.script = script
+        self.account = account
+        self.policy = policy
+        self.log_path = log_path
+        self.what = f"{DOWN} object servers"
+
+    async def _holders(self, name: str) -> list[str]:
+        base = peer_base()
+        args = [str(base / "etc"), self.policy, self.account.account, self.account.container, name]
+        python = str(base / "venv" / "bin" / "python")
+        proc = await trio.run_process(
+            [python, "-W", "ignore", "-c", RING_QUERY, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise BenchError(f"Swift's ring for {name}: {proc.stderr.decode(errors='replace')[-500:]}")
+        servers = _object_servers()
+        ports = [int(p) for p in proc.stdout.split()]
+        holders = [servers[p] for p in ports if p in servers]
+        if len(holders) < DOWN:
+            raise BenchError(f"{name}: data fragments on ports {ports}, object servers {servers}")
+        return holders[:DOWN]
+
+    @contextlib.asynccontextmanager
+    async def down(self, name: str) -> AsyncIterator[tuple[int, ...]]:
+        """Kill DOWN object servers holding data fragments of ``name``; yield their pids; restart them."""
+        holders = await self._holders(name)
+        by_parent = _children()
+        victims: list[int] = []
+        for server in holders:
+            pid = int((peer_base() / "run" / f"{server}.pid").read_text())
+            victims += _with_descendants(pid, by_parent)  # the parent first: it would respawn workers
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            await wait_dead(victims)
+            yield tuple(victims)
+        finally:
+            with trio.move_on_after(START_TIMEOUT, shield=True) as scope:
+                await _peer(self.script, "start", self.log_path)
+        if scope.cancelled_caught:
+            raise BenchError(f"swiftpeer.sh start after {self.what} down took more than {START_TIMEOUT:g} s")
+
+    def groups(self) -> dict[str, tuple[int, ...]]:
+        """The peer's processes to measure from now on (the restarted servers' new pids)."""
+        return find_swift_processes().groups()

@@ -1,7 +1,7 @@
 """scripts/bench.py, briefly: a big file and a few small files round-trip, and the report says so.
 
 The --vs-swift run needs the Swift peer installed (../shared/peers/swift/swiftpeer.sh install);
-it is skipped otherwise. Both runs are small: they check the plumbing, not the speed.
+it is skipped otherwise. Every run is small: they check the plumbing, not the speed.
 """
 
 from __future__ import annotations
@@ -74,20 +74,48 @@ def test_big_and_small_files_round_trip(tmp_path: Path) -> None:
     assert "swift" not in result
     assert re.search(r"^6 x 64 KiB +upload .* files/s ", stdout, re.MULTILINE), stdout
     assert re.search(r"^6 x 64 KiB +download .* files/s ", stdout, re.MULTILINE), stdout
-    assert "karma8 vs Swift" not in stdout
+    assert " vs Swift" not in stdout
+    # The default policy: 8 buckets, 6+2; the file downloaded again with 2 of its data buckets killed.
+    assert result["options"]["policy"] == {"name": "ec62", "parts": 6, "parity": 2}
+    assert result["karma8"] == {"scheme": "6+2", "down": "2 buckets", "no_degraded": ""}
+    assert len(result["pids"]["buckets"]) == 8
+    assert len(run["degraded_mb_per_s"]) == 1
+    assert run["degraded_mb_per_s"][0] > 0
+    assert run["degraded_ratio"] == pytest.approx(run["degraded_mb_per_s"][0] / run["download_mb_per_s"][0])
+    assert run["degraded"][0]["cpu"]["buckets"] is not None  # measured over the 6 left running
+    assert re.search(r"^4 MiB +degraded .* MB/s ", stdout, re.MULTILINE), stdout
+    assert re.search(r"karma8 6\+2 +4 MiB .* download \(2 buckets down\) .* x healthy", stdout), stdout
+
+
+def test_rep1_runs_six_buckets_without_parity(tmp_path: Path) -> None:
+    result, stdout = _bench(
+        tmp_path, "--policy=rep1", "--size=4M", "--small-files=0", f"--data={tmp_path / 'data'}", timeout=90
+    )
+    assert result["karma8"]["scheme"] == "6+0"
+    assert len(result["pids"]["buckets"]) == 6
+    [run] = result["runs"]
+    assert run["degraded"] == []
+    assert run["degraded_ratio"] is None
+    assert "karma8 benchmark: karma8 6+0" in stdout
+    assert re.search(r"karma8 6\+0 +not measured: 6\+0 has no parity", stdout), stdout
 
 
 @pytest.mark.skipif(_swift_missing() is not None, reason=_swift_missing() or "")
 def test_vs_swift_prints_the_ratios(tmp_path: Path) -> None:
-    result, stdout = _bench(tmp_path, "--vs-swift", "--size=8M", "--small-files=8", timeout=120)
+    result, stdout = _bench(tmp_path, "--vs-swift", "--size=8M", "--small-files=8", timeout=300)
     swift = result["swift"]
     assert swift["name"] == "Swift"
+    assert swift["scheme"] == "ec62"
     assert swift["pids"]["proxy"]
-    assert len(swift["pids"]["objects"]) >= 6
+    assert len(swift["pids"]["objects"]) >= 8
     [run] = swift["runs"]
     assert run["upload_mb_per_s"][0] > 0
     assert run["download_mb_per_s"][0] > 0
     assert all(cpu is not None for cpu in run["upload"][0]["cpu"].values())
+    started = "started here" in result["swift_peer"]
+    # Degraded downloads on both sides; Swift's only when this run started the peer (its servers are killed).
+    assert len(result["runs"][0]["degraded_mb_per_s"]) == 1
+    assert len(run["degraded_mb_per_s"]) == (1 if started else 0)
     _check_small(swift["small"][0], 8)
     _check_small(result["small"][0], 8)
     rows = {row["case"]: row for row in result["comparison"]}
@@ -95,6 +123,10 @@ def test_vs_swift_prints_the_ratios(tmp_path: Path) -> None:
         assert rows[case]["ratio"] == pytest.approx(rows[case]["karma8"] / rows[case]["swift"])
         assert rows[case]["target"] == ">= 1.50 x"
         assert rows[f"{case} CPU"]["target"] == "<= 1.00 x"
-    assert "karma8 vs Swift" in stdout
+    ours = result["runs"][0]
+    assert rows["8 MiB degraded / healthy"]["karma8"] == pytest.approx(ours["degraded_ratio"])
+    assert rows["8 MiB degraded / healthy"]["target"] == "karma8 >= 0.50 x"
+    assert rows["8 MiB download (2 down)"]["karma8"] == pytest.approx(ours["degraded_mb_per_s"][0])
+    assert "karma8 6+2 vs Swift ec62" in stdout
     assert re.search(r"^8 MiB upload +MB/s ", stdout, re.MULTILINE), stdout
     assert re.search(r"^64 KiB \(c=8\) downloads CPU +s/GiB ", stdout, re.MULTILINE), stdout
