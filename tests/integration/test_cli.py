@@ -142,10 +142,12 @@ async def test_ls_stat_status(cluster: Cluster, tmp_path: Path) -> None:
 
     stat: dict[str, Any] = json.loads((await karma8("stat", NAME, "--json", cwd=tmp_path, env=env)).ok().out)
     assert (stat["name"], stat["size"], stat["sha256"]) == (NAME, 100_000, digest)
-    assert len(stat["parts"]) == 6
-    assert len({p["bucket"] for p in stat["parts"]}) == 6, "two parts on one bucket"
-    assert {p["bucket"] for p in stat["parts"]} == {b.bucket_id for b in cluster.buckets}
-    assert sum(p["size"] for p in stat["parts"]) == 100_000
+    placed = [p for p in stat["parts"] if p["bucket"]]  # 6 buckets: the 2 parity parts are owed
+    assert len(placed) == 6
+    assert len({p["bucket"] for p in placed}) == 6, "two parts on one bucket"
+    assert {p["bucket"] for p in placed} == {b.bucket_id for b in cluster.buckets}
+    assert sum(p["size"] for p in placed) == 100_000
+    assert [p["state"] for p in stat["parts"][6:]] == ["owed", "owed"]
 
     status = (await karma8("status", cwd=tmp_path, env=env)).ok().out
     assert "6 live" in status
@@ -335,7 +337,7 @@ async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
         assert st["live"] == 6
         stat = json.loads((await karma8("stat", NAME, "--json", cwd=tmp_path, env=env)).ok().out)
-        assert len({p["bucket"] for p in stat["parts"]}) == 6
+        assert len({p["bucket"] for p in stat["parts"] if p["bucket"]}) == 6
         # The scan stop_with_ctrl_c relies on sees the stack: karma8 up, the API, 6 buckets.
         running = processes_mentioning(str(data))
         assert len(running) == 8, running
@@ -366,7 +368,7 @@ async def test_up_again_keeps_identities_and_files(tmp_path: Path) -> None:
         assert st["live"] == 6
         assert sorted(b["id"] for b in st["buckets"]) == sorted(ids), "buckets got new identities"
         stat = json.loads((await karma8("stat", NAME, "--json", cwd=tmp_path, env=env)).ok().out)
-        assert {p["bucket"] for p in stat["parts"]} == set(ids)
+        assert {p["bucket"] for p in stat["parts"] if p["bucket"]} == set(ids)
         (await karma8("download", NAME, "-o", str(tmp_path / "back"), cwd=tmp_path, env=env)).ok()
         assert sha256_of(tmp_path / "back") == digest
         await stop_with_ctrl_c(stack)
