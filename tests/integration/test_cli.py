@@ -154,8 +154,12 @@ async def test_ls_stat_status(cluster: Cluster, tmp_path: Path) -> None:
     for b in cluster.buckets:
         assert b.bucket_id in status
     assert status.splitlines()[1].split()[-2:] == ["fill", "frags"]
-    assert status.splitlines()[-2].startswith("spread: ")
-    assert status.splitlines()[-1].startswith("rebalancer: idle")
+    lines = status.splitlines()
+    spread = next(i for i, line in enumerate(lines) if line.startswith("spread: "))
+    assert lines[spread + 1].startswith("rebalancer: idle")
+    # Then the protection of files (6 buckets: no parity for new files, loudly).
+    assert lines[spread + 2].startswith("protection: new files get 6+0 (configured 6+2")
+    assert lines[spread + 3].startswith("WARNING: only 6 live bucket(s)")
     st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
     assert st["live"] == 6
     assert {b["id"] for b in st["buckets"]} == {b.bucket_id for b in cluster.buckets}

@@ -182,7 +182,13 @@ async def test_rebalance_and_status_from_the_cli(tmp_path: Path) -> None:
         assert all(row.split()[2] == "yes" and "%" in row for row in rows.values())
         assert lines[10].startswith("spread: "), text
         assert lines[11].startswith("rebalancer: idle (automatic runs off); last run moved "), text
-        assert len(lines) == 12, text
+        # This cluster runs without parity: new files get what is configured, no warning.
+        assert lines[12] == "protection: new files get 6+0 (configured 6+0, acknowledged with 6 fragments)", (
+            text
+        )
+        assert lines[13].startswith("files: 8 (") and lines[13].endswith(": 8 survive 0 more loss(es)"), text
+        assert lines[14] == "repair: repair queue empty", text
+        assert len(lines) == 15, text
 
         st = json.loads((await karma8("status", "--json", cwd=tmp_path, env=env)).ok().out)
         reb = st["rebalancer"]
