@@ -9,6 +9,8 @@ differs then is reported, one violation per fragment.
 
 from __future__ import annotations
 
+import dataclasses
+
 import trio
 from chaos_ops import Chaos
 from chaos_store import Comparison, Disks, Snapshot, compare, scan_disks
@@ -21,11 +23,21 @@ SETTLE_CAP = 900.0
 
 
 async def look(ctx: Chaos) -> tuple[Snapshot, Disks, Comparison]:
-    """The registry, then the disks, and how they differ."""
+    """The registry, then the disks, and how they differ.
+
+    Deletions pending on a bucket lost for good can never happen (nor need to): they are
+    left out, and counted.
+    """
     snapshot = await ctx.registry.snapshot()
     dirs = [ctx.stack.bucket_dir(i) for i in range(len(ctx.stack.buckets))]
     disks = await trio.to_thread.run_sync(scan_disks, dirs)
-    return snapshot, disks, compare(snapshot, disks)
+    comparison = compare(snapshot, disks)
+    lost = ctx.stack.lost_ids
+    ctx.stats.pending_on_lost = sum(b in lost for _, b in comparison.pending)
+    comparison = dataclasses.replace(
+        comparison, pending=[(u, b) for u, b in comparison.pending if b not in lost]
+    )
+    return snapshot, disks, comparison
 
 
 async def wait_reconciled(ctx: Chaos) -> tuple[Snapshot, Disks, Comparison, float]:

@@ -295,6 +295,8 @@ class Stats:
     lost_files: int = 0
     #: Fragments the scrub at the end found damaged, after repairs.
     damaged_after_repair: int = 0
+    #: Deletions left pending on buckets lost for good (they can never be confirmed).
+    pending_on_lost: int = 0
     bytes_uploaded: int = 0
     unknown_outcomes: int = 0
     #: Fragment files not (or no longer) part of a committed file, and pending deletions,
@@ -337,6 +339,7 @@ class Stats:
             "tmp_files": self.tmp_files,
             "lost_files": self.lost_files,
             "damaged_after_repair": self.damaged_after_repair,
+            "pending_on_lost": self.pending_on_lost,
             "internal_errors": self.internal_errors,
             "violations": self.violations,
         }
@@ -372,6 +375,7 @@ def format_summary(stats: Stats, options: Options, elapsed: float) -> str:
         f"{'temporary files left':<34}{stats.tmp_files:>8}",
         f"{'acknowledged files lost':<34}{stats.lost_files:>8}",
         f"{'damaged after repair (scrub)':<34}{stats.damaged_after_repair:>8}",
+        f"{'deletions left on lost buckets':<34}{stats.pending_on_lost:>8}",
         f"{'server internal errors':<34}{stats.internal_errors:>8}",
         f"{'violations':<34}{len(stats.violations):>8}",
     ]

@@ -7,6 +7,7 @@ URL. Each process logs to ``<data>/logs/<name>.log`` (appended across restarts).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -158,6 +159,8 @@ class Stack:
             )
             for i in range(buckets)
         ]
+        #: Ids of the buckets lost for good (their copies can never be deleted).
+        self.lost_ids: set[str] = set()
         #: Called with a message when a process dies without being killed by us.
         self.on_crash: Callable[[str], None] = lambda message: None
 
@@ -223,6 +226,8 @@ class Stack:
         bucket (a new identity) in its place, as an operator replacing a dead disk would."""
         await self.kill(child)
         data = Path(child.args[child.args.index("--data-dir") + 1])
+        with contextlib.suppress(OSError):
+            self.lost_ids.add((data / "bucket-id").read_text().strip())
         await trio.to_thread.run_sync(shutil.rmtree, data, True)
         await self.start(child)
 

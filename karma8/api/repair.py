@@ -215,6 +215,11 @@ class Repairer:
                 await self._registry.repair_done(row.upload_id)
             return
         if spare < 0:
+            if len(plan.sources) + len(plan.waiting) >= scheme.data:
+                # Enough fragments sit on buckets that are only down for now (or have not
+                # heartbeated since this process started): wait for them.
+                await self._registry.repair_later(row.upload_id, spare, row.bad, self._config.repair_interval)
+                return
             log.error(
                 "upload=%s name=%r: only %d of the %d fragments needed are readable now",
                 upload.upload_id,
@@ -434,4 +439,4 @@ class _Target:
 
 
 def _backoff(attempts: int) -> float:
-    return min(MAX_BACKOFF, 5.0 * 2.0 ** min(attempts, 10))
+    return min(MAX_BACKOFF, 2.0 ** min(attempts, 10))

@@ -27,7 +27,7 @@ def test_a_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
         "--api-downtime=0.2:0.6",
         "--socket-kill-every=0.5:1.5",
         "--client-kill-every=0.5:1.5",
-        "--bucket-loss-every=6:10",
+        "--bucket-loss-every=12:15",  # one loss in 20 s: with a flip, the 2 a file survives
         "--bit-flip-every=1:2",
         "--settle-timeout=60",
         f"--data={tmp_path / 'data'}",
