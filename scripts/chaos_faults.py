@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import socket
 import struct
@@ -238,12 +239,16 @@ async def flip_bits(ctx: Chaos, rng: random.Random) -> None:
 
 
 def _fragment_files(dirs: list[Path]) -> list[Path]:
+    """Non-empty fragment files on the disks (they come and go while we look)."""
     out: list[Path] = []
     for root in dirs:
-        frags = root / "fragments"
-        if frags.exists():
-            out += sorted(p for p in frags.rglob("*") if p.is_file() and p.stat().st_size > 0)
-    return out
+        for parent, _, names in os.walk(root / "fragments"):
+            for name in sorted(names):
+                path = Path(parent) / name
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_size > 0:
+                        out.append(path)
+    return sorted(out)
 
 
 def _flip(path: Path, seed: int) -> bool:
