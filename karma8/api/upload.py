@@ -17,13 +17,14 @@ import time
 import trio
 
 from karma8.api.metrics import CLEANUP
+from karma8.api.pool import Bucket
 from karma8.api.session import Session
 from karma8.api.writing import write_fragments
 from karma8.core.coding import Scheme
 from karma8.core.fragments import new_upload_id
 from karma8.core.layout import Layout
 from karma8.core.protocol import encode_ok, parse_upload_header
-from karma8.errors import BadRequest, ChecksumMismatch, Conflict
+from karma8.errors import BadRequest, BucketUnavailable, ChecksumMismatch, Conflict, Karma8Error
 from karma8.registry import UploadRow
 
 
@@ -59,9 +60,18 @@ async def handle_upload(session: Session, name: str) -> None:
         )
         started = trio.current_time()
         try:
-            # Inside the try: a bucket that stopped being live since placement fails the
-            # upload through the cleanup below, like any other failure.
-            clients = {part: services.cluster.client(b) for part, b in enumerate(bucket_ids)}
+            # A bucket that stopped being live since placement is a failed fragment, owed
+            # like one that fails mid-upload; the upload fails (through the cleanup below)
+            # only if too few are left for the quorum.
+            clients: dict[int, Bucket] = {}
+            gone: dict[int, Karma8Error] = {}
+            for part, bucket_id in enumerate(bucket_ids):
+                try:
+                    clients[part] = services.cluster.client(bucket_id)
+                except BucketUnavailable as down:
+                    gone[part] = down
+            if len(clients) < quorum:
+                raise next(iter(gone.values()))
 
             async def receive() -> bytes:
                 data = await session.receive_data()
@@ -71,6 +81,7 @@ async def handle_upload(session: Session, name: str) -> None:
             written = await write_fragments(
                 receive, layout, scheme, upload_id, clients, quorum, session.limits
             )
+            written.failed.update(gone)
             if header.sha256 is not None and header.sha256 != written.sha256:
                 raise ChecksumMismatch(f"data has sha256 {written.sha256}, client announced {header.sha256}")
             for part, exc in sorted(written.failed.items()):
