@@ -169,9 +169,10 @@ class Repairer:
             n = await self._registry.queue_lost_buckets(lost)
             if n:
                 log.warning("repair: bucket(s) %s lost; %d file(s) queued", ",".join(lost), n)
-        summary = await self._registry.repair_summary()
-        self._metrics.repair_queue.set(summary["files"])
-        self._metrics.repair_at_risk.set(sum(n for s, n in summary["by_spare"].items() if int(s) <= 0))
+        # Not repair_summary(): that one also sums the files table, which grows with the store.
+        queued, at_risk = await self._registry.repair_counts()
+        self._metrics.repair_queue.set(queued)
+        self._metrics.repair_at_risk.set(at_risk)
         free = self._config.repair_concurrency - len(self._running)
         if free <= 0:
             return

@@ -102,6 +102,9 @@ class Registry:
     async def repairs(self) -> list[RepairRow]:
         return await self._run(self.db.repairs)
 
+    async def repair_counts(self) -> tuple[int, int]:
+        return await self._run(self.db.repair_counts)
+
     async def repair_summary(self) -> dict[str, Any]:
         return await self._run(self.db.repair_summary)
 

@@ -141,6 +141,12 @@ class RepairQueue:
         )
         return [RepairRow(str(u), int(s), str(r), float(t), int(a), _parts(b)) for u, s, r, t, a, b in rows]
 
+    def repair_counts(self: _DB) -> tuple[int, int]:
+        """(files in the queue, of them with no fragment to spare): the queue alone, cheap
+        enough for every repair round."""
+        ((queued, at_risk),) = self._query("SELECT COUNT(*), COALESCE(SUM(spare <= 0), 0) FROM repairs")
+        return int(queued), int(at_risk)
+
     def repair_summary(self: _DB) -> dict[str, Any]:
         """The queue in numbers: files, files by fragments to spare, by reason."""
         by_spare = self._query("SELECT spare, COUNT(*) FROM repairs GROUP BY spare ORDER BY spare")

@@ -340,3 +340,21 @@ async def test_eight_buckets_one_gone_tolerate_one_loss_fewer_until_a_bucket_joi
         )
         for name, digest in digests.items():
             await _download_equal(cluster, name, digest, tmp_path)
+
+
+async def test_without_degraded_writes_too_few_buckets_refuse_uploads(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, buckets=6, degraded_writes=False, repair_interval=0.3) as cluster:
+        src = tmp_path / "src"
+        make_file(src, 1000, seed=2)
+        with pytest.raises(RemoteError, match="6 live bucket\\(s\\), 7 needed") as info:
+            await cluster.client.upload(src, "refused")
+        assert info.value.code == "not_enough_buckets"
+        assert cluster.all_files() == []
+        await cluster.add_bucket()
+        await cluster.wait_live(7)
+        assert (await cluster.client.upload(src, "taken")).spare == 1
+        db = cluster.registry()
+        try:
+            assert db.repair_counts() == (1, 0)  # owed its second parity fragment, 1 to spare
+        finally:
+            db.close()
