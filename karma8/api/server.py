@@ -14,6 +14,7 @@ import logging
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from karma8 import speedups
 from karma8.api.download import handle_download
 from karma8.api.listener import Connection
 from karma8.api.metrics import CANCELLED, DISCONNECTED, OK
@@ -88,6 +89,9 @@ class ApiHandler:
             ended(OK)
             with trio.move_on_after(self._services.config.handshake_timeout):
                 await ws.aclose(CloseCode.NORMAL)
+        finally:
+            if session.transferred >= speedups.TRIM_THRESHOLD:
+                speedups.trim_heap()  # the buffers of a large transfer, free in the heap
 
     def _authorize(self, request: WebSocketRequest) -> None:
         """Check the client token of the handshake, when the server requires one."""

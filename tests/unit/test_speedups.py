@@ -224,6 +224,29 @@ print(faults() - before)
     assert counts["tuned"] < 1000
 
 
+def test_trim_heap_gives_back_what_tune_malloc_keeps() -> None:
+    # After tune_malloc() freed buffers stay in the heap (up to TRIM_THRESHOLD at its top,
+    # every free page below); trim_heap() returns them. In a child: its own allocator.
+    script = """
+from pathlib import Path
+from karma8 import speedups
+assert speedups.tune_malloc()
+def rss():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+    return int(line.split()[1]) * 1024
+chunks = [bytearray(1 << 20) for _ in range(14)]
+keep = bytearray(1024)  # above them: the freed chunks are not at the top of the heap
+del chunks
+kept = rss()
+speedups.trim_heap()
+print(kept - rss())
+"""
+    released = int(
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    )
+    assert released > 10 * MiB
+
+
 def test_wsproto_still_copies_frames_to_serialize_them() -> None:
     # If wsproto builds frames without these copies, drop our serializer.
     source = inspect.getsource(speedups._original_serialize_frame)
