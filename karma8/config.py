@@ -118,6 +118,11 @@ class ApiConfig(_Section):
         9090, description="HTTP port of /metrics, /healthz and /ready (0 picks a free one)."
     )
     data_dir: Path = Field(Path("karma8-data/api"), description="Holds the registry database.")
+    registry_url: SecretStr = Field(
+        SecretStr(""),
+        description="The registry's database: postgresql://USER:PASSWORD@HOST/DB (shared by several"
+        " API servers) or sqlite:PATH; empty: data_dir/registry.sqlite3.",
+    )
     parts: Int = Field(6, ge=1, le=64, description="Data parts per file, each on a distinct bucket.")
     parity: Int = Field(
         2,
@@ -240,8 +245,13 @@ class ApiConfig(_Section):
 
     @property
     def registry_path(self) -> Path:
-        """The SQLite registry database."""
+        """The default (SQLite) registry database."""
         return self.data_dir / "registry.sqlite3"
+
+    @property
+    def registry(self) -> str:
+        """Where the registry is: ``registry_url``, or the SQLite file in ``data_dir``."""
+        return self.registry_url.get_secret_value() or str(self.registry_path)
 
 
 #: Bind addresses that mean "every address of this host".

@@ -91,6 +91,12 @@ class FragmentNotFound(BucketUnavailable):
     """A live bucket does not hold a fragment the registry places on it."""
 
 
+class RegistryUnavailable(Karma8Error):
+    """The registry's database cannot be reached (PostgreSQL down, SQLite locked too long)."""
+
+    code = "unavailable"
+
+
 class Unauthorized(Karma8Error):
     """The client presented no valid token (the API server's ``client_token``)."""
 

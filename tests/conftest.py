@@ -37,3 +37,12 @@ def postgres_url(postgres_cluster: PostgresCluster, request: pytest.FixtureReque
     if not postgres_cluster.running:
         postgres_cluster.start_server()
     postgres_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where a fresh registry lives: a SQLite file, then a PostgreSQL database (the
+    registry's tests run against both backends)."""
+    if request.param == "sqlite":
+        return str(tmp_path_factory.mktemp("registry") / "registry.sqlite3")
+    return str(request.getfixturevalue("postgres_url"))

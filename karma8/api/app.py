@@ -147,7 +147,7 @@ async def _serve(
 ) -> None:
     token = trio.lowlevel.current_trio_token()
     async with (
-        open_registry(config.registry_path) as registry,
+        open_registry(config.registry) as registry,
         open_portal(use_uvloop=config.uvloop) as portal,
     ):
         interrupted = await registry.fail_all_in_progress()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -399,7 +399,10 @@ class Repairer:
         layout = Layout.for_size(upload.size, scheme.data, config.stripe_unit, scheme.parity)
         new_id = new_upload_id()
         bucket_ids = await self._registry.place_upload(
-            UploadRow.new(new_id, upload.name, upload.size, scheme, layout.unit, time.time()),
+            replace(
+                UploadRow.new(new_id, upload.name, upload.size, scheme, layout.unit, time.time()),
+                rewrites=upload.upload_id,
+            ),
             layout.part_sizes(),
             live,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -40,8 +40,6 @@ class Services:
     rebalancer: Rebalancer
     repairer: Repairer
     metrics: ApiMetrics
-    #: Names with an upload in progress (a second concurrent upload is a conflict).
-    uploading: set[str] = field(default_factory=set)
 
 
 class SessionLog(logging.LoggerAdapter[logging.Logger]):

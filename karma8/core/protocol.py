@@ -66,6 +66,7 @@ _CLOSE_FOR_CODE = {
     "not_enough_buckets": CloseCode.TRY_AGAIN_LATER,
     "bucket_unavailable": CloseCode.TRY_AGAIN_LATER,
     "unreadable": CloseCode.TRY_AGAIN_LATER,
+    "unavailable": CloseCode.TRY_AGAIN_LATER,
     "timeout": CloseCode.POLICY_VIOLATION,
 }
 

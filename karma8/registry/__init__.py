@@ -1,12 +1,17 @@
 """The registry, as the trio side of the API server uses it.
 
 :class:`Registry` forwards every call to :class:`~karma8.registry.db.RegistryDB` on a
-worker thread (one at a time), so SQLite never blocks the trio event loop.
+worker thread (one at a time on SQLite, up to the pool's size on PostgreSQL), so the
+database never blocks the trio event loop. A call that lost a race with another
+server's transaction (deadlock, serialization failure, SQLite busy) is made again, a few
+times, after a short random pause.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
@@ -16,6 +21,8 @@ import trio
 
 from karma8.core.balance import Fill
 from karma8.core.records import Heartbeat
+from karma8.errors import RegistryUnavailable
+from karma8.registry.database import Database, Retry
 from karma8.registry.db import (
     BucketRow,
     BucketSpace,
@@ -43,6 +50,23 @@ __all__ = [
 
 P = ParamSpec("P")
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: Runs of a call that keeps losing races before the caller hears ``unavailable``.
+ATTEMPTS = 8
+
+
+def retrying(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn(*args, **kwargs)`` (one registry transaction), run again when it lost a race."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Retry as exc:
+            if attempt == ATTEMPTS:
+                raise RegistryUnavailable(f"registry busy: {exc}") from None
+            log.debug("registry %s lost a race (%s); attempt %d", getattr(fn, "__name__", fn), exc, attempt)
+            time.sleep(random.uniform(0, 0.005 * 2**attempt))  # a worker thread: trio runs on
+    raise AssertionError("unreachable")
 
 
 class Registry:
@@ -50,10 +74,10 @@ class Registry:
 
     def __init__(self, db: RegistryDB) -> None:
         self.db = db
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(db.database.concurrency)
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._limiter)
+        return await trio.to_thread.run_sync(lambda: retrying(fn, *args, **kwargs), limiter=self._limiter)
 
     async def upsert_bucket(self, beat: Heartbeat) -> None:
         await self._run(self.db.upsert_bucket, beat, time.time())
@@ -204,9 +228,10 @@ class Registry:
 
 
 @contextlib.asynccontextmanager
-async def open_registry(path: Path) -> AsyncIterator[Registry]:
-    """Open (creating if needed) the registry at ``path``."""
-    db = await trio.to_thread.run_sync(RegistryDB, path)
+async def open_registry(where: Database | Path | str) -> AsyncIterator[Registry]:
+    """Open (creating or migrating if needed) the registry at ``where`` (a registry URL or
+    a SQLite path)."""
+    db = await trio.to_thread.run_sync(retrying, RegistryDB, where)
     try:
         yield Registry(db)
     finally:

@@ -1,8 +1,10 @@
-"""The registry: which files exist and where their fragments live (SQLite).
+"""The registry: which files exist and where their fragments live.
 
-One SQLite file in WAL mode. This module is synchronous and knows nothing of trio; the
-API server reaches it through :class:`karma8.registry.Registry`, which runs every call
-on a worker thread so the event loop never blocks.
+SQLite or PostgreSQL (karma8/registry/database.py); the SQL here is the same for both.
+This module is synchronous and knows nothing of trio; the API server reaches it through
+:class:`karma8.registry.Registry`, which runs every call on a worker thread so the event
+loop never blocks. Each public method is one transaction (or a read), so a call that
+lost a race (:class:`~karma8.registry.database.Retry`) can simply be made again.
 
 Upload states: ``in_progress`` -> ``committed`` (the file's current version) ->
 ``deleting`` (replaced or deleted; fragments being removed), or ``in_progress`` ->
@@ -14,19 +16,22 @@ Rebalancing adds two tables. ``moves`` holds the fragment copies under way (the 
 ``dst`` is not yet the fragment's home); ``stale`` holds copies that are no longer any
 fragment's home and wait to be deleted: the source of a finished move (once no download
 reads it) and the destination of an abandoned one. ``placed`` is a ledger of the bytes
-and fragments of live (in-progress or committed) uploads per bucket, kept by triggers in
-the same transactions that change fragments and uploads, so placement and the rebalancer
-read it in constant time and it cannot drift from the rows it sums.
+and fragments of live (in-progress or committed) uploads per bucket, kept by explicit
+statements in the same transactions that change fragments and uploads (karma8/registry/ledger.py),
+so placement and the rebalancer read it in constant time and it cannot drift from the
+rows it sums (:meth:`RegistryDB.ledger_drift` checks).
+
+Several API servers may share the registry. A transaction that reads rows to change them
+locks them first: the upload's row (``FOR UPDATE`` on PostgreSQL; SQLite's write
+transactions exclude each other anyway), the name being committed or deleted, and the
+ledger for placement (:meth:`~karma8.registry.database.Database.lock`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,23 +43,26 @@ from karma8.core.fragments import fragment_id
 from karma8.core.placement import Candidate, choose_buckets
 from karma8.core.records import Heartbeat
 from karma8.errors import Conflict, Internal
-from karma8.registry import schema
+from karma8.registry import ledger, schema
+from karma8.registry.database import Database, Duplicate, Tx, open_database
 from karma8.registry.repairs import RepairQueue, queue_if_short
 
 log = logging.getLogger(__name__)
 
-# Fragments on ?1 that may move to ?3: parts of committed files with nothing on ?3 (no
-# part, no move, no stale copy), not moving already; ?2 bounds their size.
+# Fragments on the source that may move to the destination (the last three arguments):
+# parts of committed files with nothing on the destination (no part, no move, no stale
+# copy), not moving already; the second argument bounds their size.
 _MOVABLE = """
 SELECT f.upload_id, f.part, f.size FROM fragments f JOIN uploads u ON u.id = f.upload_id
-WHERE f.bucket_id = ?1 AND {size} AND f.size > 0 AND u.state = 'committed' AND f.state = 'ok'
-  AND NOT EXISTS (SELECT 1 FROM fragments g WHERE g.upload_id = f.upload_id AND g.bucket_id = ?3)
-  AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.upload_id = f.upload_id AND (m.part = f.part OR m.dst = ?3))
-  AND NOT EXISTS (SELECT 1 FROM stale s WHERE s.bucket_id = ?3 AND s.upload_id = f.upload_id)
+WHERE f.bucket_id = ? AND {size} AND f.size > 0 AND u.state = 'committed' AND f.state = 'ok'
+  AND NOT EXISTS (SELECT 1 FROM fragments g WHERE g.upload_id = f.upload_id AND g.bucket_id = ?)
+  AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.upload_id = f.upload_id AND (m.part = f.part OR m.dst = ?))
+  AND NOT EXISTS (SELECT 1 FROM stale s WHERE s.bucket_id = ? AND s.upload_id = f.upload_id)
 ORDER BY f.size {order}
 """
-_LARGEST = _MOVABLE.format(size="f.size <= ?2", order="DESC")
-_SMALLEST = _MOVABLE.format(size="f.size > ?2", order="ASC")
+
+_LARGEST = _MOVABLE.format(size="f.size <= ?", order="DESC")
+_SMALLEST = _MOVABLE.format(size="f.size > ?", order="ASC")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,9 @@ class UploadRow:
     codec: str = "none"
     #: Fragment format on the buckets: 1 (one sha256 each), 2 (a crc32c per unit).
     format: int = 1
+    #: The upload this one rewrites (repair raising a file's protection), None for a
+    #: client's upload: at most one client upload of a name is in progress.
+    rewrites: str | None = None
 
     @property
     def scheme(self) -> Scheme:
@@ -176,8 +187,8 @@ class StaleRow:
 class _Movable:
     """:class:`karma8.core.balance.Movable` over the registry (one indexed query)."""
 
-    def __init__(self, conn: sqlite3.Connection, skip: Set[tuple[str, int]]) -> None:
-        self._conn = conn
+    def __init__(self, tx: Tx, skip: Set[tuple[str, int]]) -> None:
+        self._tx = tx
         self._skip = skip
 
     def largest(self, src: str, dst: str, limit: int) -> tuple[str, int, int] | None:
@@ -187,54 +198,76 @@ class _Movable:
         return self._first(_SMALLEST, src, above, dst)
 
     def _first(self, sql: str, src: str, size: int, dst: str) -> tuple[str, int, int] | None:
-        for upload_id, part, found in self._conn.execute(sql, (src, size, dst)):
+        for upload_id, part, found in self._tx.execute(sql, (src, size, dst, dst, dst)):
             if (upload_id, part) not in self._skip:
                 return str(upload_id), int(part), int(found)
         return None
 
 
-class RegistryDB(RepairQueue):
-    """Synchronous registry over one SQLite connection (thread-safe by a lock)."""
+class _Rollback(Exception):
+    """Ends a transaction whose changes were only a way to compute something."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the client hears of it (NORMAL could lose the
-        # last commits to a power cut, and reconciliation would then delete their data).
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        with self._transaction() as c:
-            found, now = schema.migrate(c)
+
+class RegistryDB(RepairQueue):
+    """Synchronous registry over one database (see karma8/registry/database.py).
+
+    Args:
+        where: a :class:`Database`, a registry URL (``postgresql://…``, ``sqlite:PATH``)
+            or the path of a SQLite file.
+    """
+
+    def __init__(self, where: Database | Path | str) -> None:
+        self._db = where if isinstance(where, Database) else open_database(str(where))
+        with self._db.transaction() as tx:
+            found, now = schema.migrate(self._db, tx)
         if found != now:
-            log.info("registry %s migrated from schema version %d to %d", path, found, now)
+            log.info("registry %s migrated from schema version %d to %d", self._db.describe(), found, now)
+
+    @property
+    def database(self) -> Database:
+        return self._db
 
     def close(self) -> None:
         """Close the database."""
-        with self._lock:
-            self._conn.close()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        self._db.close()
 
     def _tx(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
-        with self._transaction() as c:
+        with self._db.transaction() as tx:
             for sql, args in statements:
-                c.execute(sql, args)
+                tx.execute(sql, args)
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+        with self._db.read() as tx:
+            return tx.execute(sql, args).fetchall()
+
+    def _lock_upload(self, tx: Tx, upload_id: str) -> str | None:
+        return ledger.lock_upload(self._db, tx, upload_id)
+
+    def _retire(self, tx: Tx, upload_id: str, state: str, now: float) -> None:
+        """Move a locked live upload to ``state`` (failed, deleting): off the ledger."""
+        ledger.add_uploads(tx, -1, "u.id = ?", (upload_id,))
+        tx.execute("UPDATE uploads SET state = ?, finished = ? WHERE id = ?", (state, now, upload_id))
+
+    def ledger_drift(self) -> dict[str, tuple[int, int]]:
+        """Buckets whose ledger row differs from the sum of the rows it counts:
+        bucket -> (bytes, fragments) in the ledger minus in the rows. Empty: exact."""
+        with self._db.read() as tx:
+            kept = tx.execute("SELECT bucket_id, bytes, fragments FROM placed").fetchall()
+            ledger = {str(b): (int(n), int(k)) for b, n, k in kept}
+            rows = {
+                str(b): (int(n), int(k))
+                for b, n, k in tx.execute(
+                    "SELECT f.bucket_id, SUM(f.size), COUNT(*) FROM fragments f"
+                    " JOIN uploads u ON u.id = f.upload_id"
+                    " WHERE u.state IN ('in_progress', 'committed') GROUP BY f.bucket_id"
+                )
+            }
+        drift = {}
+        for bucket in ledger.keys() | rows.keys():
+            a, b = ledger.get(bucket, (0, 0)), rows.get(bucket, (0, 0))
+            if a != b:
+                drift[bucket] = (a[0] - b[0], a[1] - b[1])
+        return drift
 
     # -- buckets ---------------------------------------------------------------------
 
@@ -263,9 +296,13 @@ class RegistryDB(RepairQueue):
     # -- uploads ---------------------------------------------------------------------
 
     def begin_upload(self, upload: UploadRow, fragments: list[FragmentRow]) -> None:
-        """Record a new in-progress upload and where each of its parts goes."""
-        with self._transaction() as c:
-            _insert_upload(c, upload, fragments)
+        """Record a new in-progress upload and where each of its parts goes.
+
+        Raises:
+            Conflict: a client upload of the same name is in progress (on any server).
+        """
+        with self._db.transaction() as tx:
+            _insert_upload(tx, upload, fragments)
 
     def place_upload(
         self,
@@ -277,18 +314,21 @@ class RegistryDB(RepairQueue):
         """Choose the buckets of a new upload and record it, in one transaction.
 
         Placement reads the ledger of placed bytes and records the new parts in the same
-        transaction, so concurrent uploads each see the ones placed before them. With
-        fewer live buckets than parts, the first parts are placed (at least ``required``).
+        transaction (under the placement lock), so concurrent uploads, on any server,
+        each see the ones placed before them. With fewer live buckets than parts, the
+        first parts are placed (at least ``required``).
 
         Raises:
             NotEnoughBuckets: fewer live buckets with room than ``required`` (default: all parts).
+            Conflict: a client upload of the same name is in progress (on any server).
         """
-        with self._transaction() as c:
-            used = _planned_usage(c)
+        with self._db.transaction() as tx:
+            self._db.lock(tx, "karma8-placement")
+            used = _planned_usage(tx)
             candidates = [Candidate(b.bucket_id, used.get(b.bucket_id, 0), b.capacity, b.free) for b in live]
             bucket_ids = choose_buckets(upload.upload_id, candidates, part_sizes, required)
             _insert_upload(
-                c,
+                tx,
                 upload,
                 [FragmentRow(upload.upload_id, p, b, part_sizes[p], None) for p, b in enumerate(bucket_ids)],
             )
@@ -309,44 +349,47 @@ class RegistryDB(RepairQueue):
         with fewer fragments than its scheme (owed or never placed) joins the repair
         queue in the same transaction. With ``replacing`` (a rewrite of a stored file),
         the name must still point at that upload, and keeps its creation time.
+        Concurrent commits of one name (through any servers) take turns on the name's
+        lock: each replaces the one before, and exactly one version stays committed.
 
         Returns the id of the version it replaced (now ``deleting``), if any.
 
         Raises:
             Conflict: ``replacing`` is no longer the name's current version.
         """
-        with self._transaction() as c:
-            row = c.execute(
-                "SELECT name, size FROM uploads WHERE id = ? AND state = 'in_progress'",
-                (upload_id,),
+        with self._db.transaction() as tx:
+            row = tx.execute(
+                "SELECT name, size FROM uploads WHERE id = ? AND state = 'in_progress'", (upload_id,)
             ).fetchone()
             if row is None:
                 raise Internal(f"upload {upload_id} is not in progress; cannot commit it")
             name, size = row
-            old = c.execute("SELECT upload_id, created FROM files WHERE name = ?", (name,)).fetchone()
+            self._db.lock(tx, "name:" + name)
+            if self._lock_upload(tx, upload_id) != "in_progress":  # failed meanwhile (its server was reaped)
+                raise Internal(f"upload {upload_id} is not in progress; cannot commit it")
+            old = tx.execute("SELECT upload_id, created FROM files WHERE name = ?", (name,)).fetchone()
             created = now
             if replacing is not None:
                 if old is None or old[0] != replacing:
                     raise Conflict(f"{name!r} changed while it was being rewritten")
                 created = old[1]
-            for part, digest in checksums.items():
-                c.execute(
-                    "UPDATE fragments SET sha256 = ? WHERE upload_id = ? AND part = ?",
-                    (digest, upload_id, part),
-                )
-            owed = list(owed)
-            c.executemany(
+            tx.executemany(
+                "UPDATE fragments SET sha256 = ? WHERE upload_id = ? AND part = ?",
+                [(digest, upload_id, part) for part, digest in checksums.items()],
+            )
+            tx.executemany(
                 "UPDATE fragments SET state = 'owed' WHERE upload_id = ? AND part = ?",
                 [(upload_id, part) for part in owed],
             )
-            c.execute(
+            tx.execute(
                 "UPDATE uploads SET state = 'committed', sha256 = ?, finished = ? WHERE id = ?",
                 (sha256, now, upload_id),
             )
-            queue_if_short(c, upload_id, "owed" if owed else "under_protected", now)
+            queue_if_short(tx, upload_id, "owed" if owed else "under_protected", now)
             if old is not None:
-                c.execute("UPDATE uploads SET state = 'deleting', finished = ? WHERE id = ?", (now, old[0]))
-            c.execute(
+                self._lock_upload(tx, old[0])
+                self._retire(tx, old[0], "deleting", now)
+            tx.execute(
                 "INSERT INTO files (name, upload_id, size, sha256, created)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
                 " upload_id=excluded.upload_id, size=excluded.size,"
@@ -357,28 +400,27 @@ class RegistryDB(RepairQueue):
 
     def fail_upload(self, upload_id: str, now: float) -> None:
         """Mark an in-progress upload failed (its fragments are then cleaned up)."""
-        self._tx(
-            [
-                (
-                    "UPDATE uploads SET state = 'failed', finished = ?"
-                    " WHERE id = ? AND state = 'in_progress'",
-                    (now, upload_id),
-                )
-            ]
-        )
+        with self._db.transaction() as tx:
+            if self._lock_upload(tx, upload_id) == "in_progress":
+                self._retire(tx, upload_id, "failed", now)
 
     def fail_all_in_progress(self, now: float) -> int:
         """After a restart: every upload still in progress was interrupted."""
-        with self._lock:
-            cur = self._conn.execute(
-                "UPDATE uploads SET state = 'failed', finished = ? WHERE state = 'in_progress'", (now,)
-            )
-            return cur.rowcount
+        with self._db.transaction() as tx:
+            ids = [
+                str(u)
+                for (u,) in tx.execute(
+                    f"SELECT id FROM uploads WHERE state = 'in_progress' ORDER BY id{self._db.for_update}"
+                ).fetchall()
+            ]
+            for upload_id in ids:
+                self._retire(tx, upload_id, "failed", now)
+        return len(ids)
 
     def upload(self, upload_id: str) -> UploadRow | None:
         """One upload by id."""
         rows = self._query(
-            "SELECT id, name, size, parts, unit, state, sha256, created, parity, codec, format"
+            "SELECT id, name, size, parts, unit, state, sha256, created, parity, codec, format, rewrites"
             " FROM uploads WHERE id = ?",
             (upload_id,),
         )
@@ -435,10 +477,10 @@ class RegistryDB(RepairQueue):
         rows = self._query(
             "SELECT f.upload_id || '.' || f.part, CASE WHEN f.state = 'owed' AND u.state = 'committed'"
             " THEN 'owed' ELSE u.state END FROM fragments f JOIN uploads u"
-            " ON u.id = f.upload_id WHERE f.bucket_id = ?1"
-            " UNION ALL SELECT upload_id || '.' || part, 'moving' FROM moves WHERE dst = ?1"
-            " UNION ALL SELECT upload_id || '.' || part, 'stale' FROM stale WHERE bucket_id = ?1",
-            (bucket_id,),
+            " ON u.id = f.upload_id WHERE f.bucket_id = ?"
+            " UNION ALL SELECT upload_id || '.' || part, 'moving' FROM moves WHERE dst = ?"
+            " UNION ALL SELECT upload_id || '.' || part, 'stale' FROM stale WHERE bucket_id = ?",
+            (bucket_id, bucket_id, bucket_id),
         )
         expected: dict[str, str] = {}
         for fid, state in rows:
@@ -450,12 +492,12 @@ class RegistryDB(RepairQueue):
     def placed(self) -> dict[str, tuple[int, int]]:
         """Bytes and fragments of live uploads per bucket (the ledger)."""
         rows = self._query("SELECT bucket_id, bytes, fragments FROM placed ORDER BY bucket_id")
-        return {str(b): (int(n), int(k)) for b, n, k in rows}
+        return {str(b): (int(n), int(k)) for b, n, k in rows if n or k}
 
     def fills(self, live: Mapping[str, int]) -> list[balance.Fill]:
         """The fill of each live bucket (id -> capacity), counting moves under way as done."""
-        with self._lock:
-            return _fills(self._conn, live)
+        with self._db.read() as tx:
+            return _fills(tx, live)
 
     def start_move(
         self,
@@ -469,9 +511,10 @@ class RegistryDB(RepairQueue):
         ``live`` maps each live bucket to its capacity; fragments in ``skip`` (upload id,
         part) are not chosen. See :func:`karma8.core.balance.plan`.
         """
-        with self._transaction() as c:
-            for move in balance.plan(_fills(c, live), tolerance, parts, _Movable(c, skip)):
-                return _insert_move(c, move, time.time())
+        with self._db.transaction() as tx:
+            self._db.lock(tx, "karma8-placement")
+            for move in balance.plan(_fills(tx, live), tolerance, parts, _Movable(tx, skip)):
+                return _insert_move(tx, move, time.time())
         return None
 
     def plan_moves(
@@ -485,17 +528,15 @@ class RegistryDB(RepairQueue):
         """
         planned: list[MoveRow] = []
         moved: set[tuple[str, int]] = set()
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                for move in balance.plan(_fills(c, live), tolerance, parts, _Movable(c, moved)):
-                    sha256, name = c.execute(
+        try:
+            with self._db.transaction() as tx:
+                for move in balance.plan(_fills(tx, live), tolerance, parts, _Movable(tx, moved)):
+                    sha256, name = tx.execute(
                         "SELECT f.sha256, u.name FROM fragments f JOIN uploads u ON u.id = f.upload_id"
                         " WHERE f.upload_id = ? AND f.part = ?",
                         (move.upload_id, move.part),
                     ).fetchone()
-                    c.execute(
+                    tx.execute(
                         "UPDATE fragments SET bucket_id = ? WHERE upload_id = ? AND part = ?",
                         (move.dst, move.upload_id, move.part),
                     )
@@ -507,8 +548,9 @@ class RegistryDB(RepairQueue):
                     )
                     if len(planned) >= limit:
                         break
-            finally:
-                c.execute("ROLLBACK")
+                raise _Rollback
+        except _Rollback:
+            pass
         return planned
 
     def finish_move(self, move: MoveRow) -> bool:
@@ -519,38 +561,42 @@ class RegistryDB(RepairQueue):
         False is returned.
         """
         now = time.time()
-        with self._transaction() as c:
-            current = c.execute(
-                "SELECT 1 FROM moves m JOIN uploads u ON u.id = m.upload_id JOIN fragments f"
-                " ON f.upload_id = m.upload_id AND f.part = m.part"
-                " WHERE m.upload_id = ? AND m.part = ? AND m.dst = ? AND f.bucket_id = ?"
-                " AND u.state = 'committed'",
-                (move.upload_id, move.part, move.dst, move.src),
-            ).fetchone()
-            c.execute("DELETE FROM moves WHERE upload_id = ? AND part = ?", (move.upload_id, move.part))
-            if current is not None:
-                c.execute(
+        with self._db.transaction() as tx:
+            state = self._lock_upload(tx, move.upload_id)
+            current = (
+                state == "committed"
+                and tx.execute(
+                    "SELECT 1 FROM moves m JOIN fragments f ON f.upload_id = m.upload_id AND f.part = m.part"
+                    " WHERE m.upload_id = ? AND m.part = ? AND m.dst = ? AND f.bucket_id = ?",
+                    (move.upload_id, move.part, move.dst, move.src),
+                ).fetchone()
+                is not None
+            )
+            tx.execute("DELETE FROM moves WHERE upload_id = ? AND part = ?", (move.upload_id, move.part))
+            if current:
+                tx.execute(
                     "UPDATE fragments SET bucket_id = ? WHERE upload_id = ? AND part = ?",
                     (move.dst, move.upload_id, move.part),
                 )
-            _insert_stale(c, move.src if current is not None else move.dst, move, now)
-        return current is not None
+                ledger.move(tx, move.size, move.src, move.dst)
+            _insert_stale(tx, move.src if current else move.dst, move, now)
+        return current
 
     def abandon_move(self, move: MoveRow) -> None:
         """Give a move up: whatever reached ``move.dst`` is stale."""
-        with self._transaction() as c:
-            c.execute("DELETE FROM moves WHERE upload_id = ? AND part = ?", (move.upload_id, move.part))
-            _insert_stale(c, move.dst, move, time.time())
+        with self._db.transaction() as tx:
+            tx.execute("DELETE FROM moves WHERE upload_id = ? AND part = ?", (move.upload_id, move.part))
+            _insert_stale(tx, move.dst, move, time.time())
 
     def abandon_all_moves(self) -> int:
         """After a restart: every move under way was interrupted."""
-        with self._transaction() as c:
-            c.execute(
-                "INSERT OR IGNORE INTO stale (bucket_id, upload_id, part, size, since)"
-                " SELECT dst, upload_id, part, size, ? FROM moves",
+        with self._db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO stale (bucket_id, upload_id, part, size, since)"
+                " SELECT dst, upload_id, part, size, ? FROM moves WHERE true ON CONFLICT DO NOTHING",
                 (time.time(),),
             )
-            return c.execute("DELETE FROM moves").rowcount
+            return tx.execute("DELETE FROM moves").rowcount
 
     def pending_stale(self) -> list[StaleRow]:
         """Stale copies still to delete, oldest first."""
@@ -573,19 +619,28 @@ class RegistryDB(RepairQueue):
 
     def lookup(self, name: str) -> FileRow | None:
         """The committed file called ``name``, with its fragments."""
-        rows = self._query("SELECT upload_id, size, sha256, created FROM files WHERE name = ?", (name,))
-        if not rows:
-            return None
-        upload_id, size, sha256, created = rows[0]
-        upload = self.upload(str(upload_id))
-        assert upload is not None  # files.upload_id is a foreign key
+        with self._db.read() as tx:
+            rows = tx.execute(
+                "SELECT u.id, u.name, u.size, u.parts, u.unit, u.state, u.sha256, u.created, u.parity,"
+                " u.codec, u.format, u.rewrites, f.size, f.sha256, f.created FROM files f"
+                " JOIN uploads u ON u.id = f.upload_id WHERE f.name = ?",
+                (name,),
+            ).fetchall()
+            if not rows:
+                return None
+            *upload, size, sha256, created = rows[0]
+            fragments = tx.execute(
+                "SELECT upload_id, part, bucket_id, size, sha256, state FROM fragments"
+                " WHERE upload_id = ? ORDER BY part",
+                (upload[0],),
+            ).fetchall()
         return FileRow(
             name,
             int(size),
             str(sha256),
             float(created),
-            upload,
-            tuple(self.fragments(str(upload_id))),
+            UploadRow(*upload),
+            tuple(FragmentRow(*r) for r in fragments),
         )
 
     def list_files(self, prefix: str = "") -> list[tuple[str, int, str, float]]:
@@ -598,66 +653,74 @@ class RegistryDB(RepairQueue):
 
     def delete_file(self, name: str, now: float) -> str | None:
         """Remove ``name``; its upload becomes ``deleting``. Returns that upload's id."""
-        with self._transaction() as c:
-            row = c.execute("SELECT upload_id FROM files WHERE name = ?", (name,)).fetchone()
+        with self._db.transaction() as tx:
+            self._db.lock(tx, "name:" + name)
+            row = tx.execute("SELECT upload_id FROM files WHERE name = ?", (name,)).fetchone()
             if row is not None:
-                c.execute("DELETE FROM files WHERE name = ?", (name,))
-                c.execute("UPDATE uploads SET state = 'deleting', finished = ? WHERE id = ?", (now, row[0]))
+                tx.execute("DELETE FROM files WHERE name = ?", (name,))
+                self._lock_upload(tx, row[0])
+                self._retire(tx, row[0], "deleting", now)
         return None if row is None else str(row[0])
 
 
-def _insert_upload(c: sqlite3.Connection, upload: UploadRow, fragments: list[FragmentRow]) -> None:
-    c.execute(
-        "INSERT INTO uploads (id, name, size, parts, unit, state, created, parity, codec, format)"
-        " VALUES (?, ?, ?, ?, ?, 'in_progress', ?, ?, ?, ?)",
-        (
-            upload.upload_id,
-            upload.name,
-            upload.size,
-            upload.parts,
-            upload.unit,
-            upload.created,
-            upload.parity,
-            upload.codec,
-            upload.format,
-        ),
-    )
-    c.executemany(
+def _insert_upload(tx: Tx, upload: UploadRow, fragments: list[FragmentRow]) -> None:
+    try:
+        tx.execute(
+            "INSERT INTO uploads (id, name, size, parts, unit, state, created, parity, codec, format,"
+            " rewrites) VALUES (?, ?, ?, ?, ?, 'in_progress', ?, ?, ?, ?, ?)",
+            (
+                upload.upload_id,
+                upload.name,
+                upload.size,
+                upload.parts,
+                upload.unit,
+                upload.created,
+                upload.parity,
+                upload.codec,
+                upload.format,
+                upload.rewrites,
+            ),
+        )
+    except Duplicate:
+        raise Conflict(f"an upload of {upload.name!r} is already in progress") from None
+    tx.executemany(
         "INSERT INTO fragments (upload_id, part, bucket_id, size, state) VALUES (?, ?, ?, ?, ?)",
         [(f.upload_id, f.part, f.bucket_id, f.size, f.state) for f in fragments],
     )
+    ledger.add_uploads(tx, 1, "u.id = ?", (upload.upload_id,))
 
 
-def _planned_usage(c: sqlite3.Connection) -> dict[str, int]:
+def _planned_usage(tx: Tx) -> dict[str, int]:
     """Bytes placed per bucket, counting the moves under way as done."""
-    used = {str(b): int(n) for b, n in c.execute("SELECT bucket_id, bytes FROM placed")}
-    for src, dst, size in c.execute("SELECT src, dst, size FROM moves"):
+    used = {str(b): int(n) for b, n in tx.execute("SELECT bucket_id, bytes FROM placed")}
+    for src, dst, size in tx.execute("SELECT src, dst, size FROM moves"):
         used[src] = used.get(src, 0) - size
         used[dst] = used.get(dst, 0) + size
     return used
 
 
-def _fills(c: sqlite3.Connection, live: Mapping[str, int]) -> list[balance.Fill]:
-    used = _planned_usage(c)
+def _fills(tx: Tx, live: Mapping[str, int]) -> list[balance.Fill]:
+    used = _planned_usage(tx)
     return [balance.Fill(b, used.get(b, 0), capacity) for b, capacity in sorted(live.items())]
 
 
-def _insert_move(c: sqlite3.Connection, move: balance.Move, now: float) -> MoveRow:
-    sha256, unit = c.execute(
+def _insert_move(tx: Tx, move: balance.Move, now: float) -> MoveRow:
+    sha256, unit = tx.execute(
         "SELECT f.sha256, CASE WHEN u.format >= 2 THEN u.unit ELSE 0 END FROM fragments f"
         " JOIN uploads u ON u.id = f.upload_id WHERE f.upload_id = ? AND f.part = ?",
         (move.upload_id, move.part),
     ).fetchone()
     row = MoveRow(move.upload_id, move.part, move.size, move.src, move.dst, str(sha256), unit=int(unit))
-    c.execute(
+    tx.execute(
         "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (row.upload_id, row.part, row.src, row.dst, row.size, row.sha256, now),
     )
     return row
 
 
-def _insert_stale(c: sqlite3.Connection, bucket_id: str, move: MoveRow, now: float) -> None:
-    c.execute(
-        "INSERT OR IGNORE INTO stale (bucket_id, upload_id, part, size, since) VALUES (?, ?, ?, ?, ?)",
+def _insert_stale(tx: Tx, bucket_id: str, move: MoveRow, now: float) -> None:
+    tx.execute(
+        "INSERT INTO stale (bucket_id, upload_id, part, size, since) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
         (bucket_id, move.upload_id, move.part, move.size, now),
     )

@@ -11,18 +11,20 @@ deletes, exactly like an interrupted rebalancer move.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from karma8.registry import ledger
+from karma8.registry.database import Database, Tx
 
 _UPSERT = """
 INSERT INTO repairs (upload_id, spare, reason, since, next_try, bad) VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (upload_id) DO UPDATE SET
-    reason = CASE WHEN excluded.spare < spare THEN excluded.reason ELSE reason END,
-    spare = min(spare, excluded.spare),
-    next_try = min(next_try, excluded.next_try),
+    reason = CASE WHEN excluded.spare < repairs.spare THEN excluded.reason ELSE repairs.reason END,
+    spare = CASE WHEN excluded.spare < repairs.spare THEN excluded.spare ELSE repairs.spare END,
+    next_try = CASE WHEN excluded.next_try < repairs.next_try
+               THEN excluded.next_try ELSE repairs.next_try END,
     bad = excluded.bad
 """
 
@@ -47,15 +49,13 @@ def _text(parts: Iterable[int]) -> str:
     return ",".join(str(p) for p in sorted(set(parts)))
 
 
-def _upsert(
-    c: sqlite3.Connection, upload_id: str, reason: str, spare: int, now: float, bad: Iterable[int] = ()
-) -> None:
+def _upsert(c: Tx, upload_id: str, reason: str, spare: int, now: float, bad: Iterable[int] = ()) -> None:
     row = c.execute("SELECT bad FROM repairs WHERE upload_id = ?", (upload_id,)).fetchone()
     known = _parts(row[0]) if row else frozenset()
     c.execute(_UPSERT, (upload_id, spare, reason, now, now, _text(known | set(bad))))
 
 
-def queue_if_short(c: sqlite3.Connection, upload_id: str, reason: str, now: float) -> None:
+def queue_if_short(c: Tx, upload_id: str, reason: str, now: float) -> None:
     """Queue ``upload_id`` if it has fewer good fragments than its scheme."""
     parts, parity, good = c.execute(
         "SELECT u.parts, u.parity, (SELECT COUNT(*) FROM fragments f WHERE f.upload_id = u.id"
@@ -67,7 +67,7 @@ def queue_if_short(c: sqlite3.Connection, upload_id: str, reason: str, now: floa
 
 
 class _DB(Protocol):
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
+    _db: Database
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]: ...
 
@@ -79,7 +79,7 @@ class RepairQueue:
         self: _DB, upload_id: str, reason: str, spare: int, now: float, bad: Iterable[int] = ()
     ) -> None:
         """Queue a committed upload (or move it up, if ``spare`` is lower); add ``bad`` parts."""
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             if c.execute(
                 "SELECT 1 FROM uploads WHERE id = ? AND state = 'committed'", (upload_id,)
             ).fetchone():
@@ -92,7 +92,7 @@ class RepairQueue:
         for upload_id, part in fragments:
             bad.setdefault(upload_id, set()).add(part)
         queued = 0
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             for upload_id, parts in sorted(bad.items()):
                 row = c.execute(
                     "SELECT u.parts, (SELECT COUNT(*) FROM fragments f WHERE f.upload_id = u.id"
@@ -110,12 +110,12 @@ class RepairQueue:
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             rows = c.execute(
-                "SELECT f.upload_id, group_concat(f.part), u.parts, u.parity,"
+                f"SELECT f.upload_id, {self._db.group_concat('f.part')}, u.parts, u.parity,"
                 " (SELECT COUNT(*) FROM fragments g WHERE g.upload_id = f.upload_id AND g.state = 'ok')"
                 f" FROM fragments f JOIN uploads u ON u.id = f.upload_id WHERE f.bucket_id IN ({marks})"
-                " AND f.state = 'ok' AND u.state = 'committed' GROUP BY f.upload_id",
+                " AND f.state = 'ok' AND u.state = 'committed' GROUP BY f.upload_id, u.parts, u.parity",
                 ids,
             ).fetchall()
             for upload_id, parts, data, _, good in rows:
@@ -125,11 +125,11 @@ class RepairQueue:
 
     def queue_upgrades(self: _DB, parity: int, now: float) -> int:
         """Queue committed files stored with less protection than ``parity`` or in format 1."""
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             return c.execute(
-                "INSERT OR IGNORE INTO repairs (upload_id, spare, reason, since, next_try)"
+                "INSERT INTO repairs (upload_id, spare, reason, since, next_try)"
                 " SELECT id, parity, 'upgrade', ?, ? FROM uploads"
-                " WHERE state = 'committed' AND (format < 2 OR parity < ?)",
+                " WHERE state = 'committed' AND (format < 2 OR parity < ?) ON CONFLICT DO NOTHING",
                 (now, now, parity),
             ).rowcount
 
@@ -144,7 +144,9 @@ class RepairQueue:
     def repair_counts(self: _DB) -> tuple[int, int]:
         """(files in the queue, of them with no fragment to spare): the queue alone, cheap
         enough for every repair round."""
-        ((queued, at_risk),) = self._query("SELECT COUNT(*), COALESCE(SUM(spare <= 0), 0) FROM repairs")
+        ((queued, at_risk),) = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN spare <= 0 THEN 1 ELSE 0 END), 0) FROM repairs"
+        )
         return int(queued), int(at_risk)
 
     def repair_summary(self: _DB) -> dict[str, Any]:
@@ -177,7 +179,7 @@ class RepairQueue:
 
     def repair_later(self: _DB, upload_id: str, spare: int, bad: Iterable[int], next_try: float) -> None:
         """A repair did not finish the file: try again at ``next_try``."""
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             c.execute(
                 "UPDATE repairs SET attempts = attempts + 1, spare = ?, bad = ?, next_try = ?"
                 " WHERE upload_id = ?",
@@ -186,12 +188,12 @@ class RepairQueue:
 
     def repair_done(self: _DB, upload_id: str) -> None:
         """The file has every fragment of its scheme (or is gone): off the queue."""
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             c.execute("DELETE FROM repairs WHERE upload_id = ?", (upload_id,))
 
     def retry_repairs_now(self: _DB, now: float) -> None:
         """Buckets joined: every waiting repair may find a target now."""
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             c.execute("UPDATE repairs SET next_try = ? WHERE next_try > ?", (now, now))
 
     def repairing(self: _DB, upload_id: str) -> set[int]:
@@ -202,9 +204,8 @@ class RepairQueue:
     def stale_buckets(self: _DB, upload_id: str) -> set[str]:
         """Buckets holding a stale copy (or a copy under way) of a fragment of ``upload_id``."""
         rows = self._query(
-            "SELECT bucket_id FROM stale WHERE upload_id = ?1"
-            " UNION SELECT dst FROM moves WHERE upload_id = ?1",
-            (upload_id,),
+            "SELECT bucket_id FROM stale WHERE upload_id = ? UNION SELECT dst FROM moves WHERE upload_id = ?",
+            (upload_id, upload_id),
         )
         return {str(b) for (b,) in rows}
 
@@ -216,11 +217,11 @@ class RepairQueue:
         Returns the parts recorded: a part being moved by the rebalancer is left out.
         """
         accepted = set()
-        with self._transaction() as c:
+        with self._db.transaction() as c:
             for part, dst in targets.items():
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO moves (upload_id, part, src, dst, size, sha256, started)"
-                    " VALUES (?, ?, '', ?, ?, '', ?)",
+                    "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started)"
+                    " VALUES (?, ?, '', ?, ?, '', ?) ON CONFLICT DO NOTHING",
                     (upload_id, part, dst, sizes[part], now),
                 )
                 if cur.rowcount:
@@ -247,10 +248,8 @@ class RepairQueue:
             The parts switched.
         """
         switched = set()
-        with self._transaction() as c:
-            committed = c.execute(
-                "SELECT 1 FROM uploads WHERE id = ? AND state = 'committed'", (upload_id,)
-            ).fetchone()
+        with self._db.transaction() as c:
+            committed = ledger.lock_upload(self._db, c, upload_id) == "committed"
             for part, dst in targets.items():
                 c.execute(
                     "DELETE FROM moves WHERE upload_id = ? AND part = ? AND dst = ?", (upload_id, part, dst)
@@ -266,6 +265,7 @@ class RepairQueue:
                             " VALUES (?, ?, ?, ?, ?, 'ok')",
                             (upload_id, part, dst, sizes[part], stored[part]),
                         )
+                        ledger.add(c, dst, sizes[part])
                     else:
                         c.execute(
                             "UPDATE fragments SET bucket_id = ?, sha256 = ?, state = 'ok'"
@@ -273,6 +273,7 @@ class RepairQueue:
                             (dst, stored[part], upload_id, part),
                         )
                         if current != dst:  # an owed part written where it was planned has no old copy
+                            ledger.move(c, sizes[part], str(current), dst)
                             _stale(c, str(current), upload_id, part, sizes[part], now)
                     switched.add(part)
                 else:
@@ -280,8 +281,9 @@ class RepairQueue:
         return switched
 
 
-def _stale(c: sqlite3.Connection, bucket_id: str, upload_id: str, part: int, size: int, now: float) -> None:
+def _stale(c: Tx, bucket_id: str, upload_id: str, part: int, size: int, now: float) -> None:
     c.execute(
-        "INSERT OR IGNORE INTO stale (bucket_id, upload_id, part, size, since) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO stale (bucket_id, upload_id, part, size, since) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
         (bucket_id, upload_id, part, size, now),
     )

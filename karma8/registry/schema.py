@@ -1,12 +1,15 @@
 """The registry's schema, and the migrations that bring any older registry up to it.
 
-A registry records its schema version in SQLite's ``user_version``. Opening one runs, in
+A registry records its schema version in the table ``schema_version`` (registries before
+version 3 are SQLite files that kept it in ``PRAGMA user_version``). Opening one runs, in
 one transaction, every migration it has not had yet, so a registry written by any earlier
-release opens in place (``tests/unit/test_registry_migrations.py`` opens one written by
+release opens in place (``tests/unit/test_registry_schema.py`` upgrades one written by
 release 0.1). A registry from a newer release is refused rather than misread.
 
-Version 1 is the schema of release 0.1, which had no version number: its statements are
-idempotent (``IF NOT EXISTS``), so they run on an unnumbered registry of any age.
+SQLite: version 1 is the schema of release 0.1, which had no version number: its
+statements are idempotent (``IF NOT EXISTS``), so they run on an unnumbered registry of
+any age. PostgreSQL registries start at version 3 (:data:`POSTGRES_V3`, the same tables
+with PostgreSQL's types); every later version is a pair of scripts, one per database.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import sqlite3
 
 from karma8.errors import Internal
+from karma8.registry.database import Database, Tx
 
 V1 = """
 CREATE TABLE IF NOT EXISTS buckets (
@@ -131,16 +135,117 @@ CREATE TABLE repairs (
 CREATE INDEX repairs_order ON repairs(spare, next_try);
 """
 
-MIGRATIONS = (V1, V2)
-VERSION = len(MIGRATIONS)
-
-# Rebuilt at every open: cheap, and heals a ledger from before the triggers existed.
-REBUILD_PLACED = """
+# Several API servers on one registry (issue 13): the ledger is kept by explicit
+# statements in the registry's transactions (the same on both databases) instead of
+# triggers; at most one client upload of a name in progress, enforced by the database
+# (a rewrite by repair, which names the upload it rewrites, is not a client upload);
+# the version moves to a table. Duplicate in-progress uploads of an older registry (there
+# are none unless two servers shared it) are failed, keeping the oldest.
+V3 = """
+DROP TRIGGER IF EXISTS placed_insert;
+DROP TRIGGER IF EXISTS placed_delete;
+DROP TRIGGER IF EXISTS placed_update;
+DROP TRIGGER IF EXISTS placed_dead;
+ALTER TABLE uploads ADD COLUMN rewrites TEXT;
+UPDATE uploads SET state = 'failed', finished = created WHERE state = 'in_progress'
+    AND rowid NOT IN (SELECT min(rowid) FROM uploads WHERE state = 'in_progress' GROUP BY name);
+CREATE UNIQUE INDEX uploads_in_progress_name ON uploads(name)
+    WHERE state = 'in_progress' AND rewrites IS NULL;
+CREATE TABLE schema_version (version INTEGER NOT NULL);
 DELETE FROM placed;
 INSERT INTO placed (bucket_id, bytes, fragments)
     SELECT f.bucket_id, SUM(f.size), COUNT(*) FROM fragments f JOIN uploads u ON u.id = f.upload_id
     WHERE u.state IN ('in_progress', 'committed') GROUP BY f.bucket_id;
 """
+
+#: Version 3 on PostgreSQL: sizes are BIGINT (files reach 10 GiB), times DOUBLE PRECISION.
+POSTGRES_V3 = """
+CREATE TABLE buckets (
+    id          TEXT PRIMARY KEY,
+    address     TEXT NOT NULL,
+    last_seen   DOUBLE PRECISION NOT NULL,
+    used        BIGINT NOT NULL,
+    free        BIGINT NOT NULL,
+    capacity    BIGINT NOT NULL,
+    fragments   BIGINT NOT NULL
+);
+CREATE TABLE uploads (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    size        BIGINT NOT NULL,
+    parts       INTEGER NOT NULL,
+    unit        INTEGER NOT NULL,
+    sha256      TEXT,
+    state       TEXT NOT NULL
+                CHECK (state IN ('in_progress', 'committed', 'failed', 'deleting')),
+    created     DOUBLE PRECISION NOT NULL,
+    finished    DOUBLE PRECISION,
+    parity      INTEGER NOT NULL DEFAULT 0,
+    codec       TEXT NOT NULL DEFAULT 'none',
+    format      INTEGER NOT NULL DEFAULT 1,
+    rewrites    TEXT
+);
+CREATE INDEX uploads_state ON uploads(state);
+CREATE UNIQUE INDEX uploads_in_progress_name ON uploads(name)
+    WHERE state = 'in_progress' AND rewrites IS NULL;
+CREATE TABLE fragments (
+    upload_id   TEXT NOT NULL REFERENCES uploads(id) ON DELETE CASCADE,
+    part        INTEGER NOT NULL,
+    bucket_id   TEXT NOT NULL,
+    size        BIGINT NOT NULL,
+    sha256      TEXT,
+    state       TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'owed')),
+    PRIMARY KEY (upload_id, part)
+);
+CREATE INDEX fragments_bucket_size ON fragments(bucket_id, size);
+CREATE TABLE files (
+    name        TEXT COLLATE "C" PRIMARY KEY,
+    upload_id   TEXT NOT NULL UNIQUE REFERENCES uploads(id),
+    size        BIGINT NOT NULL,
+    sha256      TEXT NOT NULL,
+    created     DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE moves (
+    upload_id   TEXT NOT NULL,
+    part        INTEGER NOT NULL,
+    src         TEXT NOT NULL,
+    dst         TEXT NOT NULL,
+    size        BIGINT NOT NULL,
+    sha256      TEXT NOT NULL,
+    started     DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (upload_id, part)
+);
+CREATE TABLE stale (
+    bucket_id   TEXT NOT NULL,
+    upload_id   TEXT NOT NULL,
+    part        INTEGER NOT NULL,
+    size        BIGINT NOT NULL,
+    since       DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (bucket_id, upload_id, part)
+);
+CREATE TABLE placed (
+    bucket_id   TEXT PRIMARY KEY,
+    bytes       BIGINT NOT NULL DEFAULT 0,
+    fragments   BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE repairs (
+    upload_id   TEXT PRIMARY KEY REFERENCES uploads(id) ON DELETE CASCADE,
+    spare       INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    since       DOUBLE PRECISION NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_try    DOUBLE PRECISION NOT NULL,
+    bad         TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX repairs_order ON repairs(spare, next_try);
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+"""
+
+SQLITE_MIGRATIONS = (V1, V2, V3)
+#: Version -> script, from the first version a PostgreSQL registry can have.
+POSTGRES_MIGRATIONS = {3: POSTGRES_V3}
+VERSION = len(SQLITE_MIGRATIONS)
+assert max(POSTGRES_MIGRATIONS) == VERSION
 
 
 def statements(script: str) -> list[str]:
@@ -158,7 +263,18 @@ def statements(script: str) -> list[str]:
     return out
 
 
-def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
+def version(db: Database, tx: Tx) -> int:
+    """The schema version of the registry (0: empty)."""
+    if db.name == "sqlite":
+        if tx.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone() is None:
+            return int(tx.execute("PRAGMA user_version").fetchone()[0])
+    elif tx.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+        return 0
+    row = tx.execute("SELECT version FROM schema_version").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def migrate(db: Database, tx: Tx) -> tuple[int, int]:
     """Bring the registry up to :data:`VERSION` inside the caller's transaction.
 
     Returns:
@@ -167,15 +283,24 @@ def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
     Raises:
         Internal: the registry was written by a newer release.
     """
-    (found,) = conn.execute("PRAGMA user_version").fetchone()
+    db.lock(tx, "karma8-schema")  # servers starting together migrate one at a time
+    found = version(db, tx)
     if found > VERSION:
         raise Internal(
             f"registry schema version {found} is newer than this release's {VERSION}; upgrade karma8"
         )
-    for script in MIGRATIONS[found:]:
+    if found == VERSION:
+        return found, found
+    if db.name == "sqlite":
+        scripts = SQLITE_MIGRATIONS[found:]
+    else:
+        first = max(found + 1, min(POSTGRES_MIGRATIONS))
+        scripts = tuple(POSTGRES_MIGRATIONS[v] for v in range(first, VERSION + 1))
+    for script in scripts:
         for statement in statements(script):
-            conn.execute(statement)
-    for statement in statements(REBUILD_PLACED):
-        conn.execute(statement)
-    conn.execute(f"PRAGMA user_version = {VERSION}")
-    return int(found), VERSION
+            tx.execute(statement)
+    tx.execute("DELETE FROM schema_version")
+    tx.execute("INSERT INTO schema_version (version) VALUES (?)", (VERSION,))
+    if db.name == "sqlite":
+        tx.execute(f"PRAGMA user_version = {VERSION}")  # what releases before 3 read
+    return found, VERSION

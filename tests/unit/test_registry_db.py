@@ -1,9 +1,8 @@
-"""The synchronous SQLite registry: uploads, files, fragments, buckets."""
+"""The synchronous registry (SQLite and PostgreSQL): uploads, files, fragments, buckets."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,13 +14,8 @@ BUCKETS = ("b0", "b1", "b2")
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "api" / "registry.sqlite3"
-
-
-@pytest.fixture
-def db(db_path: Path) -> Iterator[RegistryDB]:
-    registry = RegistryDB(db_path)
+def db(registry_url: str) -> Iterator[RegistryDB]:
+    registry = RegistryDB(registry_url)
     yield registry
     registry.close()
 
@@ -304,15 +298,15 @@ def test_list_files_prefix_beyond_the_bmp(db: RegistryDB) -> None:
 # -- persistence and buckets -----------------------------------------------------------
 
 
-def test_data_survives_reopening(db_path: Path) -> None:
-    db = RegistryDB(db_path)
+def test_data_survives_reopening(registry_url: str) -> None:
+    db = RegistryDB(registry_url)
     committed = _put(db, 1, "a.txt")
     failed = _begin(db, 2, "b.txt")
     db.fail_upload(failed, now=3.0)
     db.upsert_bucket(Heartbeat("b0", "127.0.0.1:9100", Usage(1, 2, 3, 4), hello=True), now=5.0)
     db.close()
 
-    db = RegistryDB(db_path)
+    db = RegistryDB(registry_url)
     try:
         row = db.lookup("a.txt")
         assert row is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,8 @@ DIGEST = "cd" * 32
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[RegistryDB]:
-    registry = RegistryDB(tmp_path / "registry.sqlite3")
+def db(registry_url: str) -> Iterator[RegistryDB]:
+    registry = RegistryDB(registry_url)
     yield registry
     registry.close()
 
@@ -73,19 +72,21 @@ def _nonzero(ledger: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
     return {b: v for b, v in ledger.items() if v != (0, 0)}
 
 
-def test_ledger_follows_every_change(tmp_path: Path) -> None:
+def test_ledger_follows_every_change(registry_url: str) -> None:
     rng = random.Random(4)
-    path = tmp_path / "registry.sqlite3"
-    db = RegistryDB(path)
+    db = RegistryDB(registry_url)
     names = [f"f{i}" for i in range(8)]
-    in_progress: list[str] = []
+    in_progress: dict[str, str] = {}  # upload id -> name (one client upload of a name at a time)
     moving: list[MoveRow] = []
     for step in range(600):
         op = rng.choice(["place", "commit", "fail", "delete", "move", "finish", "abandon", "gc", "reopen"])
-        if op == "place":
-            in_progress.append(_place(db, step, rng.choice(names), rng.randrange(1, 1000), buckets=5))
+        free = sorted(set(names) - set(in_progress.values()))
+        if op == "place" and free:
+            name = rng.choice(free)
+            in_progress[_place(db, step, name, rng.randrange(1, 1000), buckets=5)] = name
         elif op in ("commit", "fail") and in_progress:
-            upload_id = in_progress.pop(rng.randrange(len(in_progress)))
+            upload_id = rng.choice(sorted(in_progress))
+            del in_progress[upload_id]
             if op == "commit":
                 db.commit_upload(upload_id, DIGEST, {p: f"{p:064x}" for p in range(PARTS)}, now=1.0)
             else:
@@ -104,8 +105,9 @@ def test_ledger_follows_every_change(tmp_path: Path) -> None:
                 db.fragments_deleted(upload_id, bucket_id)
         elif op == "reopen":
             db.close()
-            db = RegistryDB(path)
+            db = RegistryDB(registry_url)
         assert _nonzero(db.placed()) == _recomputed(db), f"after step {step} ({op})"
+        assert db.ledger_drift() == {}
     db.close()
 
 

@@ -1,0 +1,90 @@
+"""The registry's schema versions: older registries migrate in place, newer ones are refused."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from karma8.errors import Internal
+from karma8.registry import schema
+from karma8.registry.database import open_database
+from karma8.registry.db import RegistryDB
+
+DIGEST = "ef" * 32
+
+
+def _version_2(path: Path) -> None:
+    """A registry as the release before version 3 left it: triggers keep the ledger,
+    ``user_version`` holds the version; two in-progress uploads of one name (which
+    only a crash of that release could leave behind)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in schema.SQLITE_MIGRATIONS[:2]:
+        for statement in schema.statements(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    rows = [
+        ("u1", "a", "committed", 1.0),
+        ("u2", "b", "in_progress", 2.0),
+        ("u3", "b", "in_progress", 3.0),
+        ("u4", "c", "deleting", 4.0),
+    ]
+    for upload_id, name, state, created in rows:
+        conn.execute(
+            "INSERT INTO uploads (id, name, size, parts, unit, state, created, sha256)"
+            " VALUES (?, ?, 60, 2, 16, 'in_progress', ?, ?)",
+            (upload_id, name, created, DIGEST),
+        )
+        for part in range(2):
+            conn.execute(
+                "INSERT INTO fragments (upload_id, part, bucket_id, size) VALUES (?, ?, ?, 30)",
+                (upload_id, part, f"b{part + int(created) % 2}"),
+            )
+        conn.execute("UPDATE uploads SET state = ? WHERE id = ?", (state, upload_id))
+    conn.execute(
+        "INSERT INTO files (name, upload_id, size, sha256, created) VALUES ('a', 'u1', 60, ?, 1)", (DIGEST,)
+    )
+    conn.close()
+
+
+def test_a_version_2_registry_migrates_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+    _version_2(path)
+    db = RegistryDB(path)
+    try:
+        with db.database.read() as tx:
+            assert schema.version(db.database, tx) == schema.VERSION
+        assert db._query("SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
+        # The older duplicate in progress stays, the newer one is failed; the ledger counts
+        # the committed file and the one upload left in progress.
+        states = dict(db._query("SELECT id, state FROM uploads"))
+        assert states == {"u1": "committed", "u2": "in_progress", "u3": "failed", "u4": "deleting"}
+        assert db.ledger_drift() == {}
+        assert db.placed() == {"b0": (30, 1), "b1": (60, 2), "b2": (30, 1)}
+        file = db.lookup("a")
+        assert file is not None
+        assert (file.upload.upload_id, len(file.fragments)) == ("u1", 2)
+    finally:
+        db.close()
+    # Opening it again migrates nothing.
+    RegistryDB(path).close()
+
+
+def test_a_registry_from_a_newer_release_is_refused(registry_url: str) -> None:
+    RegistryDB(registry_url).close()
+    database = open_database(registry_url)
+    try:
+        with database.transaction() as tx:
+            tx.execute("UPDATE schema_version SET version = ?", (schema.VERSION + 1,))
+        with pytest.raises(Internal, match="newer than this release"):
+            RegistryDB(database)
+    finally:
+        database.close()
+
+
+def test_every_backend_has_every_version() -> None:
+    assert len(schema.SQLITE_MIGRATIONS) == schema.VERSION
+    assert sorted(schema.POSTGRES_MIGRATIONS) == list(
+        range(min(schema.POSTGRES_MIGRATIONS), schema.VERSION + 1)
+    )

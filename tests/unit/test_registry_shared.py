@@ -1,0 +1,127 @@
+"""One registry shared by several API servers: each server is a RegistryDB of its own on
+the same database (a second connection on SQLite, a second pool on PostgreSQL), and the
+races between them come from threads started together."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+
+from karma8.core.coding import Scheme
+from karma8.errors import Conflict
+from karma8.registry import retrying
+from karma8.registry.db import BucketSpace, RegistryDB, UploadRow
+
+DIGEST = "12" * 32
+SCHEME = Scheme.of(3, 1)
+LIVE = [BucketSpace(f"b{i}", 1 << 30, 1 << 30) for i in range(6)]
+
+
+@pytest.fixture
+def servers(registry_url: str) -> Iterator[list[RegistryDB]]:
+    first = RegistryDB(registry_url)  # creates the schema before the others open it
+    dbs = [first, RegistryDB(registry_url), RegistryDB(registry_url)]
+    yield dbs
+    for db in dbs:
+        db.close()
+
+
+def _upload(n: int, name: str, rewrites: str | None = None) -> UploadRow:
+    return replace(UploadRow.new(f"{n:032x}", name, 40, SCHEME, 16, float(n)), rewrites=rewrites)
+
+
+def _together(calls: list[Callable[[], object]]) -> list[object]:
+    """Run the calls in threads released at once; their results or exceptions."""
+    barrier = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_one_client_upload_of_a_name_in_progress_on_any_server(servers: list[RegistryDB]) -> None:
+    sizes = [10, 10, 10, 10]
+    results = _together(
+        [
+            lambda db=db, n=n: retrying(db.place_upload, _upload(n, "same"), sizes, LIVE)  # type: ignore[misc]
+            for n, db in enumerate(servers, 1)
+        ]
+    )
+    assert sum(isinstance(r, list) for r in results) == 1
+    assert sum(isinstance(r, Conflict) for r in results) == 2, results
+    rows = servers[0]._query("SELECT state FROM uploads WHERE name = 'same'")
+    assert rows == [("in_progress",)]
+    # Once that upload ends, the name is free again, through any server.
+    (won,) = servers[0]._query("SELECT id FROM uploads WHERE name = 'same'")
+    servers[1].fail_upload(won[0], now=5.0)
+    servers[2].place_upload(_upload(9, "same"), sizes, LIVE)
+    assert servers[0].ledger_drift() == {}
+
+
+def test_concurrent_commits_of_one_name_leave_one_version(servers: list[RegistryDB]) -> None:
+    sizes = [10, 10, 10, 10]
+    first = servers[0]
+    first.place_upload(_upload(1, "x"), sizes, LIVE)
+    first.commit_upload(f"{1:032x}", DIGEST, {}, now=1.0)
+    # Three rewrites of "x" at once (repair raising its protection runs beside client
+    # uploads), each committed through another server.
+    ids = []
+    for n, db in enumerate(servers * 2, 2):
+        db.place_upload(_upload(n, "x", rewrites=f"{1:032x}"), sizes, LIVE)
+        ids.append(f"{n:032x}")
+    results = _together(
+        [
+            lambda db=db, u=u: retrying(db.commit_upload, u, DIGEST, {}, 2.0)  # type: ignore[misc]
+            for db, u in zip(servers * 2, ids, strict=True)
+        ]
+    )
+    assert not [r for r in results if isinstance(r, Exception)], results
+    committed = first._query("SELECT id FROM uploads WHERE name = 'x' AND state = 'committed'")
+    assert len(committed) == 1
+    (files,) = first._query("SELECT upload_id FROM files WHERE name = 'x'")
+    assert files[0] == committed[0][0]
+    # Every other version is being deleted, none lost track of: the first and the rewrites
+    # that lost; the ledger counts exactly the committed one.
+    states = dict(first._query("SELECT id, state FROM uploads WHERE name = 'x'"))
+    assert sorted(states.values()) == ["committed"] + ["deleting"] * 6
+    assert first.ledger_drift() == {}
+    assert sum(n for n, _ in first.placed().values()) == 40
+    pending = {u for u, _ in first.pending_deletions()}
+    assert pending == {u for u, s in states.items() if s == "deleting"}
+
+
+def test_concurrent_uploads_of_distinct_names_keep_the_ledger_exact(servers: list[RegistryDB]) -> None:
+    sizes = [100, 100, 100, 100]
+
+    def work(db: RegistryDB, base: int) -> None:
+        for i in range(20):
+            n = base + i
+            retrying(db.place_upload, _upload(n, f"n{n % 7}-{base}"), sizes, LIVE)
+            if i % 3:
+                retrying(db.commit_upload, f"{n:032x}", DIGEST, {}, float(n))
+            else:
+                retrying(db.fail_upload, f"{n:032x}", float(n))
+            if i % 5 == 0:
+                retrying(db.delete_file, f"n{(n + 1) % 7}-{base}", float(n))
+
+    results = _together(
+        [lambda db=db, b=b: work(db, b) for db, b in zip(servers, (100, 200, 300), strict=True)]
+    )  # type: ignore[misc]
+    assert results == [None, None, None]
+    assert servers[0].ledger_drift() == {}
+    committed = servers[1]._query("SELECT COUNT(*) FROM files")
+    assert committed[0][0] > 0
