@@ -1,10 +1,12 @@
-"""compose/: the Dockerfile and the Compose files, checked without Docker.
+"""compose/: the Dockerfile, the Compose files and haproxy.cfg, checked without Docker.
 
-Every command a container runs (its ``command``, its healthcheck, the image's
+Every command a karma8 container runs (its ``command``, its healthcheck, the image's
 ENTRYPOINT and CMD) must be a real ``karma8`` command with real options; every variable
 must be a setting of karma8/config.py that validates; ports, hosts and volumes must agree
-with what that configuration makes each process do. tests/integration/
-test_compose_processes.py runs the same services as plain processes.
+with what that configuration makes each process do. The other services (the PostgreSQL
+registry, the HAProxy load balancer) must agree with the karma8 ones: the registry URL
+with the database, haproxy.cfg's servers with the API services. tests/integration/
+test_compose_processes.py runs the karma8 services as plain processes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ COMPOSE = ROOT / "compose"
 DOCKERFILE = COMPOSE / "Dockerfile"
 BASE = COMPOSE / "compose.yaml"
 MORE = COMPOSE / "compose.more-buckets.yaml"
+HAPROXY_CFG = COMPOSE / "haproxy.cfg"
 #: The command that adds bucket-9 and bucket-10 to a running stack, as the docs give it.
 ADD_BUCKETS = (
     "docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml up -d bucket-9 bucket-10"
@@ -45,8 +48,17 @@ ADD_BUCKETS = (
 DATA = "/data"
 #: The process each service role runs, and the configuration it reads.
 ROLES: dict[str, type[ApiConfig] | type[BucketConfig]] = {"api": ApiConfig, "bucket": BucketConfig}
+#: The services that run another image than karma8's, and that image: PostgreSQL pinned
+#: by its major version (its data directory's format), HAProxy by its minor.
+OTHERS = {"postgres": r"postgres:1[56]", "lb": r"haproxy:2\.[89]"}
+#: Where the postgres image keeps its database, and the haproxy image reads its config.
+PGDATA = "/var/lib/postgresql/data"
+HAPROXY_CFG_TARGET = "/usr/local/etc/haproxy/haproxy.cfg"
 #: The value of the variables docker compose reads from its own environment.
-COMPOSE_ENV = {"KARMA8_SECRET": secrets.token_urlsafe(24)}
+COMPOSE_ENV = {
+    "KARMA8_SECRET": secrets.token_urlsafe(24),
+    "KARMA8_DB_PASSWORD": secrets.token_urlsafe(24),
+}
 
 
 # -- reading the files -----------------------------------------------------------------
@@ -142,9 +154,11 @@ def _mount(entry: str | dict[str, Any]) -> tuple[str, str]:
 
 
 def services(model: Mapping[str, Any]) -> dict[str, Service]:
-    """Every service of ``model``; fails on one that is not a karma8 role."""
+    """The karma8 services of ``model`` (all but OTHERS); fails on one that is not a karma8 role."""
     found: dict[str, Service] = {}
     for name, raw in model["services"].items():
+        if name in OTHERS:
+            continue
         argv = raw.get("command")
         assert isinstance(argv, list), f"{name}: command must be a list"
         assert argv, f"{name}: command must not be empty"
@@ -168,9 +182,13 @@ def services(model: Mapping[str, Any]) -> dict[str, Service]:
     return found
 
 
+def apis_of(found: Mapping[str, Service]) -> list[Service]:
+    return [s for s in found.values() if s.role == "api"]
+
+
 def api_of(found: Mapping[str, Service]) -> Service:
-    (api,) = (s for s in found.values() if s.role == "api")
-    return api
+    """The first API server: the one buckets heartbeat to first."""
+    return apis_of(found)[0]
 
 
 def buckets_of(found: Mapping[str, Service]) -> list[Service]:
@@ -237,6 +255,53 @@ def dockerignored(path: str, patterns: Sequence[str]) -> bool:
         ):
             ignored = not keep
     return ignored
+
+
+#: The keywords that open a section of an HAProxy configuration.
+HAPROXY_SECTIONS = frozenset(
+    {"global", "defaults", "frontend", "backend", "listen", "resolvers", "peers", "userlist"}
+    | {"mailers", "program", "http-errors", "ring", "cache", "log-forward", "crt-store"}
+)
+
+
+@dataclass(frozen=True)
+class HaproxySection:
+    """One section of an HAProxy configuration: ``backend api`` and its lines, split in words."""
+
+    kind: str
+    name: str
+    lines: list[list[str]]
+
+    def find(self, *words: str) -> list[list[str]]:
+        """The lines that start with ``words``."""
+        return [line for line in self.lines if line[: len(words)] == list(words)]
+
+
+def haproxy_sections(path: Path = HAPROXY_CFG) -> list[HaproxySection]:
+    """The sections of ``path``, in order (comments and blank lines left out)."""
+    sections: list[HaproxySection] = []
+    for text in path.read_text().splitlines():
+        words = text.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] in HAPROXY_SECTIONS:
+            sections.append(HaproxySection(words[0], " ".join(words[1:]), []))
+        else:
+            assert sections, f"{path.name}: {text!r} outside any section"
+            sections[-1].lines.append(words)
+    return sections
+
+
+def haproxy_proxies(kind: str, path: Path = HAPROXY_CFG) -> dict[str, HaproxySection]:
+    """The frontends or backends of ``path``, each with the lines of the ``defaults`` before it."""
+    found: dict[str, HaproxySection] = {}
+    defaults: list[list[str]] = []
+    for section in haproxy_sections(path):
+        if section.kind == "defaults":
+            defaults = section.lines
+        elif section.kind in (kind, "listen"):
+            found[section.name] = HaproxySection(section.kind, section.name, [*defaults, *section.lines])
+    return found
 
 
 @functools.cache
@@ -310,10 +375,19 @@ def test_the_build_context_holds_only_the_package() -> None:
 def test_every_service_builds_and_runs_the_same_image() -> None:
     for raw in (yaml.safe_load(p.read_text()) for p in (BASE, MORE)):
         for name, service in raw["services"].items():
+            if name in OTHERS:
+                continue
             build = service["build"]
             assert (COMPOSE / build["context"]).resolve() == ROOT, name
             assert (COMPOSE / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE, name
     assert len({s.raw["image"] for s in compose_services(BASE, MORE).values()}) == 1
+
+
+def test_the_other_images_are_pinned() -> None:
+    model = load_compose(BASE, MORE)
+    for name, image in OTHERS.items():
+        assert re.fullmatch(image, model["services"][name]["image"]), name
+        assert "build" not in model["services"][name], name
 
 
 # -- commands and settings --------------------------------------------------------------
@@ -347,40 +421,51 @@ def test_configuration_comes_only_from_karma8_variables(files: Files) -> None:
         assert options <= {"--log-level"}, f"{service.name}: settings belong in the environment"
 
 
-def test_the_secret_comes_from_the_environment_of_docker_compose() -> None:
-    api = api_of(compose_services(BASE)).config
-    assert isinstance(api, ApiConfig)
-    assert api.bucket_secret.get_secret_value() == COMPOSE_ENV["KARMA8_SECRET"]
-    assert not api.insecure
+def test_the_secrets_come_from_the_environment_of_docker_compose() -> None:
+    for api in apis_of(compose_services(BASE)):
+        assert isinstance(api.config, ApiConfig)
+        assert api.config.bucket_secret.get_secret_value() == COMPOSE_ENV["KARMA8_SECRET"], api.name
+        assert not api.config.insecure
+        registry = urlsplit(api.config.registry_url.get_secret_value())
+        assert registry.password == COMPOSE_ENV["KARMA8_DB_PASSWORD"], api.name
     for bucket in buckets_of(compose_services(BASE, MORE)):
         assert isinstance(bucket.config, BucketConfig)
         assert bucket.config.secret.get_secret_value() == COMPOSE_ENV["KARMA8_SECRET"], bucket.name
         assert not bucket.config.insecure
-    for path in (BASE, MORE):
-        with pytest.raises(MissingVariable, match="KARMA8_SECRET"):
-            load_compose(path, environ={})
+    postgres = load_compose(BASE)["services"]["postgres"]
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == COMPOSE_ENV["KARMA8_DB_PASSWORD"]
+    # Each one is required: docker compose stops, saying which is missing.
+    for variable in COMPOSE_ENV:
+        without = {k: v for k, v in COMPOSE_ENV.items() if k != variable}
+        with pytest.raises(MissingVariable, match=variable):
+            load_compose(BASE, environ=without)
+    with pytest.raises(MissingVariable, match="KARMA8_SECRET"):
+        load_compose(MORE, environ={})
 
 
 # -- ports, hosts, volumes --------------------------------------------------------------
 
 
-def _published(service: Service) -> set[int]:
-    ports: set[int] = set()
-    for entry in service.raw.get("ports") or []:
-        target = entry["target"] if isinstance(entry, dict) else str(entry).rsplit(":", 1)[-1]
-        ports.add(int(str(target).split("/")[0]))
+def _published(raw: Mapping[str, Any]) -> dict[int, str]:
+    """Container port -> what it is published on (``8080``, ``127.0.0.1:9090``)."""
+    ports: dict[int, str] = {}
+    for entry in raw.get("ports") or []:
+        if isinstance(entry, dict):
+            target, host = entry["target"], f"{entry.get('host_ip', '')}:{entry['published']}"
+        else:
+            host, _, target = str(entry).rpartition(":")
+        ports[int(str(target).split("/")[0])] = host.removeprefix(":")
     return ports
 
 
 @BOTH
-def test_published_ports_are_the_ports_the_api_serves(files: Files) -> None:
-    found = compose_services(*files)
-    api = api_of(found)
-    assert isinstance(api.config, ApiConfig)
-    served = {api.config.port, api.config.metrics_port}
-    assert _published(api) == served, f"{api.name} publishes {sorted(_published(api))}, serves {served}"
-    for bucket in buckets_of(found):
-        assert not _published(bucket), f"{bucket.name}: buckets are reached by service name"
+def test_only_the_load_balancer_publishes_a_port(files: Files) -> None:
+    model = load_compose(*files)
+    # Where clients connected before there were several API servers.
+    assert _published(model["services"]["lb"]) == {8080: "8080"}
+    for name, raw in model["services"].items():
+        if name != "lb":
+            assert not _published(raw), f"{name}: reached by service name, through lb for clients"
 
 
 @BOTH
@@ -406,41 +491,59 @@ def test_healthchecks_ask_the_ports_the_services_serve(files: Files) -> None:
 
 
 @BOTH
-def test_buckets_are_reached_by_service_name(files: Files) -> None:
+def test_buckets_heartbeat_to_every_api_server_by_service_name(files: Files) -> None:
     found = compose_services(*files)
-    api = api_of(found)
-    assert isinstance(api.config, ApiConfig)
+    apis = apis_of(found)
+    membership = [
+        f"{api.name}:{api.config.membership_port}" for api in apis if isinstance(api.config, ApiConfig)
+    ]
+    assert len(membership) == len(apis) > 1
     for bucket in buckets_of(found):
         assert isinstance(bucket.config, BucketConfig)
         assert bucket.config.advertised_host == bucket.name, bucket.name
-        assert bucket.config.api == f"{api.name}:{api.config.membership_port}", bucket.name
-        assert bucket.raw["depends_on"] == {api.name: {"condition": "service_started"}}, bucket.name
+        # Directly, not through lb: a bucket fails over from one API server to the next.
+        listed = [a.strip() for a in bucket.env["KARMA8_BUCKET_API"].split(",")]
+        assert listed == membership, bucket.name
+        assert bucket.raw["depends_on"] == {api.name: {"condition": "service_started"} for api in apis}
 
 
 @BOTH
-def test_each_service_keeps_its_state_on_its_own_named_volume(files: Files) -> None:
+def test_each_bucket_keeps_its_state_on_its_own_named_volume(files: Files) -> None:
     found = compose_services(*files)
     model = load_compose(*files)
     owners: dict[str, str] = {}
     for service in found.values():
-        assert len(service.mounts) == 1, f"{service.name}: one volume per service"
+        if isinstance(service.config, ApiConfig):
+            # Its state is in the registry: the API servers keep nothing of their own.
+            assert not service.mounts, f"{service.name}: the API servers share PostgreSQL"
+            assert service.config.registry_url.get_secret_value(), service.name
+            continue
+        assert len(service.mounts) == 1, f"{service.name}: one volume per bucket"
         ((source, target),) = service.mounts
         assert source in model["volumes"], f"{service.name}: {source} is not a named volume"
         assert target == str(service.config.data_dir) == DATA, service.name
         assert source not in owners, f"{service.name} shares {source} with {owners.get(source)}"
         owners[source] = service.name
+    postgres = [_mount(v) for v in model["services"]["postgres"]["volumes"]]
+    assert len(postgres) == 1
+    ((source, target),) = postgres
+    assert target == PGDATA
+    assert source in model["volumes"], f"postgres: {source} is not a named volume"
+    assert source not in owners, f"postgres shares {source} with {owners.get(source)}"
+    owners[source] = "postgres"
     assert set(owners) == set(model["volumes"]), "every declared volume is used"
 
 
 @BOTH
 def test_every_service_restarts_and_has_a_healthcheck(files: Files) -> None:
-    found = compose_services(*files)
-    for service in found.values():
-        assert service.raw["restart"] == "unless-stopped", service.name
-        assert service.raw["healthcheck"]["interval"], service.name
+    for name, raw in load_compose(*files)["services"].items():
+        assert raw["restart"] == "unless-stopped", name
+        assert raw["healthcheck"]["interval"], name
+        assert raw["healthcheck"]["test"][0] == "CMD", name
 
 
-def test_the_stack_has_an_api_and_eight_buckets_and_two_more_can_join() -> None:
+def test_the_stack_has_two_api_servers_and_eight_buckets_and_two_more_can_join() -> None:
+    assert [a.name for a in apis_of(compose_services(BASE, MORE))] == ["api-1", "api-2"]
     assert [b.name for b in buckets_of(compose_services(BASE))] == [f"bucket-{i}" for i in range(1, 9)]
     assert [b.name for b in buckets_of(compose_services(BASE, MORE))] == [f"bucket-{i}" for i in range(1, 11)]
     api = api_of(compose_services(BASE)).config
@@ -465,6 +568,108 @@ def test_the_added_buckets_are_defined_like_the_others() -> None:
     first = shape(compose_services(BASE, MORE)["bucket-1"])
     for bucket in buckets_of(compose_services(BASE, MORE)):
         assert shape(bucket) == first, f"{bucket.name} differs from bucket-1"
+
+
+# -- the registry and the API servers ---------------------------------------------------
+
+
+def test_the_registry_is_postgres_with_a_healthcheck() -> None:
+    postgres = load_compose(BASE)["services"]["postgres"]
+    env = postgres["environment"]
+    assert env["POSTGRES_USER"] == env["POSTGRES_DB"] == "karma8"
+    test = postgres["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"], test
+    # Over TCP, as the API servers connect: the image's first-run setup listens on its
+    # Unix socket only, so a socket check would pass before the database is ready.
+    assert test[test.index("--host") + 1] == "127.0.0.1"
+    assert test[test.index("--username") + 1] == env["POSTGRES_USER"]
+    assert test[test.index("--dbname") + 1] == env["POSTGRES_DB"]
+
+
+def test_the_api_servers_share_the_registry_each_under_its_own_id() -> None:
+    model = load_compose(BASE)
+    postgres = model["services"]["postgres"]["environment"]
+    apis = apis_of(compose_services(BASE))
+    assert len(apis) > 1
+    urls: set[str] = set()
+    for api in apis:
+        assert isinstance(api.config, ApiConfig)
+        # Stable across restarts and distinct: the service name.
+        assert api.config.server_id == api.name
+        url = api.config.registry_url.get_secret_value()
+        urls.add(url)
+        parts = urlsplit(url)
+        assert parts.scheme in ("postgresql", "postgres"), url
+        assert parts.hostname == "postgres", f"{api.name}: the registry is the postgres service"
+        assert parts.port in (None, 5432)
+        assert (parts.username, parts.password) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
+        assert parts.path == f"/{postgres['POSTGRES_DB']}"
+        assert api.raw["depends_on"] == {"postgres": {"condition": "service_healthy"}}, api.name
+    assert len(urls) == 1, "every API server on the same registry"
+    assert len({a.config.server_id for a in apis if isinstance(a.config, ApiConfig)}) == len(apis)
+
+
+# -- the load balancer ------------------------------------------------------------------
+
+
+def test_the_load_balancer_mounts_haproxy_cfg_read_only() -> None:
+    lb = load_compose(BASE)["services"]["lb"]
+    (mount,) = lb["volumes"]
+    source, target, mode = mount.split(":")
+    assert (COMPOSE / source).resolve() == HAPROXY_CFG
+    assert (target, mode) == (HAPROXY_CFG_TARGET, "ro")
+    apis = apis_of(compose_services(BASE))
+    assert lb["depends_on"] == {api.name: {"condition": "service_started"} for api in apis}
+
+
+def test_the_load_balancer_takes_websockets_on_8080() -> None:
+    (frontend,) = haproxy_proxies("frontend").values()
+    (published,) = _published(load_compose(BASE)["services"]["lb"])
+    assert [line[1] for line in frontend.find("bind")] == [f":{published}"]
+    assert frontend.find("mode") == [["mode", "http"]]
+    timeouts = {line[1]: line[2] for line in frontend.find("timeout")}
+    # A WebSocket is a tunnel once upgraded; its own timeout, not the client's, applies.
+    for name in ("client", "server", "connect", "tunnel"):
+        assert name in timeouts, f"haproxy.cfg: set timeout {name}"
+    assert timeouts["tunnel"] == "1h"
+
+
+def test_every_api_server_is_a_checked_server_of_every_backend() -> None:
+    apis = apis_of(compose_services(BASE))
+    backends = haproxy_proxies("backend")
+    (frontend,) = haproxy_proxies("frontend").values()
+    used = {line[1] for line in frontend.find("default_backend") + frontend.find("use_backend")}
+    assert used == set(backends), "every backend is used, and only backends that exist"
+    (default,) = (line[1] for line in frontend.find("default_backend"))
+    assert backends[default].find("option", "httpchk") == [["option", "httpchk", "GET", "/ready"]]
+    for backend in backends.values():
+        assert backend.find("mode") == [["mode", "http"]], backend.name
+        assert backend.find("balance") == [["balance", "leastconn"]], backend.name
+        (check,) = backend.find("option", "httpchk")
+        assert check[2:] in (["GET", "/ready"], ["GET", "/healthz"]), backend.name
+        defaults = [word for line in backend.find("default-server") for word in line[1:]]
+        servers = {line[1]: [*defaults, *line[3:]] for line in backend.find("server")}
+        addresses = {line[1]: line[2] for line in backend.find("server")}
+        assert set(servers) == {api.name for api in apis}, backend.name
+        for api in apis:
+            assert isinstance(api.config, ApiConfig)
+            assert addresses[api.name] == f"{api.name}:{api.config.port}", backend.name
+            options = servers[api.name]
+            assert "check" in options, f"{backend.name}/{api.name}"
+            # The checks ask the metrics endpoint, where /ready and /healthz are.
+            assert options[options.index("port") + 1] == str(api.config.metrics_port), api.name
+
+
+def _haproxy() -> str | None:
+    return shutil.which("haproxy")
+
+
+@pytest.mark.skipif(_haproxy() is None, reason="haproxy is not installed")
+def test_haproxy_accepts_its_configuration() -> None:
+    result = subprocess.run(
+        [str(_haproxy()), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # -- docs and recipes -------------------------------------------------------------------
@@ -519,4 +724,4 @@ def test_docker_compose_accepts_the_files() -> None:
         env={**os.environ, **COMPOSE_ENV},
     )
     assert result.returncode == 0, result.stderr
-    assert set(json.loads(result.stdout)["services"]) == set(compose_services(BASE, MORE))
+    assert set(json.loads(result.stdout)["services"]) == set(load_compose(BASE, MORE)["services"])
