@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from karma8.cli_registry import registry_app
 from karma8.errors import Karma8Error
 from karma8.logs import FORMATS, configure_logging
 
@@ -32,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(registry_app, name="registry")
 
 T = TypeVar("T")
 
