@@ -118,6 +118,16 @@ class ApiConfig(_Section):
         9090, description="HTTP port of /metrics, /healthz and /ready (0 picks a free one)."
     )
     data_dir: Path = Field(Path("karma8-data/api"), description="Holds the registry database.")
+    server_id: str = Field(
+        "",
+        description="This API server's name among those sharing the registry (stable across"
+        " restarts); empty: HOST:PORT of its WebSocket endpoint.",
+    )
+    server_timeout: Seconds = Field(
+        30.0,
+        description="Silence after which another API server counts as dead: its uploads in"
+        " progress fail and its moves are abandoned.",
+    )
     registry_url: SecretStr = Field(
         SecretStr(""),
         description="The registry's database: postgresql://USER:PASSWORD@HOST/DB (shared by several"
@@ -274,7 +284,11 @@ class BucketConfig(_Section):
     )
     advertise_host: str = Field("", description="Host the API should dial (default: host).")
     data_dir: Path = Field(Path("karma8-data/bucket"), description="Fragments and the bucket's identity.")
-    api: str = Field("127.0.0.1:8081", description="host:port of the API server's membership endpoint.")
+    api: str = Field(
+        "127.0.0.1:8081",
+        description="host:port of the API server's membership endpoint; several API servers on one"
+        " registry: a comma-separated list (heartbeats go to one, the next when it fails).",
+    )
     capacity: ByteSize = Field(0, description="Bytes this bucket may hold (0: the whole filesystem).")
     max_chunk: PositiveSize = Field(4 * MiB, description="Largest data message accepted in a Put.")
     read_chunk_max: PositiveSize = Field(4 * MiB, description="Largest chunk a Get may ask for.")
@@ -294,6 +308,11 @@ class BucketConfig(_Section):
     tls_cert: Path | None = Field(None, description="Certificate (PEM): serve gRPC over TLS.")
     tls_key: Path | None = Field(None, description="Private key (PEM) of tls_cert.")
     tls_ca: Path | None = Field(None, description="CA (PEM) of the API's certificate: heartbeat over TLS.")
+
+    @property
+    def apis(self) -> list[str]:
+        """The membership endpoints of ``api``, in order (``host:port`` each)."""
+        return [a.strip() for a in self.api.split(",") if a.strip()]
 
     @property
     def advertised_host(self) -> str:

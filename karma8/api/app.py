@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -23,9 +25,9 @@ from karma8.api.repair import Repairer
 from karma8.api.server import ApiHandler
 from karma8.api.session import Services
 from karma8.config import ApiConfig
-from karma8.errors import ConfigError
+from karma8.errors import ConfigError, RegistryUnavailable
 from karma8.metrics_http import start_endpoint
-from karma8.registry import open_registry
+from karma8.registry import Registry, open_registry
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.membership import serve_membership
@@ -146,22 +148,25 @@ async def _serve(
     task_status: trio.TaskStatus[ApiEndpoints],
 ) -> None:
     token = trio.lowlevel.current_trio_token()
+    server_id = config.server_id or f"{socket.gethostname()}:{config.port or uuid.uuid4().hex[:12]}"
     async with (
-        open_registry(config.registry) as registry,
+        open_registry(config.registry, server_id) as registry,
         open_portal(use_uvloop=config.uvloop) as portal,
     ):
-        interrupted = await registry.fail_all_in_progress()
+        interrupted, abandoned = await registry.start_server(f"{config.host}:{config.port}")
         if interrupted:
             log.warning(
                 "%d upload(s) were interrupted by a restart; their fragments will be deleted", interrupted
             )
-        abandoned = await registry.abandon_all_moves()
         if abandoned:
             log.warning(
                 "%d fragment move(s) were interrupted by a restart; their copies will be deleted", abandoned
             )
         cluster = Cluster(registry, portal, config, ChannelSecurity(secret, tls.buckets))
         await cluster.load()
+        # Buckets that beat to this server's previous run (or to another server) moments
+        # ago are live now: a restart does not shrink placement to the first buckets to beat.
+        await cluster.sync()
 
         def bucket_samples() -> list[BucketSample]:
             return [
@@ -217,6 +222,7 @@ async def _serve(
                     ListenerSettings(config.max_frame, config.receive_buffer, config.handshake_timeout),
                     metrics.connection_errors.labels(WEBSOCKET).inc,
                 )
+                nursery.start_soon(_keep_alive, registry, cluster, config, f"{config.host}:{port}")
                 nursery.start_soon(janitor.run)
                 nursery.start_soon(reconciler.run)
                 nursery.start_soon(rebalancer.run)
@@ -244,6 +250,32 @@ async def _serve(
             readiness.stopping = True
             with trio.CancelScope(shield=True):
                 await cluster.aclose()
+
+
+async def _keep_alive(registry: Registry, cluster: Cluster, config: ApiConfig, address: str) -> None:
+    """Every heartbeat interval: this server's heartbeat in the registry, the reaping of
+    servers silent for ``server_timeout`` (their uploads fail, their moves are abandoned),
+    and the bucket heartbeats other servers received (:meth:`Cluster.sync`)."""
+    reachable = True
+    while True:
+        try:
+            await registry.server_alive(address)
+            for server, uploads, moves in await registry.reap_servers(config.server_timeout):
+                log.warning(
+                    "API server %s silent for %g s: %d upload(s) it had in progress failed,"
+                    " %d move(s) abandoned",
+                    server,
+                    config.server_timeout,
+                    uploads,
+                    moves,
+                )
+            await cluster.sync()
+            reachable = True
+        except RegistryUnavailable as exc:
+            if reachable:
+                log.warning("registry unavailable: %s", exc.message)
+            reachable = False
+        await trio.sleep(config.heartbeat_interval)
 
 
 def _write_ready(config: ApiConfig, endpoints: ApiEndpoints) -> None:

@@ -2,7 +2,11 @@
 
 Buckets announce themselves through heartbeats (see :mod:`karma8.rpc.membership`); a
 bucket is live while its last heartbeat is younger than ``bucket_timeout``. Buckets known
-from the registry but not heard from since this process started are not live.
+from the registry but not heard from since this process started are not live. With
+several API servers on one registry, a bucket heartbeats to one of them; every beat is
+recorded in the registry at the database's clock, and :meth:`Cluster.sync` (every
+heartbeat interval) brings in the beats the other servers received, so all servers see
+the same live set within a heartbeat.
 """
 
 from __future__ import annotations
@@ -73,6 +77,27 @@ class Cluster:
             self.on_hello(beat.bucket_id)
         await self._registry.upsert_bucket(beat)
         return self._config.heartbeat_interval
+
+    async def sync(self) -> None:
+        """Take in the heartbeats other API servers recorded in the registry."""
+        now = trio.current_time()
+        for row in await self._registry.buckets():
+            if row.age >= self._config.bucket_timeout:
+                continue
+            seen = now - max(row.age, 0.0)
+            usage = Usage(row.used, row.free, row.capacity, row.fragments)
+            state = self._buckets.get(row.bucket_id)
+            if state is None or state.address != row.address or state.client is None:
+                state = await self._connect(Heartbeat(row.bucket_id, row.address, usage, hello=False))
+                state.last_seen = seen
+            elif seen > state.last_seen:
+                if not self._is_live(state):
+                    log.info(
+                        "bucket=%s is live again at %s (seen by another API server)",
+                        row.bucket_id,
+                        row.address,
+                    )
+                state.usage, state.last_seen = usage, seen
 
     async def _connect(self, beat: Heartbeat) -> BucketState:
         client = await connect_bucket(

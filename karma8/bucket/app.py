@@ -75,7 +75,7 @@ async def _advertised_host(config: BucketConfig) -> str:
     be unreachable from another host, yet the API would count the bucket live)."""
     if config.advertise_host or config.host not in WILDCARD_HOSTS:
         return config.advertised_host
-    found = await asyncio.to_thread(local_address_towards, config.api)
+    found = await asyncio.to_thread(local_address_towards, config.apis[0])
     return found or config.advertised_host
 
 
@@ -94,21 +94,28 @@ async def heartbeat_forever(
     readiness: Readiness,
     metrics: BucketMetrics,
 ) -> None:
-    """Register with the API server, then heartbeat; retry with backoff when it is away.
+    """Register with an API server, then heartbeat; retry with backoff when it is away.
 
-    Beats carry ``security.secret``; with ``security.ssl`` they go over TLS. Whether the
-    API acknowledged the last one goes to ``readiness``; failures are counted in ``metrics``.
+    With several API servers (``config.apis``, sharing one registry), beats go to one of
+    them; when it fails, the next one gets the next beat (a hello, as to any server that
+    has not heard from us). Beats carry ``security.secret``; with ``security.ssl`` they go
+    over TLS. Whether the last one was acknowledged goes to ``readiness``; failures are
+    counted in ``metrics``.
     """
-    host, _, port = config.api.rpartition(":")
+    apis = config.apis
     interval = config.heartbeat_interval
     backoff = 0.1
     hello = True
     reachable = True
-    channel = grpclib.client.Channel(host.strip("[]"), int(port), ssl=security.ssl)
-    attach_secret(channel, security.secret)
+    current = 0
+    channel: grpclib.client.Channel | None = None
     try:
-        stub = pb.MembershipStub(channel)
         while True:
+            api = apis[current]
+            if channel is None:
+                host, _, port = api.rpartition(":")
+                channel = grpclib.client.Channel(host.strip("[]"), int(port), ssl=security.ssl)
+                attach_secret(channel, security.secret)
             u = store.usage()
             beat = pb.Heartbeat(
                 bucket_id=store.bucket_id,
@@ -117,7 +124,7 @@ async def heartbeat_forever(
                 usage=pb.Usage(used=u.used, free=u.free, capacity=u.capacity, fragments=u.fragments),
             )
             try:
-                reply = await stub.beat(beat, timeout=max(interval, 1.0))
+                reply = await pb.MembershipStub(channel).beat(beat, timeout=max(interval, 1.0))
             except (
                 TimeoutError,
                 OSError,
@@ -131,24 +138,28 @@ async def heartbeat_forever(
                 problem = "refused our secret" if refused else "cannot be reached"
                 if reachable:
                     log.warning(
-                        "bucket=%s the API at %s %s (%s); retrying", store.bucket_id, config.api, problem, exc
+                        "bucket=%s the API at %s %s (%s); retrying", store.bucket_id, api, problem, exc
                     )
                 reachable = False
                 readiness.registered, readiness.problem = False, problem
                 metrics.heartbeat_failures.inc()
+                if len(apis) > 1:
+                    channel.close()
+                    channel, current, hello = None, (current + 1) % len(apis), True
+                    if current:  # went round the list once: back off before the next round
+                        continue
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, config.retry_max)
                 continue
             if hello or not reachable:
-                log.info(
-                    "bucket=%s registered with the API at %s as %s", store.bucket_id, config.api, address
-                )
+                log.info("bucket=%s registered with the API at %s as %s", store.bucket_id, api, address)
             hello, reachable, backoff = False, True, 0.1
             readiness.registered = True
             interval = reply.interval or interval
             await asyncio.sleep(interval)
     finally:
-        channel.close()
+        if channel is not None:
+            channel.close()
 
 
 async def serve_bucket(config: BucketConfig) -> None:

@@ -80,7 +80,7 @@ class Registry:
         return await trio.to_thread.run_sync(lambda: retrying(fn, *args, **kwargs), limiter=self._limiter)
 
     async def upsert_bucket(self, beat: Heartbeat) -> None:
-        await self._run(self.db.upsert_bucket, beat, time.time())
+        await self._run(self.db.upsert_bucket, beat)
 
     async def buckets(self) -> list[BucketRow]:
         return await self._run(self.db.buckets)
@@ -170,8 +170,17 @@ class Registry:
     async def fail_upload(self, upload_id: str) -> None:
         await self._run(self.db.fail_upload, upload_id, time.time())
 
-    async def fail_all_in_progress(self) -> int:
-        return await self._run(self.db.fail_all_in_progress, time.time())
+    async def start_server(self, address: str) -> tuple[int, int]:
+        return await self._run(self.db.start_server, address)
+
+    async def server_alive(self, address: str) -> None:
+        await self._run(self.db.server_alive, address)
+
+    async def reap_servers(self, silent_for: float) -> list[tuple[str, int, int]]:
+        return await self._run(self.db.reap_servers, silent_for)
+
+    async def servers(self) -> list[tuple[str, str, float]]:
+        return await self._run(self.db.servers)
 
     async def upload(self, upload_id: str) -> UploadRow | None:
         return await self._run(self.db.upload, upload_id)
@@ -208,9 +217,6 @@ class Registry:
     async def abandon_move(self, move: MoveRow) -> None:
         await self._run(self.db.abandon_move, move)
 
-    async def abandon_all_moves(self) -> int:
-        return await self._run(self.db.abandon_all_moves)
-
     async def pending_stale(self) -> list[StaleRow]:
         return await self._run(self.db.pending_stale)
 
@@ -228,10 +234,10 @@ class Registry:
 
 
 @contextlib.asynccontextmanager
-async def open_registry(where: Database | Path | str) -> AsyncIterator[Registry]:
+async def open_registry(where: Database | Path | str, server_id: str = "") -> AsyncIterator[Registry]:
     """Open (creating or migrating if needed) the registry at ``where`` (a registry URL or
-    a SQLite path)."""
-    db = await trio.to_thread.run_sync(retrying, RegistryDB, where)
+    a SQLite path) for the API server ``server_id``."""
+    db = await trio.to_thread.run_sync(retrying, RegistryDB, where, server_id)
     try:
         yield Registry(db)
     finally:

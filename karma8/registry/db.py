@@ -71,7 +71,8 @@ class BucketRow:
 
     bucket_id: str
     address: str
-    last_seen: float
+    #: Seconds since its last heartbeat (to any API server), by the database's clock.
+    age: float
     used: int
     free: int
     capacity: int
@@ -214,10 +215,13 @@ class RegistryDB(RepairQueue):
     Args:
         where: a :class:`Database`, a registry URL (``postgresql://…``, ``sqlite:PATH``)
             or the path of a SQLite file.
+        server_id: the API server using it (see :meth:`start_server`).
     """
 
-    def __init__(self, where: Database | Path | str) -> None:
+    def __init__(self, where: Database | Path | str, server_id: str = "") -> None:
         self._db = where if isinstance(where, Database) else open_database(str(where))
+        #: The API server this registry works for: its uploads and moves are marked with it.
+        self.server_id = server_id
         with self._db.transaction() as tx:
             found, now = schema.migrate(self._db, tx)
         if found != now:
@@ -269,19 +273,96 @@ class RegistryDB(RepairQueue):
                 drift[bucket] = (a[0] - b[0], a[1] - b[1])
         return drift
 
+    # -- servers ---------------------------------------------------------------------
+
+    def start_server(self, address: str) -> tuple[int, int]:
+        """This server (re)starts: what it had under way was interrupted.
+
+        Its in-progress uploads fail and its moves are abandoned (their copies become
+        stale), and so do those of the single server of registries from before several
+        servers shared one (marked ``''``). Other servers' work is left alone: a running
+        server's, and a dead one's until :meth:`reap_servers` finds it silent.
+
+        Returns:
+            (uploads failed, moves abandoned).
+        """
+        with self._db.transaction() as tx:
+            uploads, moves = 0, 0
+            for server in sorted({self.server_id, ""}):
+                u, m = self._end_server(tx, server)
+                uploads, moves = uploads + u, moves + m
+            self._alive(tx, address)
+        return uploads, moves
+
+    def server_alive(self, address: str) -> None:
+        """This server's heartbeat (in the database's clock, the one every server shares)."""
+        with self._db.transaction() as tx:
+            self._alive(tx, address)
+
+    def reap_servers(self, silent_for: float) -> list[tuple[str, int, int]]:
+        """Servers silent for ``silent_for`` seconds died: fail their in-progress uploads,
+        abandon their moves, drop their read leases and their row.
+
+        Returns:
+            (server, uploads failed, moves abandoned) for each server reaped.
+        """
+        reaped = []
+        with self._db.transaction() as tx:
+            dead = tx.execute(
+                f"SELECT id FROM servers WHERE last_seen < {self._db.now} - ? AND id <> ? ORDER BY id",
+                (silent_for, self.server_id),
+            ).fetchall()
+            for (server,) in dead:
+                uploads, moves = self._end_server(tx, str(server))
+                tx.execute("DELETE FROM servers WHERE id = ?", (server,))
+                reaped.append((str(server), uploads, moves))
+        return reaped
+
+    def servers(self) -> list[tuple[str, str, float]]:
+        """(id, address, seconds since its last heartbeat) of every server alive or not yet reaped."""
+        rows = self._query(f"SELECT id, address, {self._db.now} - last_seen FROM servers ORDER BY id")
+        return [(str(i), str(a), float(age)) for i, a, age in rows]
+
+    def _alive(self, tx: Tx, address: str) -> None:
+        now = self._db.now
+        tx.execute(
+            f"INSERT INTO servers (id, address, started, last_seen) VALUES (?, ?, {now}, {now})"
+            " ON CONFLICT (id) DO UPDATE SET address = excluded.address, last_seen = excluded.last_seen",
+            (self.server_id, address),
+        )
+
+    def _end_server(self, tx: Tx, server: str) -> tuple[int, int]:
+        now = time.time()
+        ids = tx.execute(
+            "SELECT id FROM uploads WHERE state = 'in_progress' AND server = ?"
+            f" ORDER BY id{self._db.for_update}",
+            (server,),
+        ).fetchall()
+        for (upload_id,) in ids:
+            self._retire(tx, str(upload_id), "failed", now)
+        tx.execute(
+            "INSERT INTO stale (bucket_id, upload_id, part, size, since)"
+            " SELECT dst, upload_id, part, size, ? FROM moves WHERE server = ? ON CONFLICT DO NOTHING",
+            (now, server),
+        )
+        moves = tx.execute("DELETE FROM moves WHERE server = ?", (server,)).rowcount
+        tx.execute("DELETE FROM reads WHERE server = ?", (server,))
+        return len(ids), moves
+
     # -- buckets ---------------------------------------------------------------------
 
-    def upsert_bucket(self, beat: Heartbeat, now: float) -> None:
-        """Record a bucket's heartbeat."""
+    def upsert_bucket(self, beat: Heartbeat) -> None:
+        """Record a bucket's heartbeat, at the database's clock: every API server sharing
+        the registry sees the same liveness."""
         u = beat.usage
         self._tx(
             [
                 (
                     "INSERT INTO buckets (id, address, last_seen, used, free, capacity, fragments)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                    f" VALUES (?, ?, {self._db.now}, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
                     " address=excluded.address, last_seen=excluded.last_seen, used=excluded.used,"
                     " free=excluded.free, capacity=excluded.capacity, fragments=excluded.fragments",
-                    (beat.bucket_id, beat.address, now, u.used, u.free, u.capacity, u.fragments),
+                    (beat.bucket_id, beat.address, u.used, u.free, u.capacity, u.fragments),
                 )
             ]
         )
@@ -289,7 +370,8 @@ class RegistryDB(RepairQueue):
     def buckets(self) -> list[BucketRow]:
         """Every bucket ever registered."""
         rows = self._query(
-            "SELECT id, address, last_seen, used, free, capacity, fragments FROM buckets ORDER BY id"
+            f"SELECT id, address, {self._db.now} - last_seen, used, free, capacity, fragments"
+            " FROM buckets ORDER BY id"
         )
         return [BucketRow(*r) for r in rows]
 
@@ -302,7 +384,7 @@ class RegistryDB(RepairQueue):
             Conflict: a client upload of the same name is in progress (on any server).
         """
         with self._db.transaction() as tx:
-            _insert_upload(tx, upload, fragments)
+            _insert_upload(tx, upload, fragments, self.server_id)
 
     def place_upload(
         self,
@@ -331,6 +413,7 @@ class RegistryDB(RepairQueue):
                 tx,
                 upload,
                 [FragmentRow(upload.upload_id, p, b, part_sizes[p], None) for p, b in enumerate(bucket_ids)],
+                self.server_id,
             )
         return bucket_ids
 
@@ -403,19 +486,6 @@ class RegistryDB(RepairQueue):
         with self._db.transaction() as tx:
             if self._lock_upload(tx, upload_id) == "in_progress":
                 self._retire(tx, upload_id, "failed", now)
-
-    def fail_all_in_progress(self, now: float) -> int:
-        """After a restart: every upload still in progress was interrupted."""
-        with self._db.transaction() as tx:
-            ids = [
-                str(u)
-                for (u,) in tx.execute(
-                    f"SELECT id FROM uploads WHERE state = 'in_progress' ORDER BY id{self._db.for_update}"
-                ).fetchall()
-            ]
-            for upload_id in ids:
-                self._retire(tx, upload_id, "failed", now)
-        return len(ids)
 
     def upload(self, upload_id: str) -> UploadRow | None:
         """One upload by id."""
@@ -514,7 +584,7 @@ class RegistryDB(RepairQueue):
         with self._db.transaction() as tx:
             self._db.lock(tx, "karma8-placement")
             for move in balance.plan(_fills(tx, live), tolerance, parts, _Movable(tx, skip)):
-                return _insert_move(tx, move, time.time())
+                return _insert_move(tx, move, time.time(), self.server_id)
         return None
 
     def plan_moves(
@@ -588,16 +658,6 @@ class RegistryDB(RepairQueue):
             tx.execute("DELETE FROM moves WHERE upload_id = ? AND part = ?", (move.upload_id, move.part))
             _insert_stale(tx, move.dst, move, time.time())
 
-    def abandon_all_moves(self) -> int:
-        """After a restart: every move under way was interrupted."""
-        with self._db.transaction() as tx:
-            tx.execute(
-                "INSERT INTO stale (bucket_id, upload_id, part, size, since)"
-                " SELECT dst, upload_id, part, size, ? FROM moves WHERE true ON CONFLICT DO NOTHING",
-                (time.time(),),
-            )
-            return tx.execute("DELETE FROM moves").rowcount
-
     def pending_stale(self) -> list[StaleRow]:
         """Stale copies still to delete, oldest first."""
         rows = self._query(
@@ -663,11 +723,11 @@ class RegistryDB(RepairQueue):
         return None if row is None else str(row[0])
 
 
-def _insert_upload(tx: Tx, upload: UploadRow, fragments: list[FragmentRow]) -> None:
+def _insert_upload(tx: Tx, upload: UploadRow, fragments: list[FragmentRow], server: str) -> None:
     try:
         tx.execute(
             "INSERT INTO uploads (id, name, size, parts, unit, state, created, parity, codec, format,"
-            " rewrites) VALUES (?, ?, ?, ?, ?, 'in_progress', ?, ?, ?, ?, ?)",
+            " rewrites, server) VALUES (?, ?, ?, ?, ?, 'in_progress', ?, ?, ?, ?, ?, ?)",
             (
                 upload.upload_id,
                 upload.name,
@@ -679,6 +739,7 @@ def _insert_upload(tx: Tx, upload: UploadRow, fragments: list[FragmentRow]) -> N
                 upload.codec,
                 upload.format,
                 upload.rewrites,
+                server,
             ),
         )
     except Duplicate:
@@ -704,7 +765,7 @@ def _fills(tx: Tx, live: Mapping[str, int]) -> list[balance.Fill]:
     return [balance.Fill(b, used.get(b, 0), capacity) for b, capacity in sorted(live.items())]
 
 
-def _insert_move(tx: Tx, move: balance.Move, now: float) -> MoveRow:
+def _insert_move(tx: Tx, move: balance.Move, now: float, server: str) -> MoveRow:
     sha256, unit = tx.execute(
         "SELECT f.sha256, CASE WHEN u.format >= 2 THEN u.unit ELSE 0 END FROM fragments f"
         " JOIN uploads u ON u.id = f.upload_id WHERE f.upload_id = ? AND f.part = ?",
@@ -712,8 +773,9 @@ def _insert_move(tx: Tx, move: balance.Move, now: float) -> MoveRow:
     ).fetchone()
     row = MoveRow(move.upload_id, move.part, move.size, move.src, move.dst, str(sha256), unit=int(unit))
     tx.execute(
-        "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (row.upload_id, row.part, row.src, row.dst, row.size, row.sha256, now),
+        "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started, server)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (row.upload_id, row.part, row.src, row.dst, row.size, row.sha256, now, server),
     )
     return row
 

@@ -68,6 +68,7 @@ def queue_if_short(c: Tx, upload_id: str, reason: str, now: float) -> None:
 
 class _DB(Protocol):
     _db: Database
+    server_id: str
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]: ...
 
@@ -220,9 +221,9 @@ class RepairQueue:
         with self._db.transaction() as c:
             for part, dst in targets.items():
                 cur = c.execute(
-                    "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started)"
-                    " VALUES (?, ?, '', ?, ?, '', ?) ON CONFLICT DO NOTHING",
-                    (upload_id, part, dst, sizes[part], now),
+                    "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started, server)"
+                    " VALUES (?, ?, '', ?, ?, '', ?, ?) ON CONFLICT DO NOTHING",
+                    (upload_id, part, dst, sizes[part], now, self.server_id),
                 )
                 if cur.rowcount:
                     accepted.add(part)

@@ -140,7 +140,10 @@ CREATE INDEX repairs_order ON repairs(spare, next_try);
 # triggers; at most one client upload of a name in progress, enforced by the database
 # (a rewrite by repair, which names the upload it rewrites, is not a client upload);
 # the version moves to a table. Duplicate in-progress uploads of an older registry (there
-# are none unless two servers shared it) are failed, keeping the oldest.
+# are none unless two servers shared it) are failed, keeping the oldest. The servers and
+# their liveness (``servers``), which server runs each upload and move (``server``: ''
+# for those of the single server before), the leases of background jobs (``leases``)
+# and the uploads each server's downloads read (``reads``).
 V3 = """
 DROP TRIGGER IF EXISTS placed_insert;
 DROP TRIGGER IF EXISTS placed_delete;
@@ -152,6 +155,26 @@ UPDATE uploads SET state = 'failed', finished = created WHERE state = 'in_progre
 CREATE UNIQUE INDEX uploads_in_progress_name ON uploads(name)
     WHERE state = 'in_progress' AND rewrites IS NULL;
 CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE servers (
+    id          TEXT PRIMARY KEY,
+    address     TEXT NOT NULL,
+    started     REAL NOT NULL,
+    last_seen   REAL NOT NULL
+);
+ALTER TABLE uploads ADD COLUMN server TEXT NOT NULL DEFAULT '';
+ALTER TABLE moves ADD COLUMN server TEXT NOT NULL DEFAULT '';
+CREATE INDEX uploads_in_progress ON uploads(server) WHERE state = 'in_progress';
+CREATE TABLE leases (
+    job         TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    epoch       INTEGER NOT NULL,
+    expires     REAL NOT NULL
+);
+CREATE TABLE reads (
+    server      TEXT NOT NULL,
+    upload_id   TEXT NOT NULL,
+    PRIMARY KEY (upload_id, server)
+);
 DELETE FROM placed;
 INSERT INTO placed (bucket_id, bytes, fragments)
     SELECT f.bucket_id, SUM(f.size), COUNT(*) FROM fragments f JOIN uploads u ON u.id = f.upload_id
@@ -183,7 +206,8 @@ CREATE TABLE uploads (
     parity      INTEGER NOT NULL DEFAULT 0,
     codec       TEXT NOT NULL DEFAULT 'none',
     format      INTEGER NOT NULL DEFAULT 1,
-    rewrites    TEXT
+    rewrites    TEXT,
+    server      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX uploads_state ON uploads(state);
 CREATE UNIQUE INDEX uploads_in_progress_name ON uploads(name)
@@ -213,6 +237,7 @@ CREATE TABLE moves (
     size        BIGINT NOT NULL,
     sha256      TEXT NOT NULL,
     started     DOUBLE PRECISION NOT NULL,
+    server      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (upload_id, part)
 );
 CREATE TABLE stale (
@@ -239,6 +264,24 @@ CREATE TABLE repairs (
 );
 CREATE INDEX repairs_order ON repairs(spare, next_try);
 CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE servers (
+    id          TEXT PRIMARY KEY,
+    address     TEXT NOT NULL,
+    started     DOUBLE PRECISION NOT NULL,
+    last_seen   DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX uploads_in_progress ON uploads(server) WHERE state = 'in_progress';
+CREATE TABLE leases (
+    job         TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    epoch       BIGINT NOT NULL,
+    expires     DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE reads (
+    server      TEXT NOT NULL,
+    upload_id   TEXT NOT NULL,
+    PRIMARY KEY (upload_id, server)
+);
 """
 
 SQLITE_MIGRATIONS = (V1, V2, V3)

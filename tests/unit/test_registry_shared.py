@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 
 import pytest
 
@@ -22,8 +23,8 @@ LIVE = [BucketSpace(f"b{i}", 1 << 30, 1 << 30) for i in range(6)]
 
 @pytest.fixture
 def servers(registry_url: str) -> Iterator[list[RegistryDB]]:
-    first = RegistryDB(registry_url)  # creates the schema before the others open it
-    dbs = [first, RegistryDB(registry_url), RegistryDB(registry_url)]
+    first = RegistryDB(registry_url, "A")  # creates the schema before the others open it
+    dbs = [first, RegistryDB(registry_url, "B"), RegistryDB(registry_url, "C")]
     yield dbs
     for db in dbs:
         db.close()
@@ -57,7 +58,7 @@ def test_one_client_upload_of_a_name_in_progress_on_any_server(servers: list[Reg
     sizes = [10, 10, 10, 10]
     results = _together(
         [
-            lambda db=db, n=n: retrying(db.place_upload, _upload(n, "same"), sizes, LIVE)  # type: ignore[misc]
+            partial(retrying, db.place_upload, _upload(n, "same"), sizes, LIVE)
             for n, db in enumerate(servers, 1)
         ]
     )
@@ -85,7 +86,7 @@ def test_concurrent_commits_of_one_name_leave_one_version(servers: list[Registry
         ids.append(f"{n:032x}")
     results = _together(
         [
-            lambda db=db, u=u: retrying(db.commit_upload, u, DIGEST, {}, 2.0)  # type: ignore[misc]
+            partial(retrying, db.commit_upload, u, DIGEST, {}, 2.0)
             for db, u in zip(servers * 2, ids, strict=True)
         ]
     )
@@ -118,10 +119,51 @@ def test_concurrent_uploads_of_distinct_names_keep_the_ledger_exact(servers: lis
             if i % 5 == 0:
                 retrying(db.delete_file, f"n{(n + 1) % 7}-{base}", float(n))
 
-    results = _together(
-        [lambda db=db, b=b: work(db, b) for db, b in zip(servers, (100, 200, 300), strict=True)]
-    )  # type: ignore[misc]
+    results = _together([partial(work, db, b) for db, b in zip(servers, (100, 200, 300), strict=True)])
     assert results == [None, None, None]
     assert servers[0].ledger_drift() == {}
     committed = servers[1]._query("SELECT COUNT(*) FROM files")
     assert committed[0][0] > 0
+
+
+def _moving(db: RegistryDB) -> None:
+    """Start one move of ``db``'s server (a committed file and an empty bucket to even out)."""
+    move = db.start_move({b.bucket_id: b.capacity for b in LIVE[:5]}, 0.0, 4)
+    assert move is not None
+
+
+def test_a_restart_ends_only_its_own_work(servers: list[RegistryDB]) -> None:
+    a, b, _ = servers
+    sizes = [1000, 1000, 1000, 1000]
+    a.place_upload(_upload(1, "mine"), sizes, LIVE[:4])
+    b.place_upload(_upload(2, "theirs"), sizes, LIVE[:4])
+    b.place_upload(_upload(3, "kept"), sizes, LIVE[:4])
+    b.commit_upload(f"{3:032x}", DIGEST, {}, now=3.0)
+    _moving(b)
+    assert a.start_server("a:8080") == (1, 0)
+    states = dict(a._query("SELECT name, state FROM uploads"))
+    assert states == {"mine": "failed", "theirs": "in_progress", "kept": "committed"}
+    assert a._query("SELECT server FROM moves") == [("B",)]
+    assert a.ledger_drift() == {}
+
+
+def test_a_silent_server_is_reaped_by_another(servers: list[RegistryDB]) -> None:
+    a, b, c = servers
+    sizes = [1000, 1000, 1000, 1000]
+    for db in servers:
+        db.start_server(f"{db.server_id}:8080")
+    b.place_upload(_upload(2, "orphan"), sizes, LIVE[:4])
+    b.place_upload(_upload(3, "kept"), sizes, LIVE[:4])
+    b.commit_upload(f"{3:032x}", DIGEST, {}, now=3.0)
+    _moving(b)
+    assert a.reap_servers(silent_for=60.0) == []  # b was heard from just now
+    # Make b silent for longer than the timeout, by the database's clock.
+    with a.database.transaction() as tx:
+        tx.execute("UPDATE servers SET last_seen = last_seen - 120 WHERE id = 'B'")
+    c.server_alive("C:8080")
+    assert a.reap_servers(silent_for=60.0) == [("B", 1, 1)]
+    assert dict(a._query("SELECT name, state FROM uploads")) == {"orphan": "failed", "kept": "committed"}
+    assert a._query("SELECT COUNT(*) FROM moves") == [(0,)]
+    assert len(a.pending_stale()) == 1  # the abandoned move's copy is deleted by the janitor
+    assert sorted(s for s, _, _ in a.servers()) == ["A", "C"]
+    assert a.ledger_drift() == {}
