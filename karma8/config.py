@@ -121,7 +121,7 @@ class ApiConfig(_Section):
     server_id: str = Field(
         "",
         description="This API server's name among those sharing the registry (stable across"
-        " restarts); empty: HOST:PORT of its WebSocket endpoint.",
+        " restarts); empty: HOSTNAME:PORT, or HOSTNAME:DATA_DIR when the port is 0.",
     )
     server_timeout: Seconds = Field(
         30.0,

@@ -6,7 +6,6 @@ import functools
 import json
 import logging
 import socket
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -148,7 +147,8 @@ async def _serve(
     task_status: trio.TaskStatus[ApiEndpoints],
 ) -> None:
     token = trio.lowlevel.current_trio_token()
-    server_id = config.server_id or f"{socket.gethostname()}:{config.port or uuid.uuid4().hex[:12]}"
+    # Stable across restarts, so a restart ends its own uploads at once (see start_server).
+    server_id = config.server_id or f"{socket.gethostname()}:{config.port or config.data_dir.resolve()}"
     async with (
         open_registry(config.registry, server_id) as registry,
         open_portal(use_uvloop=config.uvloop) as portal,

@@ -45,6 +45,7 @@ from karma8.core.records import Heartbeat
 from karma8.errors import Conflict, Internal
 from karma8.registry import ledger, schema
 from karma8.registry.database import Database, Duplicate, Tx, open_database
+from karma8.registry.leases import Coordination, Fence, LeaseLost, check_fence, fence_holds
 from karma8.registry.repairs import RepairQueue, queue_if_short
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class _Rollback(Exception):
     """Ends a transaction whose changes were only a way to compute something."""
 
 
-class RegistryDB(RepairQueue):
+class RegistryDB(RepairQueue, Coordination):
     """Synchronous registry over one database (see karma8/registry/database.py).
 
     Args:
@@ -508,11 +509,14 @@ class RegistryDB(RepairQueue):
     # -- cleanup ---------------------------------------------------------------------
 
     def pending_deletions(self) -> list[tuple[str, str]]:
-        """(upload id, bucket id) pairs whose fragments must be deleted."""
+        """(upload id, bucket id) pairs whose fragments must be deleted, except those of
+        uploads another server's downloads still read."""
         rows = self._query(
             "SELECT DISTINCT f.upload_id, f.bucket_id FROM fragments f JOIN uploads u"
             " ON u.id = f.upload_id WHERE u.state IN ('failed', 'deleting')"
-            " ORDER BY f.upload_id, f.bucket_id"
+            " AND NOT EXISTS (SELECT 1 FROM reads r WHERE r.upload_id = f.upload_id AND r.server <> ?)"
+            " ORDER BY f.upload_id, f.bucket_id",
+            (self.server_id,),
         )
         return [(str(a), str(b)) for a, b in rows]
 
@@ -575,13 +579,18 @@ class RegistryDB(RepairQueue):
         tolerance: float,
         parts: int,
         skip: Set[tuple[str, int]] = frozenset(),
+        fence: Fence | None = None,
     ) -> MoveRow | None:
         """Record and return the next move that evens out the live buckets (None: balanced).
 
         ``live`` maps each live bucket to its capacity; fragments in ``skip`` (upload id,
         part) are not chosen. See :func:`karma8.core.balance.plan`.
+
+        Raises:
+            LeaseLost: this server no longer holds ``fence``.
         """
         with self._db.transaction() as tx:
+            check_fence(self._db, tx, self.server_id, fence)
             self._db.lock(tx, "karma8-placement")
             for move in balance.plan(_fills(tx, live), tolerance, parts, _Movable(tx, skip)):
                 return _insert_move(tx, move, time.time(), self.server_id)
@@ -623,18 +632,24 @@ class RegistryDB(RepairQueue):
             pass
         return planned
 
-    def finish_move(self, move: MoveRow) -> bool:
+    def finish_move(self, move: MoveRow, fence: Fence | None = None) -> bool:
         """Make the copy on ``move.dst`` the fragment's home, atomically.
 
         The source copy becomes stale (deleted once no download reads it). If the file was
         replaced or deleted meanwhile, nothing switches, the new copy is stale instead and
         False is returned.
+
+        Raises:
+            LeaseLost: this server no longer holds ``fence``: nothing switched, the new
+                copy is stale.
         """
         now = time.time()
         with self._db.transaction() as tx:
+            fenced = fence_holds(self._db, tx, self.server_id, fence)
             state = self._lock_upload(tx, move.upload_id)
             current = (
-                state == "committed"
+                fenced
+                and state == "committed"
                 and tx.execute(
                     "SELECT 1 FROM moves m JOIN fragments f ON f.upload_id = m.upload_id AND f.part = m.part"
                     " WHERE m.upload_id = ? AND m.part = ? AND m.dst = ? AND f.bucket_id = ?",
@@ -650,6 +665,8 @@ class RegistryDB(RepairQueue):
                 )
                 ledger.move(tx, move.size, move.src, move.dst)
             _insert_stale(tx, move.src if current else move.dst, move, now)
+        if not fenced:
+            raise LeaseLost(f"lease on {fence.job if fence else ''} lost; move of {move.fragment_id} dropped")
         return current
 
     def abandon_move(self, move: MoveRow) -> None:
@@ -659,9 +676,13 @@ class RegistryDB(RepairQueue):
             _insert_stale(tx, move.dst, move, time.time())
 
     def pending_stale(self) -> list[StaleRow]:
-        """Stale copies still to delete, oldest first."""
+        """Stale copies still to delete, oldest first, except those of uploads another
+        server's downloads still read."""
         rows = self._query(
-            "SELECT bucket_id, upload_id, part FROM stale ORDER BY since, bucket_id, upload_id, part"
+            "SELECT bucket_id, upload_id, part FROM stale s WHERE NOT EXISTS"
+            " (SELECT 1 FROM reads r WHERE r.upload_id = s.upload_id AND r.server <> ?)"
+            " ORDER BY since, bucket_id, upload_id, part",
+            (self.server_id,),
         )
         return [StaleRow(str(b), str(u), int(p)) for b, u, p in rows]
 

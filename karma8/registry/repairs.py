@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from karma8.registry import ledger
 from karma8.registry.database import Database, Tx
+from karma8.registry.leases import Fence, LeaseLost, check_fence, fence_holds
 
 _UPSERT = """
 INSERT INTO repairs (upload_id, spare, reason, since, next_try, bad) VALUES (?, ?, ?, ?, ?, ?)
@@ -211,14 +212,23 @@ class RepairQueue:
         return {str(b) for (b,) in rows}
 
     def start_repair_copies(
-        self: _DB, upload_id: str, targets: Mapping[int, str], sizes: Mapping[int, int], now: float
+        self: _DB,
+        upload_id: str,
+        targets: Mapping[int, str],
+        sizes: Mapping[int, int],
+        now: float,
+        fence: Fence | None = None,
     ) -> set[int]:
         """Record new copies of ``upload_id``'s parts about to be written (part -> bucket).
 
         Returns the parts recorded: a part being moved by the rebalancer is left out.
+
+        Raises:
+            LeaseLost: this server no longer holds ``fence``.
         """
         accepted = set()
         with self._db.transaction() as c:
+            check_fence(self._db, c, self.server_id, fence)
             for part, dst in targets.items():
                 cur = c.execute(
                     "INSERT INTO moves (upload_id, part, src, dst, size, sha256, started, server)"
@@ -237,6 +247,7 @@ class RepairQueue:
         replaced: Mapping[int, str | None],
         sizes: Mapping[int, int],
         now: float,
+        fence: Fence | None = None,
     ) -> set[int]:
         """Make the copies in ``stored`` (part -> sha256) their parts' homes, atomically.
 
@@ -247,10 +258,15 @@ class RepairQueue:
 
         Returns:
             The parts switched.
+
+        Raises:
+            LeaseLost: this server no longer holds ``fence``: nothing switched, every copy
+                of ``targets`` is stale.
         """
         switched = set()
         with self._db.transaction() as c:
-            committed = ledger.lock_upload(self._db, c, upload_id) == "committed"
+            fenced = fence_holds(self._db, c, self.server_id, fence)
+            committed = fenced and ledger.lock_upload(self._db, c, upload_id) == "committed"
             for part, dst in targets.items():
                 c.execute(
                     "DELETE FROM moves WHERE upload_id = ? AND part = ? AND dst = ?", (upload_id, part, dst)
@@ -279,6 +295,8 @@ class RepairQueue:
                     switched.add(part)
                 else:
                     _stale(c, dst, upload_id, part, sizes[part], now)
+        if not fenced:
+            raise LeaseLost(f"lease on {fence.job if fence else ''} lost; repair of {upload_id} dropped")
         return switched
 
 

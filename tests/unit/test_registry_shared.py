@@ -15,6 +15,7 @@ from karma8.core.coding import Scheme
 from karma8.errors import Conflict
 from karma8.registry import retrying
 from karma8.registry.db import BucketSpace, RegistryDB, UploadRow
+from karma8.registry.leases import Fence, LeaseLost
 
 DIGEST = "12" * 32
 SCHEME = Scheme.of(3, 1)
@@ -167,3 +168,56 @@ def test_a_silent_server_is_reaped_by_another(servers: list[RegistryDB]) -> None
     assert len(a.pending_stale()) == 1  # the abandoned move's copy is deleted by the janitor
     assert sorted(s for s, _, _ in a.servers()) == ["A", "C"]
     assert a.ledger_drift() == {}
+
+
+def _expire(db: RegistryDB, job: str) -> None:
+    with db.database.transaction() as tx:
+        tx.execute(f"UPDATE leases SET expires = {db.database.now} - 1 WHERE job = ?", (job,))
+
+
+def test_a_job_lease_has_one_holder_and_fences_a_late_one(servers: list[RegistryDB]) -> None:
+    a, b, _ = servers
+    sizes = [1000, 1000, 1000, 1000]
+    for n in (1, 2):  # two files on b0..b3, b4 empty: a move is due
+        a.place_upload(_upload(n, f"f{n}"), sizes, LIVE[:4])
+        a.commit_upload(f"{n:032x}", DIGEST, {}, now=1.0)
+    results = _together([partial(db.hold_lease, "rebalancer", 30.0) for db in servers])
+    assert sorted(results, key=str) == [1, None, None]  # one holder, whoever came first
+    holder = next(db for db, r in zip(servers, results, strict=True) if r == 1)
+    other = b if holder is a else a
+    assert holder.hold_lease("rebalancer", 30.0) == 1  # renewed, same epoch
+    assert other.hold_lease("rebalancer", 30.0) is None
+    live = {x.bucket_id: x.capacity for x in LIVE[:5]}
+    move = holder.start_move(live, 0.0, 4, fence=Fence("rebalancer", 1))
+    assert move is not None
+    # The holder stalls past its lease; the other server takes the job over.
+    _expire(holder, "rebalancer")
+    assert other.hold_lease("rebalancer", 30.0) == 2
+    with pytest.raises(LeaseLost):
+        holder.start_move(live, 0.0, 4, fence=Fence("rebalancer", 1))
+    with pytest.raises(LeaseLost):
+        holder.finish_move(move, fence=Fence("rebalancer", 1))
+    # Nothing switched: the fragment stays home, the copy is stale, the ledger exact.
+    (home,) = holder._query(
+        "SELECT bucket_id FROM fragments WHERE upload_id = ? AND part = ?", (move.upload_id, move.part)
+    )
+    assert home[0] == move.src
+    assert [(s.bucket_id, s.part) for s in holder.pending_stale()] == [(move.dst, move.part)]
+    assert holder._query("SELECT COUNT(*) FROM moves") == [(0,)]
+    assert holder.ledger_drift() == {}
+    other.release_lease("rebalancer")
+    assert holder.hold_lease("rebalancer", 30.0) == 3
+
+
+def test_uploads_another_server_reads_are_not_deleted(servers: list[RegistryDB]) -> None:
+    a, b, _ = servers
+    sizes = [10, 10, 10, 10]
+    a.place_upload(_upload(1, "f"), sizes, LIVE[:4])
+    a.commit_upload(f"{1:032x}", DIGEST, {}, now=1.0)
+    b.publish_reads([f"{1:032x}"])  # a download through B reads version 1...
+    a.place_upload(_upload(2, "f"), sizes, LIVE[:4])
+    a.commit_upload(f"{2:032x}", DIGEST, {}, now=2.0)  # ... while A replaces it
+    assert a.pending_deletions() == []  # A's janitor leaves it to B's download
+    assert {u for u, _ in b.pending_deletions()} == {f"{1:032x}"}  # B's own reads it knows itself
+    b.publish_reads([])
+    assert {u for u, _ in a.pending_deletions()} == {f"{1:032x}"}
