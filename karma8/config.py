@@ -128,6 +128,12 @@ class ApiConfig(_Section):
         description="Silence after which another API server counts as dead: its uploads in"
         " progress fail and its moves are abandoned.",
     )
+    job_lease: Seconds = Field(
+        10.0,
+        description="Lease of a background job (janitor, rebalancer, reconciliation, repair) held"
+        " by one API server and renewed every heartbeat interval; another takes the job over"
+        " within this time when the holder dies.",
+    )
     registry_url: SecretStr = Field(
         SecretStr(""),
         description="The registry's database: postgresql://USER:PASSWORD@HOST/DB (shared by several"

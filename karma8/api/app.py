@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from karma8 import speedups, wsfix
 from karma8.api.cluster import Cluster
+from karma8.api.coordination import Coordinator, JobLeases
 from karma8.api.janitor import Janitor, ReadLeases
 from karma8.api.listener import ListenerSettings, serve_websockets
 from karma8.api.metrics import MEMBERSHIP, METRICS_HTTP, WEBSOCKET, ApiMetrics, BucketSample
@@ -24,9 +25,9 @@ from karma8.api.repair import Repairer
 from karma8.api.server import ApiHandler
 from karma8.api.session import Services
 from karma8.config import ApiConfig
-from karma8.errors import ConfigError, RegistryUnavailable
+from karma8.errors import ConfigError
 from karma8.metrics_http import start_endpoint
-from karma8.registry import Registry, open_registry
+from karma8.registry import open_registry
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.membership import serve_membership
@@ -183,11 +184,39 @@ async def _serve(
             config.rpc_timeout,
             config.janitor_concurrency,
             metrics,
+            # Longer than another server takes to publish a download it began.
+            grace=2 * config.heartbeat_interval + 1.0,
         )
         reconciler = Reconciler(registry, cluster, config, metrics)
         rebalancer = Rebalancer(registry, cluster, janitor, config, metrics=metrics)
         repairer = Repairer(registry, cluster, janitor, leases, config, metrics)
         reconciler.on_damage = repairer.poke
+        # Each background job runs on the server holding its lease (docs/scaling.md).
+        jobs = JobLeases(registry, config.job_lease)
+        coordinator = Coordinator(
+            registry, cluster, jobs, leases.reading, config, f"{config.host}:{config.port}"
+        )
+        janitor.active = functools.partial(jobs.holds, "janitor")
+        janitor.shared = lambda: coordinator.others > 0
+        reconciler.active = functools.partial(jobs.holds, "reconciler")
+        rebalancer.active = functools.partial(jobs.holds, "rebalancer")
+        rebalancer.fence = functools.partial(jobs.fence, "rebalancer")
+        repairer.active = functools.partial(jobs.holds, "repair")
+        repairer.fence = functools.partial(jobs.fence, "repair")
+
+        def acquired(job: str) -> None:
+            if job == "janitor":
+                janitor.poke()
+            elif job == "rebalancer":
+                rebalancer.wake()
+            elif job == "reconciler":
+                for bucket in cluster.live():
+                    reconciler.request(bucket.bucket_id)
+            elif job == "repair":
+                repairer.poke()
+
+        jobs.on_acquired = acquired
+        await coordinator.beat()  # leases taken (or not) before the jobs start
 
         def on_hello(bucket_id: str) -> None:
             reconciler.request(bucket_id)
@@ -222,7 +251,7 @@ async def _serve(
                     ListenerSettings(config.max_frame, config.receive_buffer, config.handshake_timeout),
                     metrics.connection_errors.labels(WEBSOCKET).inc,
                 )
-                nursery.start_soon(_keep_alive, registry, cluster, config, f"{config.host}:{port}")
+                nursery.start_soon(coordinator.run)
                 nursery.start_soon(janitor.run)
                 nursery.start_soon(reconciler.run)
                 nursery.start_soon(rebalancer.run)
@@ -249,33 +278,9 @@ async def _serve(
         finally:
             readiness.stopping = True
             with trio.CancelScope(shield=True):
+                with trio.move_on_after(config.handshake_timeout):
+                    await jobs.release()  # another server takes the jobs at once
                 await cluster.aclose()
-
-
-async def _keep_alive(registry: Registry, cluster: Cluster, config: ApiConfig, address: str) -> None:
-    """Every heartbeat interval: this server's heartbeat in the registry, the reaping of
-    servers silent for ``server_timeout`` (their uploads fail, their moves are abandoned),
-    and the bucket heartbeats other servers received (:meth:`Cluster.sync`)."""
-    reachable = True
-    while True:
-        try:
-            await registry.server_alive(address)
-            for server, uploads, moves in await registry.reap_servers(config.server_timeout):
-                log.warning(
-                    "API server %s silent for %g s: %d upload(s) it had in progress failed,"
-                    " %d move(s) abandoned",
-                    server,
-                    config.server_timeout,
-                    uploads,
-                    moves,
-                )
-            await cluster.sync()
-            reachable = True
-        except RegistryUnavailable as exc:
-            if reachable:
-                log.warning("registry unavailable: %s", exc.message)
-            reachable = False
-        await trio.sleep(config.heartbeat_interval)
 
 
 def _write_ready(config: ApiConfig, endpoints: ApiEndpoints) -> None:

@@ -7,6 +7,11 @@ forgets each row once its bucket confirmed. Deletion that cannot happen now (buc
 live) stays pending and is retried every ``janitor_interval`` and whenever poked.
 Uploads still being read by a download are held by a lease and left alone until the
 last reader is done; its release pokes the janitor.
+
+With several API servers on one registry, the janitor runs on the holder of its job
+lease (karma8/api/coordination.py). Other servers' downloads are known from the leases
+they publish every heartbeat interval, so the janitor deletes nothing it has not seen
+pending for ``grace`` seconds (longer than that interval) while other servers are alive.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ class ReadLeases:
         """True while some download reads ``upload_id``."""
         return upload_id in self._readers
 
+    def reading(self) -> set[str]:
+        """The uploads downloads read now (published for the other API servers)."""
+        return set(self._readers)
+
 
 class Janitor:
     """Deletes the fragments of failed, replaced and deleted uploads."""
@@ -64,8 +73,16 @@ class Janitor:
         rpc_timeout: float,
         concurrency: int,
         metrics: ApiMetrics,
+        grace: float = 0.0,
     ) -> None:
         self._registry = registry
+        self._grace = grace
+        #: Whether to run sweeps now (this server holds the janitor's lease).
+        self.active: Callable[[], bool] = lambda: True
+        #: Whether other API servers are alive (then deletions wait ``grace``).
+        self.shared: Callable[[], bool] = lambda: False
+        #: When each pending deletion was first seen (trio clock).
+        self._seen: dict[tuple[str, ...], float] = {}
         self._metrics = metrics
         self._cluster = cluster
         self._leases = leases
@@ -86,10 +103,15 @@ class Janitor:
             self._waiting.discard(upload_id)
             self.poke()
 
-    def _deletable(self, upload_id: str, bucket_id: str) -> bool:
+    def _deletable(
+        self, upload_id: str, bucket_id: str, key: tuple[str, ...], seen: dict[tuple[str, ...], float]
+    ) -> bool:
+        seen[key] = self._seen.get(key, trio.current_time())
         if self._leases.held(upload_id):
             self._waiting.add(upload_id)
             return False
+        if self.shared() and trio.current_time() - seen[key] < self._grace:
+            return False  # another server's download may have begun just before (see above)
         return self._cluster.is_live(bucket_id)
 
     async def delete(self, upload_id: str, bucket_ids: Iterable[str], *, reason: str = JANITOR) -> bool:
@@ -134,15 +156,19 @@ class Janitor:
     async def sweep(self) -> None:
         """One pass over every pending deletion that can be done now."""
         by_upload: dict[str, list[str]] = {}
+        seen: dict[tuple[str, ...], float] = {}
         pending = await self._registry.pending_deletions()
         for upload_id, bucket_id in pending:
-            if self._deletable(upload_id, bucket_id):
+            if self._deletable(upload_id, bucket_id, (upload_id, bucket_id), seen):
                 by_upload.setdefault(upload_id, []).append(bucket_id)
         stale: dict[tuple[str, str], list[int]] = {}
         pending_stale = await self._registry.pending_stale()
         for row in pending_stale:
-            if self._deletable(row.upload_id, row.bucket_id):
+            if self._deletable(
+                row.upload_id, row.bucket_id, (row.bucket_id, row.upload_id, str(row.part)), seen
+            ):
                 stale.setdefault((row.bucket_id, row.upload_id), []).append(row.part)
+        self._seen = seen  # what is no longer pending is forgotten
         self._metrics.janitor_sweeps.inc()
         self._metrics.janitor_pending.set(len(pending) + len(pending_stale))
         # Many uploads at once: after heavy traffic thousands of deletions can be pending.
@@ -163,9 +189,10 @@ class Janitor:
                 nursery.start_soon(copies, bucket_id, upload_id, parts)
 
     async def run(self) -> None:
-        """Sweep forever: every ``interval`` seconds and when poked."""
+        """Sweep forever: every ``interval`` seconds and when poked (while active)."""
         while True:
-            await self.sweep()
+            if self.active():
+                await self.sweep()
             with trio.move_on_after(self._interval):
                 await self._wake.wait()
             self._wake = trio.Event()

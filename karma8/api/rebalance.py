@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import trio
@@ -42,6 +43,7 @@ from karma8.config import ApiConfig
 from karma8.core import balance
 from karma8.errors import BucketUnavailable, ChecksumMismatch, Karma8Error
 from karma8.registry import MoveRow, Registry
+from karma8.registry.leases import Fence, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,20 @@ class Rebalancer:
         self.progress = Progress()
         #: The last finished run.
         self.last: Progress | None = None
+        #: Whether to run now (this server holds the rebalancer's lease), and the lease
+        #: to fence the moves with (karma8/api/coordination.py).
+        self.active: Callable[[], bool] = lambda: True
+        self.fence: Callable[[], Fence | None] = lambda: None
+        self._fence: Fence | None = None
 
     @property
     def tolerance(self) -> float:
         """Where a run stops: half the threshold that starts one."""
         return self._config.rebalance_threshold / 2
+
+    def wake(self) -> None:
+        """Look at the schedule now (this server took the rebalancer's lease)."""
+        self._wake.set()
 
     def request(self, reason: str) -> None:
         """Start a run now."""
@@ -159,10 +170,13 @@ class Rebalancer:
         """Forever: runs when requested, and when a periodic check finds the spread too wide."""
         next_check = trio.current_time() + self._config.rebalance_interval
         while True:
-            with trio.move_on_at(min(next_check, self._due)):
+            # Without the lease another server runs; a run asked of this one waits for it.
+            with trio.move_on_at(min(next_check, self._due) if self.active() else math.inf):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
+            if not self.active():
+                continue
             if now >= self._due:
                 reason, self._due, self._joins_pending = self._reason, math.inf, False
                 await self.rebalance(reason)
@@ -192,6 +206,7 @@ class Rebalancer:
         self._metrics.rebalance_pending_moves.set(count)
         skip: set[tuple[str, int]] = set()
         broken: set[str] = set()
+        self._fence = self.fence()  # the run's moves are made under this lease, or dropped
         try:
             for _ in range(MAX_ROUNDS):
                 failed = progress.failed
@@ -222,9 +237,13 @@ class Rebalancer:
             while True:
                 await slots.acquire()
                 live = {b: c for b, c in self._cluster.capacities().items() if b not in broken}
-                move = await self._registry.start_move(
-                    live, self.tolerance, self.spread_parts(len(live)), skip
-                )
+                try:
+                    move = await self._registry.start_move(
+                        live, self.tolerance, self.spread_parts(len(live)), skip, self._fence
+                    )
+                except LeaseLost as exc:
+                    log.warning("rebalance stopped: %s", exc)
+                    move = None
                 if move is None:
                     slots.release()
                     return
@@ -263,7 +282,12 @@ class Rebalancer:
             slots.release()
         # A fragment moves at most once per run (a dry run plans it that way too).
         skip.add((move.upload_id, move.part))
-        if await self._registry.finish_move(move):
+        try:
+            switched = await self._registry.finish_move(move, self._fence)
+        except LeaseLost as exc:
+            switched = False
+            log.warning("move upload=%s part %d dropped: %s", move.upload_id, move.part, exc)
+        if switched:
             progress.moved += move.size
             progress.moves += 1
             progress.planned = max(progress.planned, progress.moved)

@@ -60,6 +60,8 @@ class Reconciler:
     corrupt: set[str] = field(default_factory=set)
     #: Called when missing fragments were queued for repair (the repairer listens).
     on_damage: Callable[[], None] = lambda: None
+    #: Whether to reconcile now (this server holds the reconciler's lease).
+    active: Callable[[], bool] = lambda: True
     _due: set[str] = field(default_factory=set)
     _wake: trio.Event = field(default_factory=trio.Event)
 
@@ -82,6 +84,9 @@ class Reconciler:
             if trio.current_time() >= next_round:
                 self._due.update(b.bucket_id for b in self.cluster.live())
                 next_round = trio.current_time() + self.config.reconcile_interval
+            if not self.active():
+                self._due.clear()  # the holder reconciles them
+                continue
             while self._due:
                 await self.reconcile(self._due.pop())
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import trio
@@ -49,6 +49,7 @@ from karma8.core.layout import Layout
 from karma8.core.placement import Candidate, choose_buckets
 from karma8.errors import ChecksumMismatch, Karma8Error, NotEnoughBuckets
 from karma8.registry import FragmentRow, Registry, RepairRow, UploadRow
+from karma8.registry.leases import Fence, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,10 @@ class Repairer:
         self._running: set[str] = set()
         self._retry_all = False
         self.progress = RepairProgress()
+        #: Whether to repair now (this server holds the repair lease), and the lease to
+        #: fence the repair's writes with (karma8/api/coordination.py).
+        self.active: Callable[[], bool] = lambda: True
+        self.fence: Callable[[], Fence | None] = lambda: None
 
     def poke(self) -> None:
         """Look at the queue now (a repair was queued)."""
@@ -161,6 +166,8 @@ class Repairer:
             await self._round(nursery)
 
     async def _round(self, nursery: trio.Nursery) -> None:
+        if not self.active():
+            return
         if self._retry_all:
             self._retry_all = False
             await self._registry.retry_repairs_now()
@@ -187,6 +194,8 @@ class Repairer:
         try:
             with self._leases.hold(row.upload_id):
                 await self._repair(row)
+        except LeaseLost as exc:
+            log.warning("upload=%s repair dropped: %s", row.upload_id, exc)
         except Karma8Error as exc:
             self.progress.failed += 1
             self._metrics.repairs.labels("failed").inc()
@@ -232,7 +241,8 @@ class Repairer:
             return
         layout = Layout(upload.size, scheme.data, upload.unit, scheme.parity)
         sizes = {p: layout.part_size(p) for p in plan.targets}
-        accepted = await self._registry.start_repair_copies(row.upload_id, plan.targets, sizes)
+        fence = self.fence()
+        accepted = await self._registry.start_repair_copies(row.upload_id, plan.targets, sizes, fence)
         targets = {p: b for p, b in plan.targets.items() if p in accepted}
         stored: dict[int, str] = {}
         failed_reads: dict[int, Karma8Error] = {}
@@ -242,7 +252,7 @@ class Repairer:
         finally:
             with trio.CancelScope(shield=True):
                 switched = await self._registry.finish_repair_copies(
-                    row.upload_id, targets, stored, plan.replaced, sizes
+                    row.upload_id, targets, stored, plan.replaced, sizes, fence
                 )
                 self._janitor.poke()
         self.progress.fragments += len(switched)

@@ -33,6 +33,7 @@ from karma8.registry.db import (
     StaleRow,
     UploadRow,
 )
+from karma8.registry.leases import Fence
 from karma8.registry.repairs import RepairRow
 
 __all__ = [
@@ -151,9 +152,9 @@ class Registry:
         return await self._run(self.db.stale_buckets, upload_id)
 
     async def start_repair_copies(
-        self, upload_id: str, targets: Mapping[int, str], sizes: Mapping[int, int]
+        self, upload_id: str, targets: Mapping[int, str], sizes: Mapping[int, int], fence: Fence | None = None
     ) -> set[int]:
-        return await self._run(self.db.start_repair_copies, upload_id, targets, sizes, time.time())
+        return await self._run(self.db.start_repair_copies, upload_id, targets, sizes, time.time(), fence)
 
     async def finish_repair_copies(
         self,
@@ -162,9 +163,10 @@ class Registry:
         stored: Mapping[int, str],
         replaced: Mapping[int, str | None],
         sizes: Mapping[int, int],
+        fence: Fence | None = None,
     ) -> set[int]:
         return await self._run(
-            self.db.finish_repair_copies, upload_id, targets, stored, replaced, sizes, time.time()
+            self.db.finish_repair_copies, upload_id, targets, stored, replaced, sizes, time.time(), fence
         )
 
     async def fail_upload(self, upload_id: str) -> None:
@@ -181,6 +183,20 @@ class Registry:
 
     async def servers(self) -> list[tuple[str, str, float]]:
         return await self._run(self.db.servers)
+
+    # -- leases (karma8/registry/leases.py) --
+
+    async def hold_lease(self, job: str, ttl: float) -> int | None:
+        return await self._run(self.db.hold_lease, job, ttl)
+
+    async def release_lease(self, job: str) -> None:
+        await self._run(self.db.release_lease, job)
+
+    async def lease_holders(self) -> dict[str, tuple[str, int, float]]:
+        return await self._run(self.db.lease_holders)
+
+    async def publish_reads(self, upload_ids: Iterable[str]) -> None:
+        await self._run(self.db.publish_reads, tuple(upload_ids))
 
     async def upload(self, upload_id: str) -> UploadRow | None:
         return await self._run(self.db.upload, upload_id)
@@ -204,15 +220,20 @@ class Registry:
         return await self._run(self.db.fills, live)
 
     async def start_move(
-        self, live: Mapping[str, int], tolerance: float, parts: int, skip: Set[tuple[str, int]] = frozenset()
+        self,
+        live: Mapping[str, int],
+        tolerance: float,
+        parts: int,
+        skip: Set[tuple[str, int]] = frozenset(),
+        fence: Fence | None = None,
     ) -> MoveRow | None:
-        return await self._run(self.db.start_move, live, tolerance, parts, frozenset(skip))
+        return await self._run(self.db.start_move, live, tolerance, parts, frozenset(skip), fence)
 
     async def plan_moves(self, live: Mapping[str, int], tolerance: float, parts: int) -> list[MoveRow]:
         return await self._run(self.db.plan_moves, live, tolerance, parts)
 
-    async def finish_move(self, move: MoveRow) -> bool:
-        return await self._run(self.db.finish_move, move)
+    async def finish_move(self, move: MoveRow, fence: Fence | None = None) -> bool:
+        return await self._run(self.db.finish_move, move, fence)
 
     async def abandon_move(self, move: MoveRow) -> None:
         await self._run(self.db.abandon_move, move)
