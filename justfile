@@ -37,7 +37,7 @@ fuzz *ARGS:
 balance *ARGS:
     source scripts/venv.sh && python scripts/balance.py {{ARGS}}
 
-# Build the image and start the service stack in Docker (needs KARMA8_SECRET; docs/operations.md)
+# Build the image and start the service stack in Docker (needs KARMA8_SECRET and KARMA8_DB_PASSWORD; docs/operations.md)
 up:
     docker compose -f compose/compose.yaml up -d --build
     docker compose -f compose/compose.yaml ps
@@ -46,10 +46,10 @@ up:
 add-buckets:
     docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml up -d bucket-9 bucket-10
 
-# Follow the service stack's logs (JSON lines; e.g. just logs api)
+# Follow the service stack's logs (JSON lines; e.g. just logs api-1)
 logs *SERVICES:
-    KARMA8_SECRET="${KARMA8_SECRET:-unused-by-logs}" docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml logs -f {{SERVICES}}
+    KARMA8_SECRET="${KARMA8_SECRET:-unused-by-logs}" KARMA8_DB_PASSWORD="${KARMA8_DB_PASSWORD:-unused-by-logs}" docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml logs -f {{SERVICES}}
 
 # Stop and remove the service stack's containers; the volumes (the data) stay
 down:
-    KARMA8_SECRET="${KARMA8_SECRET:-unused-by-down}" docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml down
+    KARMA8_SECRET="${KARMA8_SECRET:-unused-by-down}" KARMA8_DB_PASSWORD="${KARMA8_DB_PASSWORD:-unused-by-down}" docker compose -f compose/compose.yaml -f compose/compose.more-buckets.yaml down

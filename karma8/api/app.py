@@ -165,9 +165,6 @@ async def _serve(
             )
         cluster = Cluster(registry, portal, config, ChannelSecurity(secret, tls.buckets))
         await cluster.load()
-        # Buckets that beat to this server's previous run (or to another server) moments
-        # ago are live now: a restart does not shrink placement to the first buckets to beat.
-        await cluster.sync()
 
         def bucket_samples() -> list[BucketSample]:
             return [

@@ -54,6 +54,8 @@ class Cluster:
         #: When this process began to know the buckets (a bucket silent since then has
         #: been down at least that long).
         self._since = -math.inf
+        #: Set (and replaced) at every heartbeat.
+        self._beat = trio.Event()
         #: Called with the id of a bucket that (re-)registered (the reconciler listens).
         self.on_hello: Callable[[str], None] = lambda bucket_id: None
 
@@ -73,18 +75,22 @@ class Cluster:
             log.info("bucket=%s is live again at %s", beat.bucket_id, beat.address)
         state.usage = beat.usage
         state.last_seen = trio.current_time()
+        self._beat.set()
+        self._beat = trio.Event()
         if beat.hello:
             self.on_hello(beat.bucket_id)
         await self._registry.upsert_bucket(beat)
         return self._config.heartbeat_interval
 
     async def sync(self) -> None:
-        """Take in the heartbeats other API servers recorded in the registry."""
+        """Take in the heartbeats other API servers recorded in the registry since this
+        process started (a beat to this server's previous run says little: the bucket may
+        be backing off, and a restart waits for beats, see :meth:`settle`)."""
         now = trio.current_time()
         for row in await self._registry.buckets():
-            if row.age >= self._config.bucket_timeout:
-                continue
             seen = now - max(row.age, 0.0)
+            if row.age >= self._config.bucket_timeout or seen < self._since:
+                continue
             usage = Usage(row.used, row.free, row.capacity, row.fragments)
             state = self._buckets.get(row.bucket_id)
             if state is None or state.address != row.address or state.client is None:
@@ -127,6 +133,17 @@ class Cluster:
             beat.usage.free,
         )
         return state
+
+    async def settle(self, wanted: int) -> None:
+        """Wait until ``wanted`` buckets are live, for at most ``bucket_timeout`` after this
+        process began to know the buckets (after that, the ones not live are down).
+
+        Right after a restart no bucket has beaten yet; an upload placed then would go to
+        the first few to beat, with less protection than it could have.
+        """
+        with trio.move_on_at(self._since + self._config.bucket_timeout):
+            while len(self.live()) < wanted:
+                await self._beat.wait()
 
     def _is_live(self, state: BucketState) -> bool:
         return trio.current_time() - state.last_seen < self._config.bucket_timeout

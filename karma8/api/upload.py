@@ -44,6 +44,7 @@ async def handle_upload(session: Session, name: str) -> None:
     # With fewer live buckets than the quorum: write to them all (at least the data
     # parts) and owe the rest, unless the operator asked for refusals instead.
     required = scheme.data if config.degraded_writes else config.quorum
+    await services.cluster.settle(scheme.width)
     bucket_ids = await services.registry.place_upload(
         UploadRow.new(upload_id, name, header.size, scheme, layout.unit, time.time()),
         layout.part_sizes(),

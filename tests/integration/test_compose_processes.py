@@ -1,9 +1,12 @@
 """The image's entrypoint commands, exercised as plain processes.
 
-Each service of compose/compose.yaml runs as ``karma8 <its command>`` with its environment,
-the way its container would, on loopback: service names become 127.0.0.1, its volume a
-temporary directory, and each fixed port a free one. Each service's healthcheck command
-must succeed, and then a file goes up and comes back through the API. Then buckets 9 and
+Each karma8 service of compose/compose.yaml runs as ``karma8 <its command>`` with its
+environment, the way its container would, on loopback: service names become 127.0.0.1,
+its volume a temporary directory, each fixed port a free one, and the ``postgres``
+service a throwaway PostgreSQL database (tests/pg.py). The load balancer (HAProxy, not
+installed here) is left out: the client talks to one API server, then to the other.
+Each service's healthcheck command must succeed, and then a file goes up through one
+API server and comes back through the other. Then buckets 9 and
 10 of compose.more-buckets.yaml join the running stack the same way: they register and the
 next file is placed on them.
 """
@@ -35,7 +38,7 @@ from tests.unit.test_compose import (
     BASE,
     MORE,
     Service,
-    api_of,
+    apis_of,
     buckets_of,
     load_compose,
     port_fields,
@@ -57,11 +60,11 @@ class Local:
     ports: dict[int, int]
     data: Path
 
-    def env(self, others: Mapping[str, Local]) -> dict[str, str]:
+    def env(self, others: Mapping[str, Local], registry: str) -> dict[str, str]:
         """The service's environment, for loopback; nothing else from karma8 leaks in."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("KARMA8_")}
         for key, value in self.service.env.items():
-            env[key] = self._value(value, others)
+            env[key] = registry if value.startswith("postgresql://") else self._value(value, others)
         config = self.service.config
         for key in port_fields(config):
             env[f"{config.env_prefix}{key.upper()}"] = str(self.ports[getattr(config, key)])
@@ -72,9 +75,14 @@ class Local:
             return LOOPBACK
         if value in {target for _, target in self.service.mounts}:
             return str(self.data)
-        if (match := _HOST_PORT.fullmatch(value)) and match.group(1) in others:
-            return f"{LOOPBACK}:{others[match.group(1)].ports[int(match.group(2))]}"
-        return value
+        endpoints = []
+        for item in value.split(","):  # a list of host:port (buckets name every API server)
+            match = _HOST_PORT.fullmatch(item)
+            if match and match.group(1) in others:
+                endpoints.append(f"{LOOPBACK}:{others[match.group(1)].ports[int(match.group(2))]}")
+            else:
+                endpoints.append(item)
+        return ",".join(endpoints)
 
     def health(self) -> list[str]:
         """The healthcheck command, with this service's ports."""
@@ -89,12 +97,14 @@ class Local:
 
 
 async def _start_healthy(
-    names: list[str], local: Mapping[str, Local], procs: dict[str, trio.Process]
+    names: list[str], local: Mapping[str, Local], procs: dict[str, trio.Process], registry: str
 ) -> None:
     """Start the services ``names`` (in order) and wait until each one's healthcheck passes."""
     for name in names:
         svc = local[name]
-        procs[name] = await trio.lowlevel.open_process(karma8_cmd(*svc.service.argv), env=svc.env(local))
+        procs[name] = await trio.lowlevel.open_process(
+            karma8_cmd(*svc.service.argv), env=svc.env(local, registry)
+        )
     for name in names:
         svc = local[name]
         said: list[bytes] = [b""]
@@ -104,7 +114,7 @@ async def _start_healthy(
                 raise AssertionError(f"{name} exited with {procs[name].returncode}")
             check = await trio.run_process(
                 karma8_cmd(*svc.health()),
-                env=svc.env(local),
+                env=svc.env(local, registry),
                 check=False,
                 capture_stdout=True,
                 capture_stderr=True,
@@ -118,10 +128,12 @@ async def _start_healthy(
             raise AssertionError(f"{exc}; it said: {said[0].decode(errors='replace')}") from None
 
 
-async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
-    base = services(load_compose(BASE, environ={"KARMA8_SECRET": TEST_SECRET}))
-    found = services(load_compose(BASE, MORE, environ={"KARMA8_SECRET": TEST_SECRET}))
-    api, buckets = api_of(base), buckets_of(base)
+async def test_the_compose_services_run_as_processes(tmp_path: Path, postgres_url: str) -> None:
+    environ = {"KARMA8_SECRET": TEST_SECRET, "KARMA8_DB_PASSWORD": "unused-here"}
+    base = services(load_compose(BASE, environ=environ))
+    found = services(load_compose(BASE, MORE, environ=environ))
+    apis, buckets = apis_of(base), buckets_of(base)
+    assert len(apis) == 2
     more = [b.name for b in buckets_of(found) if b.name not in base]
     assert more == ["bucket-9", "bucket-10"]
     local = {
@@ -132,20 +144,26 @@ async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
     }
     procs: dict[str, trio.Process] = {}
     try:
-        await _start_healthy(list(base), local, procs)  # the API first, as depends_on orders them
+        await _start_healthy(list(base), local, procs, postgres_url)  # API servers first (depends_on)
 
         # Each bucket's identity lives in its volume.
         for bucket in buckets:
             assert (local[bucket.name].data / "bucket-id").read_text().strip()
 
-        api_port = local[api.name].ports[api.config.port]
-        client = Client(ClientConfig.model_validate({"api": f"ws://{LOOPBACK}:{api_port}"}))
-        await wait_live(client, len(buckets))
+        clients = [
+            Client(
+                ClientConfig.model_validate({"api": f"ws://{LOOPBACK}:{local[a.name].ports[a.config.port]}"})
+            )
+            for a in apis
+        ]
+        for c in clients:  # buckets beat to the first; the second sees them through the registry
+            await wait_live(c, len(buckets))
+        client, other = clients
         src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
         digest = make_file(src, 3 * 1024 * 1024 + 17, seed=6)
         uploaded = await client.upload(src, "compose/file.bin")
         assert uploaded.sha256 == digest
-        await client.download("compose/file.bin", dst)
+        await other.download("compose/file.bin", dst)  # through the other API server
         assert sha256_of(dst) == digest
         assert dst.read_bytes() == src.read_bytes()
 
@@ -153,7 +171,7 @@ async def test_the_compose_services_run_as_processes(tmp_path: Path) -> None:
         # them (placement fills the emptiest buckets first). How the rebalancer evens out a
         # cluster with more data is tested in test_rebalance.py and by scripts/balance.py;
         # one file's eight whole fragments cannot be spread more evenly over ten buckets.
-        await _start_healthy(more, local, procs)
+        await _start_healthy(more, local, procs, postgres_url)
         await wait_live(client, len(buckets) + len(more))
         new_ids = {(local[name].data / "bucket-id").read_text().strip() for name in more}
         await client.upload(src, "compose/second.bin")
