@@ -393,7 +393,14 @@ def status(
     config: ConfigOpt = None,
 ) -> None:
     """Show the buckets, the spread, the rebalancer, the protection of files and the repair queue."""
-    from karma8.cli_report import human_size, percent, protection_lines, rebalancer_line, spread_text
+    from karma8.cli_report import (
+        human_size,
+        percent,
+        protection_lines,
+        rebalancer_line,
+        servers_line,
+        spread_text,
+    )
 
     st = _run(_client(config, api).status)
     if as_json:
@@ -414,6 +421,8 @@ def status(
     typer.echo(rebalancer_line(st.get("rebalancer")))
     for line in protection_lines(st):
         typer.echo(line)
+    if (servers := servers_line(st)) is not None:
+        typer.echo(servers)
 
 
 @app.command("repair")

@@ -127,8 +127,24 @@ async def handle_status(session: Session) -> None:
     ]
     rebalancer = services.rebalancer
     repairs = await services.registry.repair_summary()
+    holders = await services.registry.lease_holders()
+    servers = [
+        {
+            "id": server,
+            "address": address,
+            "seen_ago": round(age, 3),
+            "alive": age < session.config.server_timeout,
+        }
+        for server, address, age in await services.registry.servers()
+    ]
     await session.send(
         encode_ok(
+            server=services.registry.db.server_id,
+            servers=servers,
+            jobs={
+                job: {"holder": h, "epoch": e, "valid": left > 0}
+                for job, (h, e, left) in sorted(holders.items())
+            },
             parts=session.config.parts,
             live=len(fills),
             spread=_finite(balance.spread(fills)),

@@ -207,6 +207,11 @@ async def test_any_server_serves_any_request(tmp_path: Path, registry: str) -> N
         assert sha256_of(tmp_path / "back-b.bin") == digest
         assert [f["name"] for f in await c.client.list("docs/")] == ["docs/one.bin"]
         assert (await c.client.stat("docs/one.bin"))["sha256"] == digest
+        st = await c.client.status()
+        assert st["server"] == "api-2"
+        assert sorted(x["id"] for x in st["servers"] if x["alive"]) == ["api-0", "api-1", "api-2"]
+        assert sorted(st["jobs"]) == ["janitor", "rebalancer", "reconciler", "repair"]
+        assert all(j["valid"] and j["holder"] in ("api-0", "api-1", "api-2") for j in st["jobs"].values())
         ((upload_id,),) = await s.query("SELECT id FROM uploads WHERE name = 'docs/one.bin'")
         assert s.files_of(str(upload_id))
         await c.client.delete("docs/one.bin")
