@@ -134,18 +134,24 @@ def up(
     buckets: Annotated[int | None, typer.Option(help="Number of buckets (default 8).")] = None,
     data: Annotated[Path | None, typer.Option(help="Data directory (default ./karma8-data).")] = None,
     port: Annotated[int | None, typer.Option(help="WebSocket port (default 8080).")] = None,
+    workers: Annotated[int | None, typer.Option(help="API processes (default: one per core).")] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="postgresql:// URL of the registry (default: SQLite in DATA/api).")
+    ] = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = "warning",
     log_format: LogFormatOpt = "text",
 ) -> None:
-    """Run the local stack: an API server and N buckets as child processes."""
+    """Run the local stack: an API server (a process per core) and N buckets as child processes."""
     import trio
 
     from karma8.config import StackConfig, load
     from karma8.stack import run_stack
 
     with _errors_as_one_line():
-        cfg = load(StackConfig, config, buckets=buckets, data=data, port=port)
+        cfg = load(
+            StackConfig, config, buckets=buckets, data=data, port=port, api_workers=workers, registry=registry
+        )
     _configure_logging(log_level, "up", log_format)
 
     async def main() -> None:
@@ -169,10 +175,16 @@ def api(
     metrics_port: MetricsPortOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="Directory of the registry.")] = None,
     ready_file: Annotated[Path | None, typer.Option(help="Write bound ports here.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="API processes sharing the ports and the registry (one per core).")
+    ] = None,
+    server_id: Annotated[
+        str | None, typer.Option(help="This server's name among those sharing the registry.")
+    ] = None,
     log_level: LogLevelOpt = "info",
     log_format: LogFormatOpt = "text",
 ) -> None:
-    """Run the API server."""
+    """Run the API server (with --workers N, N processes on one port)."""
     from karma8.api.app import serve_api
     from karma8.config import ApiConfig, load
 
@@ -186,8 +198,24 @@ def api(
             metrics_port=metrics_port,
             data_dir=data_dir,
             ready_file=ready_file,
+            workers=workers,
+            server_id=server_id,
         )
     _configure_logging(log_level, "api", log_format)
+    if cfg.workers > 1 and not cfg.reuse_port:
+        from karma8.workers import run_workers
+
+        _run(
+            functools.partial(
+                _until_signal, functools.partial(run_workers, cfg, config, log_level, log_format)
+            )
+        )
+        return
+    if cfg.reuse_port:
+        from karma8.workers import serve_worker
+
+        _run(functools.partial(_until_signal, functools.partial(serve_worker, cfg)))
+        return
     _run(functools.partial(_until_signal, functools.partial(serve_api, cfg)))
 
 

@@ -243,9 +243,9 @@ def run_summary(run: dict[str, Any]) -> str:
 def servers_line(st: dict[str, Any]) -> str | None:
     """Which API servers share the registry, and which one runs the background jobs."""
     servers = st.get("servers")
-    if not servers:  # an API server from before several could share a registry
+    alive = [s["id"] for s in servers or () if s["alive"]]
+    if len(alive) < 2:  # one server (or one from before several could share a registry)
         return None
-    alive = [s["id"] for s in servers if s["alive"]]
     holders = sorted({j["holder"] for j in st.get("jobs", {}).values() if j["valid"]})
     text = f"API servers: {len(alive)} alive ({', '.join(alive)}); this is {st.get('server', '?')}"
     if holders:

@@ -228,6 +228,18 @@ class ApiConfig(_Section):
     repair_concurrency: Int = Field(2, ge=1, le=64, description="Files repaired at once.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Run the gRPC side on uvloop when it is installed.")
+    workers: Int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes on this host, sharing its ports (SO_REUSEPORT) and the registry:"
+        " one per core uses every core.",
+    )
+    reuse_port: bool = Field(
+        False,
+        description="Bind the WebSocket and membership ports with SO_REUSEPORT (set for each"
+        " process of workers > 1).",
+    )
     bucket_secret: Credential = Field(
         SecretStr(""), description="Shared secret sent to buckets and required of their heartbeats."
     )
@@ -364,6 +376,14 @@ class StackConfig(_Section):
     metrics_port: Port = Field(
         0, description="The API server's /metrics port (0 picks a free one, kept across restarts)."
     )
+    api_workers: Int = Field(
+        0, ge=0, le=64, description="API processes (karma8 api --workers): 0 starts one per core."
+    )
+    registry: SecretStr = Field(
+        SecretStr(""),
+        description="The API's registry: a postgresql:// URL of an existing database; empty: SQLite"
+        " in DATA/api.",
+    )
     start_timeout: Seconds = Field(30.0, description="Limit for the stack to become ready.")
     stop_timeout: Seconds = Field(10.0, description="Limit for children to exit before SIGKILL.")
     restart_delay_max: Seconds = Field(
@@ -372,6 +392,11 @@ class StackConfig(_Section):
     start_failures: Int = Field(
         5, ge=1, le=1000, description="A child that fails to start this many times in a row stops the stack."
     )
+
+    @property
+    def workers(self) -> int:
+        """API processes to run: ``api_workers``, or one per core."""
+        return self.api_workers or max(1, min(os.cpu_count() or 1, 64))
 
 
 S = TypeVar("S", bound=_Section)

@@ -1,5 +1,8 @@
 """The local stack (``karma8 up``): an API server and N buckets as child processes.
 
+The API server runs as one worker process per core (``karma8 api --workers``, see
+karma8/workers.py) on SQLite in ``DATA/api``, or on an existing PostgreSQL (``registry``).
+
 Each child is the ordinary ``karma8 api`` / ``karma8 bucket`` command with its own data
 directory under one root. The supervisor waits until every bucket is live and reports
 where the API listens. A child that exits is restarted after a delay that doubles while
@@ -254,6 +257,8 @@ async def run_stack(
     data.mkdir(parents=True, exist_ok=True)
     secret = await trio.to_thread.run_sync(stack_secret, data)
     env = {**os.environ, "KARMA8_API_BUCKET_SECRET": secret, "KARMA8_BUCKET_SECRET": secret}
+    if registry := config.registry.get_secret_value():
+        env["KARMA8_API_REGISTRY_URL"] = registry  # in the environment: ps shows command lines
     # What the API child reads besides the options given below: its token and TLS.
     api_config = load(ApiConfig, config_file)
     sup = Supervisor(config, log_level, config_file, env, log_format)
@@ -261,7 +266,7 @@ async def run_stack(
         with trio.fail_after(config.start_timeout):
             api = Child(
                 "api",
-                _api_args(data, config.port, config.membership_port, config.metrics_port),
+                _api_args(data, config.port, config.membership_port, config.metrics_port, config.workers),
                 data / "api.ready",
             )
             info = await sup.start(api)
@@ -269,7 +274,10 @@ async def run_stack(
             ports = int(str(info["port"])), int(str(info["membership_port"]))
             metrics = info.get("metrics_port")
             api.args = _api_args(
-                data, *ports, int(str(metrics)) if metrics is not None else config.metrics_port
+                data,
+                *ports,
+                int(str(metrics)) if metrics is not None else config.metrics_port,
+                config.workers,
             )
             buckets = [
                 Child(
@@ -298,6 +306,10 @@ async def run_stack(
             # Polling another process's state: there is no event to wait on.
             while (await client.status())["live"] < config.buckets:  # noqa: ASYNC110
                 await trio.sleep(POLL)
+            if config.workers > 1:
+                # That worker saw every bucket; each other worker takes the beats in from
+                # the registry within a heartbeat interval (karma8/api/cluster.py: sync).
+                await trio.sleep(api_config.heartbeat_interval + 0.5)
         metrics_url = f"http://{api_config.metrics_host}:{metrics}/metrics" if metrics is not None else None
         task_status.started(StackInfo(url, data, config.buckets, metrics_url))
         async with trio.open_nursery() as nursery:
@@ -314,9 +326,11 @@ async def run_stack(
         await sup.stop()
 
 
-def _api_args(data: Path, port: int, membership_port: int, metrics_port: int) -> list[str]:
+def _api_args(data: Path, port: int, membership_port: int, metrics_port: int, workers: int) -> list[str]:
     return [
         "api",
+        "--workers",
+        str(workers),
         "--data-dir",
         str(data / "api"),
         "--port",

@@ -237,6 +237,7 @@ async def _serve(
                         on_error=metrics.connection_errors.labels(MEMBERSHIP).inc,
                         secret=secret,
                         ssl_context=tls.membership,
+                        reuse_port=config.reuse_port,
                     )
                 )
                 port = await nursery.start(
@@ -245,7 +246,9 @@ async def _serve(
                     config.host,
                     config.port,
                     tls.websocket,
-                    ListenerSettings(config.max_frame, config.receive_buffer, config.handshake_timeout),
+                    ListenerSettings(
+                        config.max_frame, config.receive_buffer, config.handshake_timeout, config.reuse_port
+                    ),
                     metrics.connection_errors.labels(WEBSOCKET).inc,
                 )
                 nursery.start_soon(coordinator.run)

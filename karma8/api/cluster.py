@@ -96,6 +96,7 @@ class Cluster:
             if state is None or state.address != row.address or state.client is None:
                 state = await self._connect(Heartbeat(row.bucket_id, row.address, usage, hello=False))
                 state.last_seen = seen
+                self.on_hello(row.bucket_id)  # joined, as far as this server can tell
             elif seen > state.last_seen:
                 if not self._is_live(state):
                     log.info(
@@ -103,6 +104,7 @@ class Cluster:
                         row.bucket_id,
                         row.address,
                     )
+                    self.on_hello(row.bucket_id)
                 state.usage, state.last_seen = usage, seen
 
     async def _connect(self, beat: Heartbeat) -> BucketState:

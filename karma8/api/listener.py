@@ -61,6 +61,28 @@ class ListenerSettings:
     receive_buffer_size: int
     #: Limit for the opening handshake; the connection is dropped after it.
     handshake_timeout: float
+    #: Bind with SO_REUSEPORT: the worker processes of one host share the port.
+    reuse_port: bool = False
+
+
+async def _shared_listener(host: str, port: int) -> trio.SocketListener:
+    """A listener on ``host:port`` that other processes may also bind (SO_REUSEPORT): the
+    kernel spreads the connections over them."""
+    family, type_, proto, _, address = (
+        await trio.socket.getaddrinfo(
+            host or None, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+        )
+    )[0]
+    sock = trio.socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind(address)
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 async def serve_websockets(
@@ -77,10 +99,16 @@ async def serve_websockets(
 
     ``on_escape`` is called once for each connection that an unexpected error ended.
     """
-    if ssl_context is None:
-        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
-            await trio.open_tcp_listeners(port, host=host)
+    listeners: list[trio.abc.Listener[trio.abc.Stream]]
+    if settings.reuse_port:
+        tcp = [await _shared_listener(host, port)]
+        listeners = (
+            list(tcp)
+            if ssl_context is None
+            else [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
         )
+    elif ssl_context is None:
+        listeners = list(await trio.open_tcp_listeners(port, host=host))
     else:
         listeners = list(
             await trio.open_ssl_over_tcp_listeners(port, ssl_context, host=host, https_compatible=True)

@@ -76,6 +76,7 @@ async def serve_membership(
     on_error: Callable[[], None],
     secret: str,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the membership endpoint until cancelled; ``started()`` gets the bound port.
@@ -92,6 +93,7 @@ async def serve_membership(
             secret=secret,
             who="membership endpoint",
             ssl_context=ssl_context,
+            reuse_port=reuse_port,
         )
     )
     log.info(
