@@ -312,10 +312,11 @@ async def karma8_system(
     url: str, data: Path | None, local: LocalStack | None, options: Options, results: Results
 ) -> System:
     watched = find_stack_processes(url, data)
-    if watched.api is None:
+    if not watched.api:
         note("warning: API server process not found; its CPU and RSS are not reported")
     results.watched = watched
-    results.idle_api_rss = None if watched.api is None else status_bytes(watched.api, "VmRSS")
+    idle = [rss for pid in watched.api if (rss := status_bytes(pid, "VmRSS")) is not None]
+    results.idle_api_rss = max(idle, default=None)
     client = Client(load(ClientConfig, api=url))
     status = await client.status()  # fails early if the API server is unreachable
     scheme = str(status["protection"]["configured"])  # what the API server stores new files as
@@ -425,7 +426,7 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> Iterator[BaseException]:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["python", *sys.argv])
-    results = Results(command, machine_facts(), "", Watched(None, (), os.getpid()))
+    results = Results(command, machine_facts(), "", Watched((), (), os.getpid()))
     failures: list[str] = []
     with work_directory(options) as workdir:
         try:

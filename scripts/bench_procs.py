@@ -157,15 +157,17 @@ def _is_our_bucket(proc: Karma8Process, data: Path | None, membership: str | Non
 
 @dataclass(frozen=True, slots=True)
 class Watched:
-    """The processes measured; the API may be unknown when the stack is not ours."""
+    """The processes measured; the API may be unknown when the stack is not ours. The API
+    may be several processes (``karma8 api --workers``: a supervisor and its workers): CPU
+    adds up over them, RSS is the largest of them."""
 
-    api: int | None
+    api: tuple[int, ...]
     buckets: tuple[int, ...]
     client: int
 
     def groups(self) -> dict[str, tuple[int, ...]]:
         return {
-            "api": () if self.api is None else (self.api,),
+            "api": self.api,
             "buckets": self.buckets,
             "client": (self.client,),
         }
@@ -177,14 +179,14 @@ class Watched:
 def find_stack_processes(url: str, data: Path | None) -> Watched:
     procs = karma8_processes()
     apis = [p for p in procs if p.role == "api" and _is_our_api(p, url, data)]
-    api = apis[0] if len(apis) == 1 else None
     membership = None
-    if api is not None:
+    if apis:
+        api = apis[0]
         membership = str(_ready_info(api).get("membership_port", api.option("--membership-port")))
     buckets = tuple(
         sorted(p.pid for p in procs if p.role == "bucket" and _is_our_bucket(p, data, membership))
     )
-    return Watched(api.pid if api else None, buckets, os.getpid())
+    return Watched(tuple(sorted(p.pid for p in apis)), buckets, os.getpid())
 
 
 # -- the local stack -------------------------------------------------------------------

@@ -4,6 +4,7 @@ Every heartbeat interval, :meth:`Coordinator.run` records this server alive, rea
 servers silent for ``server_timeout`` (their uploads in progress fail, their moves are
 abandoned), takes in the bucket heartbeats the others received (:meth:`Cluster.sync`),
 publishes the uploads this server's downloads read (so no other janitor deletes them),
+fails its own uploads whose commit or cleanup could not reach the registry,
 and takes or renews the leases of the background jobs (:class:`JobLeases`): the janitor,
 the rebalancer, reconciliation and repair each run on one server at a time, and move to
 another within ``job_lease`` seconds when it dies.
@@ -108,6 +109,9 @@ class Coordinator:
         self.others = sum(1 for _, _, age in servers if age < config.server_timeout) - 1
         await self._cluster.sync()
         await registry.publish_reads(self._reading())
+        abandoned = await registry.fail_abandoned(older_than=10.0)
+        if abandoned:
+            log.warning("%d upload(s) whose end the registry missed are failed now", abandoned)
         await self._jobs.renew()
 
     async def run(self) -> None:

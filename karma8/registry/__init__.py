@@ -76,6 +76,8 @@ class Registry:
     def __init__(self, db: RegistryDB) -> None:
         self.db = db
         self._limiter = trio.CapacityLimiter(db.database.concurrency)
+        #: Uploads this server placed and has not yet committed or failed.
+        self.active: set[str] = set()
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await trio.to_thread.run_sync(lambda: retrying(fn, *args, **kwargs), limiter=self._limiter)
@@ -96,7 +98,12 @@ class Registry:
         live: Sequence[BucketSpace],
         required: int | None = None,
     ) -> list[str]:
-        return await self._run(self.db.place_upload, upload, part_sizes, live, required)
+        self.active.add(upload.upload_id)  # before its row exists: see fail_abandoned
+        try:
+            return await self._run(self.db.place_upload, upload, part_sizes, live, required)
+        except BaseException:
+            self.active.discard(upload.upload_id)
+            raise
 
     async def commit_upload(
         self,
@@ -106,9 +113,12 @@ class Registry:
         owed: Iterable[int] = (),
         replacing: str | None = None,
     ) -> str | None:
-        return await self._run(
-            self.db.commit_upload, upload_id, sha256, checksums, time.time(), tuple(owed), replacing
-        )
+        try:
+            return await self._run(
+                self.db.commit_upload, upload_id, sha256, checksums, time.time(), tuple(owed), replacing
+            )
+        finally:
+            self.active.discard(upload_id)
 
     # -- the repair queue (karma8/registry/repairs.py) --
 
@@ -170,7 +180,15 @@ class Registry:
         )
 
     async def fail_upload(self, upload_id: str) -> None:
-        await self._run(self.db.fail_upload, upload_id, time.time())
+        try:
+            await self._run(self.db.fail_upload, upload_id, time.time())
+        finally:
+            self.active.discard(upload_id)
+
+    async def fail_abandoned(self, older_than: float) -> int:
+        """Fail this server's uploads in progress that it no longer runs (their commit or
+        cleanup could not reach the registry), placed more than ``older_than`` s ago."""
+        return await self._run(self.db.fail_abandoned, tuple(self.active), time.time() - older_than)
 
     async def start_server(self, address: str) -> tuple[int, int]:
         return await self._run(self.db.start_server, address)

@@ -319,6 +319,24 @@ class RegistryDB(RepairQueue, Coordination):
                 reaped.append((str(server), uploads, moves))
         return reaped
 
+    def fail_abandoned(self, active: Iterable[str], before: float) -> int:
+        """Fail this server's uploads in progress created before ``before`` that it no
+        longer runs (not in ``active``): an upload whose commit or cleanup could not reach
+        the registry. Returns how many."""
+        running = set(active)
+        failed = 0
+        with self._db.transaction() as tx:
+            rows = tx.execute(
+                "SELECT id FROM uploads WHERE state = 'in_progress' AND server = ? AND created < ?"
+                f" ORDER BY id{self._db.for_update}",
+                (self.server_id, before),
+            ).fetchall()
+            for (upload_id,) in rows:
+                if str(upload_id) not in running:
+                    self._retire(tx, str(upload_id), "failed", time.time())
+                    failed += 1
+        return failed
+
     def servers(self) -> list[tuple[str, str, float]]:
         """(id, address, seconds since its last heartbeat) of every server alive or not yet reaped."""
         rows = self._query(f"SELECT id, address, {self._db.now} - last_seen FROM servers ORDER BY id")

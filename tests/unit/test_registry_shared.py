@@ -221,3 +221,21 @@ def test_uploads_another_server_reads_are_not_deleted(servers: list[RegistryDB])
     assert {u for u, _ in b.pending_deletions()} == {f"{1:032x}"}  # B's own reads it knows itself
     b.publish_reads([])
     assert {u for u, _ in a.pending_deletions()} == {f"{1:032x}"}
+
+
+def test_uploads_a_server_no_longer_runs_are_failed(servers: list[RegistryDB]) -> None:
+    a, b, _ = servers
+    sizes = [10, 10, 10, 10]
+    a.place_upload(_upload(1, "lost"), sizes, LIVE)  # its commit never reached the registry
+    a.place_upload(_upload(2, "running"), sizes, LIVE)
+    a.place_upload(_upload(50, "young"), sizes, LIVE)  # placed after the cut-off (created 50.0)
+    b.place_upload(_upload(3, "theirs"), sizes, LIVE)
+    assert a.fail_abandoned([f"{2:032x}"], before=10.0) == 1
+    states = dict(a._query("SELECT name, state FROM uploads"))
+    assert states == {
+        "lost": "failed",
+        "running": "in_progress",
+        "young": "in_progress",
+        "theirs": "in_progress",
+    }
+    assert a.ledger_drift() == {}
