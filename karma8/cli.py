@@ -202,7 +202,7 @@ def api(
             server_id=server_id,
         )
     _configure_logging(log_level, "api", log_format)
-    if cfg.workers > 1 and not cfg.reuse_port:
+    if cfg.workers > 1 and not cfg.share_ports:
         from karma8.workers import run_workers
 
         _run(
@@ -211,7 +211,7 @@ def api(
             )
         )
         return
-    if cfg.reuse_port:
+    if cfg.share_ports:
         from karma8.workers import serve_worker
 
         _run(functools.partial(_until_signal, functools.partial(serve_worker, cfg)))

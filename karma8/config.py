@@ -235,7 +235,7 @@ class ApiConfig(_Section):
         description="API processes on this host, sharing its ports (SO_REUSEPORT) and the registry:"
         " one per core uses every core.",
     )
-    reuse_port: bool = Field(
+    share_ports: bool = Field(
         False,
         description="Bind the WebSocket and membership ports with SO_REUSEPORT (set for each"
         " process of workers > 1).",

@@ -82,7 +82,7 @@ async def run_workers(
         _reserved(config.host, config.port) as port,
         _reserved(config.membership_host, config.membership_port) as membership_port,
     ):
-        env = {**os.environ, "KARMA8_API_REUSE_PORT": "true"}
+        env = {**os.environ, "KARMA8_API_SHARE_PORTS": "true"}
         sup = Supervisor(StackConfig(), log_level, config_file, env, log_format)
         workers = [
             Child(

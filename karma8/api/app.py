@@ -237,7 +237,7 @@ async def _serve(
                         on_error=metrics.connection_errors.labels(MEMBERSHIP).inc,
                         secret=secret,
                         ssl_context=tls.membership,
-                        reuse_port=config.reuse_port,
+                        reuse_port=config.share_ports,
                     )
                 )
                 port = await nursery.start(
@@ -247,7 +247,7 @@ async def _serve(
                     config.port,
                     tls.websocket,
                     ListenerSettings(
-                        config.max_frame, config.receive_buffer, config.handshake_timeout, config.reuse_port
+                        config.max_frame, config.receive_buffer, config.handshake_timeout, config.share_ports
                     ),
                     metrics.connection_errors.labels(WEBSOCKET).inc,
                 )

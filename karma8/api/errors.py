@@ -1,11 +1,26 @@
-"""Choosing the error to report when a nursery fails in several ways at once."""
+"""Choosing the error to report when a nursery fails in several ways at once; keeping a
+background job alive while the registry is away."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
 
 import trio
 from trio_websocket import ConnectionClosed
 
-from karma8.errors import BucketUnavailable, Karma8Error
+from karma8.errors import BucketUnavailable, Karma8Error, RegistryUnavailable
+
+
+@contextlib.contextmanager
+def registry_away(log: logging.Logger, what: str) -> Iterator[None]:
+    """Run one pass of a background job; if the registry cannot be reached, log it and
+    let the job try again at its next pass (the job's lease lapses meanwhile)."""
+    try:
+        yield
+    except* RegistryUnavailable as group:
+        log.warning("%s stopped: %s", what, group.exceptions[0])
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 import trio
 
 from karma8.api.cluster import Cluster
+from karma8.api.errors import registry_away
 from karma8.api.metrics import JANITOR, STALE, ApiMetrics
 from karma8.core.fragments import fragment_id
 from karma8.errors import BucketUnavailable
@@ -192,7 +193,8 @@ class Janitor:
         """Sweep forever: every ``interval`` seconds and when poked (while active)."""
         while True:
             if self.active():
-                await self.sweep()
+                with registry_away(log, "janitor sweep"):
+                    await self.sweep()
             with trio.move_on_after(self._interval):
                 await self._wake.wait()
             self._wake = trio.Event()

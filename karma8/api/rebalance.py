@@ -36,6 +36,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from karma8.api.cluster import Cluster
+from karma8.api.errors import registry_away
 from karma8.api.janitor import Janitor
 from karma8.api.metrics import ApiMetrics
 from karma8.api.streams import bucket_step, open_bucket_stream
@@ -179,16 +180,20 @@ class Rebalancer:
                 continue
             if now >= self._due:
                 reason, self._due, self._joins_pending = self._reason, math.inf, False
-                await self.rebalance(reason)
+                with registry_away(log, "rebalance"):
+                    await self.rebalance(reason)
             elif now >= next_check:
                 next_check = now + self._config.rebalance_interval
                 if self._config.rebalance_auto:
-                    fills = await self.fills()
-                    spread = balance.imbalance(fills, self.spread_parts(len(fills)))
-                    if spread > 1 + self._config.rebalance_threshold:
-                        await self.rebalance(
-                            f"spread {spread:.3f} above 1 + {self._config.rebalance_threshold:g}"
-                        )
+                    with registry_away(log, "rebalance check"):
+                        await self._check()
+
+    async def _check(self) -> None:
+        """Rebalance if the spread is too wide."""
+        fills = await self.fills()
+        spread = balance.imbalance(fills, self.spread_parts(len(fills)))
+        if spread > 1 + self._config.rebalance_threshold:
+            await self.rebalance(f"spread {spread:.3f} above 1 + {self._config.rebalance_threshold:g}")
 
     async def rebalance(self, reason: str) -> Progress:
         """One run: move fragments until the buckets are even (or nothing more can move)."""

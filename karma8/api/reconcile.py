@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from karma8.api.cluster import Cluster
+from karma8.api.errors import registry_away
 from karma8.api.metrics import ORPHAN, ApiMetrics
 from karma8.config import ApiConfig
 from karma8.core.fragments import parse_fragment_id
@@ -88,7 +89,8 @@ class Reconciler:
                 self._due.clear()  # the holder reconciles them
                 continue
             while self._due:
-                await self.reconcile(self._due.pop())
+                with registry_away(log, "reconciliation"):
+                    await self.reconcile(self._due.pop())
 
     async def reconcile(self, bucket_id: str) -> Inventory | None:
         """One reconciliation of one bucket; None if the bucket could not be listed."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from karma8.api.cluster import Cluster
-from karma8.api.errors import first_error
+from karma8.api.errors import first_error, registry_away
 from karma8.api.janitor import Janitor, ReadLeases
 from karma8.api.metrics import ApiMetrics
 from karma8.api.pool import Bucket, Limits
@@ -47,7 +47,7 @@ from karma8.core.coding import Scheme
 from karma8.core.fragments import new_upload_id
 from karma8.core.layout import Layout
 from karma8.core.placement import Candidate, choose_buckets
-from karma8.errors import ChecksumMismatch, Karma8Error, NotEnoughBuckets
+from karma8.errors import ChecksumMismatch, Karma8Error, NotEnoughBuckets, RegistryUnavailable
 from karma8.registry import FragmentRow, Registry, RepairRow, UploadRow
 from karma8.registry.leases import Fence, LeaseLost
 
@@ -155,7 +155,8 @@ class Repairer:
         task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
-                await self._round(nursery)
+                with registry_away(log, "repair round"):
+                    await self._round(nursery)
                 with trio.move_on_after(self._config.repair_interval):
                     await self._wake.wait()
                 self._wake = trio.Event()
@@ -196,6 +197,8 @@ class Repairer:
                 await self._repair(row)
         except LeaseLost as exc:
             log.warning("upload=%s repair dropped: %s", row.upload_id, exc)
+        except RegistryUnavailable as exc:  # it stays queued; tried again once the registry is back
+            log.warning("upload=%s repair stopped: %s", row.upload_id, exc.message)
         except Karma8Error as exc:
             self.progress.failed += 1
             self._metrics.repairs.labels("failed").inc()

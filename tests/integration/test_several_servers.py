@@ -21,6 +21,7 @@ import trio
 
 from karma8.client import Client
 from karma8.config import ClientConfig
+from karma8.core.fragments import fragment_id
 from karma8.errors import Karma8Error
 from karma8.registry.db import RegistryDB
 from tests.integration.harness import (
@@ -50,6 +51,7 @@ class ApiProcess:
     port: int
     membership_port: int
     registry_url: str
+    settings: dict[str, object] = field(default_factory=dict)
     proc: trio.Process | None = None
 
     @property
@@ -63,7 +65,8 @@ class ApiProcess:
     async def start(self) -> None:
         ready = self.root / f"{self.name}.ready"
         ready.unlink(missing_ok=True)
-        env = {**os.environ, **{f"KARMA8_API_{k.upper()}": str(v) for k, v in SETTINGS.items()}}
+        settings = {**SETTINGS, **self.settings}
+        env = {**os.environ, **{f"KARMA8_API_{k.upper()}": str(v) for k, v in settings.items()}}
         env |= {
             "KARMA8_API_BUCKET_SECRET": TEST_SECRET,
             "KARMA8_API_REGISTRY_URL": self.registry_url,
@@ -113,6 +116,8 @@ class Servers:
     apis: list[ApiProcess]
     buckets: list[BucketProcess] = field(default_factory=list)
     registry_url: str = ""
+    #: The membership endpoints every bucket heartbeats to (one at a time).
+    endpoints: str = ""
 
     def registry(self) -> RegistryDB:
         return RegistryDB(self.registry_url, "test")
@@ -136,6 +141,26 @@ class Servers:
     def files_of(self, upload_id: str) -> list[Path]:
         return [p for b in self.buckets for p in b.files_of(upload_id)]
 
+    async def disks_match(self) -> bool:
+        """Every disk holds exactly its fragments; no move or stale copy is pending."""
+        if await self.query("SELECT (SELECT COUNT(*) FROM moves) + (SELECT COUNT(*) FROM stale)") != [(0,)]:
+            return False
+        homes: dict[str, set[str]] = {}
+        for upload_id, part, bucket_id in await self.query(
+            "SELECT f.upload_id, f.part, f.bucket_id FROM fragments f JOIN uploads u ON u.id = f.upload_id"
+            " WHERE u.state = 'committed'"
+        ):
+            homes.setdefault(str(bucket_id), set()).add(fragment_id(str(upload_id), int(str(part))))
+        return all(
+            {p.name for p in b.fragment_files()} == homes.get(b.bucket_id, set()) and not b.tmp_files()
+            for b in self.buckets
+        )
+
+    async def intact(self, client: Client, digests: dict[str, str], root: Path) -> None:
+        for name, digest in digests.items():
+            await client.download(name, root / "back.bin")
+            assert sha256_of(root / "back.bin") == digest, name
+
 
 async def _start_bucket(root: Path, i: int, apis: str) -> BucketProcess:
     data = root / f"bucket-{i}"
@@ -155,10 +180,10 @@ async def _start_bucket(root: Path, i: int, apis: str) -> BucketProcess:
 
 @contextlib.asynccontextmanager
 async def open_servers(
-    root: Path, registry_url: str, apis: int = 3, buckets: int = 8
+    root: Path, registry_url: str, apis: int = 3, buckets: int = 8, **settings: object
 ) -> AsyncIterator[Servers]:
     servers = Servers(
-        [ApiProcess(f"api-{i}", root, free_port(), free_port(), registry_url) for i in range(apis)],
+        [ApiProcess(f"api-{i}", root, free_port(), free_port(), registry_url, settings) for i in range(apis)],
         registry_url=registry_url,
     )
     try:
@@ -166,10 +191,10 @@ async def open_servers(
         async with trio.open_nursery() as nursery:
             for api in servers.apis[1:]:
                 nursery.start_soon(api.start)
-        endpoints = ",".join(f"127.0.0.1:{a.membership_port}" for a in servers.apis)
+        servers.endpoints = ",".join(f"127.0.0.1:{a.membership_port}" for a in servers.apis)
 
         async def add(i: int) -> None:
-            servers.buckets.append(await _start_bucket(root, i, endpoints))
+            servers.buckets.append(await _start_bucket(root, i, servers.endpoints))
 
         async with trio.open_nursery() as nursery:
             for i in range(buckets):
@@ -320,3 +345,93 @@ async def test_the_registry_down_for_a_while_loses_nothing(
         for name in ("before.bin", "after.bin"):
             await a.client.download(name, tmp_path / "back.bin")
             assert sha256_of(tmp_path / "back.bin") == digest
+
+
+MiB = 1 << 20
+
+
+async def _upload_files(client: Client, root: Path, n: int, size: int) -> dict[str, str]:
+    digests = {}
+    for i in range(n):
+        src = root / f"file-{i}.bin"
+        digests[f"f/{i}"] = make_file(src, size, seed=100 + i)
+        await client.upload(src, f"f/{i}")
+    return digests
+
+
+async def test_the_rebalancer_s_holder_killed_mid_move(tmp_path: Path, registry: str) -> None:
+    # 1 MiB/s: a fragment takes seconds to copy, time enough to kill the holder mid-move.
+    async with open_servers(tmp_path, registry, buckets=6, rebalance_bandwidth=MiB, rebalance_delay=0.5) as s:
+        a = s.apis[0]
+        digests = await _upload_files(a.client, tmp_path, 6, 12 * MiB)
+        for i in (6, 7):  # two buckets join: the rebalancer's holder starts moving fragments
+            s.buckets.append(await _start_bucket(tmp_path, i, s.endpoints))
+
+        async def moving() -> bool:
+            return bool(await s.query("SELECT server FROM moves"))
+
+        await wait_until(moving, "a move to be under way")
+        ((holder,),) = (await s.query("SELECT server FROM moves LIMIT 1"))[:1]
+        victim = next(api for api in s.apis if api.name == holder)
+        victim.kill()
+        others = [api for api in s.apis if api is not victim]
+
+        async def taken_over() -> bool:
+            rows = await s.query("SELECT holder FROM leases WHERE job = 'rebalancer'")
+            return rows not in ([], [(victim.name,)]) and not await s.query(
+                "SELECT 1 FROM moves WHERE server = ?", (victim.name,)
+            )
+
+        await wait_until(taken_over, "another server to take the rebalancer over and reap the moves", 30.0)
+        # Nothing lost, nothing duplicated: each fragment has one home, and the disks hold
+        # exactly the homes once the interrupted copies are deleted.
+        await wait_until(s.disks_match, "the disks to match the registry", 60.0)
+        await s.intact(others[0].client, digests, tmp_path)
+        placed = await s.query("SELECT COUNT(*), COUNT(DISTINCT upload_id || '.' || part) FROM fragments")
+        assert placed[0][0] == placed[0][1] == 6 * 8
+
+
+async def test_the_repair_holder_killed_mid_repair(tmp_path: Path, registry: str) -> None:
+    # One bucket lost for good: each file keeps a fragment to spare, so its repair is
+    # throttled (1 MiB/s: seconds each), time enough to kill the holder mid-repair.
+    async with open_servers(
+        tmp_path,
+        registry,
+        buckets=10,
+        repair_bandwidth=MiB,
+        repair_after=2.0,
+        repair_interval=0.3,
+        repair_concurrency=1,
+    ) as s:
+        a = s.apis[0]
+        digests = await _upload_files(a.client, tmp_path, 4, 12 * MiB)
+        lost = s.buckets[:1]
+        for b in lost:
+            b.kill()
+
+        async def repairing() -> bool:
+            return bool(await s.query("SELECT server FROM moves WHERE src = ''"))
+
+        await wait_until(repairing, "a repair to be under way", 30.0)
+        ((holder,),) = (await s.query("SELECT server FROM moves WHERE src = '' LIMIT 1"))[:1]
+        victim = next(api for api in s.apis if api.name == holder)
+        victim.kill()
+        others = [api for api in s.apis if api is not victim]
+
+        async def repaired() -> bool:
+            if await s.query("SELECT COUNT(*) FROM repairs") != [(0,)]:
+                return False
+            rows = await s.query(
+                "SELECT f.bucket_id FROM fragments f JOIN uploads u ON u.id = f.upload_id"
+                " WHERE u.state = 'committed' AND f.state = 'ok'"
+            )
+            gone = {b.bucket_id for b in lost}
+            return len(rows) == 4 * 8 and not any(str(r[0]) in gone for r in rows)
+
+        await wait_until(repaired, "another server to finish the repairs", 90.0)
+        await s.intact(others[0].client, digests, tmp_path)
+        placed = await s.query(
+            "SELECT COUNT(*), COUNT(DISTINCT upload_id || '.' || part) FROM fragments f"
+            " JOIN uploads u ON u.id = f.upload_id WHERE u.state = 'committed'"
+        )
+        assert placed[0][0] == placed[0][1] == 4 * 8
