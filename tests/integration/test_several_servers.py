@@ -383,9 +383,14 @@ async def test_the_rebalancer_s_holder_killed_mid_move(tmp_path: Path, registry:
             )
 
         await wait_until(taken_over, "another server to take the rebalancer over and reap the moves", 30.0)
+
         # Nothing lost, nothing duplicated: each fragment has one home, and the disks hold
         # exactly the homes once the interrupted copies are deleted.
-        await wait_until(s.disks_match, "the disks to match the registry", 60.0)
+        # (The files were written on 6 buckets: repair raises them to 8 fragments meanwhile.)
+        async def settled() -> bool:
+            return await s.query("SELECT COUNT(*) FROM repairs") == [(0,)] and await s.disks_match()
+
+        await wait_until(settled, "repairs done and the disks to match the registry", 90.0)
         await s.intact(others[0].client, digests, tmp_path)
         placed = await s.query("SELECT COUNT(*), COUNT(DISTINCT upload_id || '.' || part) FROM fragments")
         assert placed[0][0] == placed[0][1] == 6 * 8
