@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from karma8.errors import ConfigError, RegistryUnavailable
 
@@ -291,4 +291,6 @@ class Postgres(Database):
     def describe(self) -> str:
         parts = urlsplit(self.url)
         host = parts.hostname or ""
-        return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+        where = f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+        socket_dir = parse_qs(parts.query).get("host")  # a Unix socket's directory: no secret
+        return where + (f"?host={socket_dir[0]}" if socket_dir else "")

@@ -88,3 +88,14 @@ def test_every_backend_has_every_version() -> None:
     assert sorted(schema.POSTGRES_MIGRATIONS) == list(
         range(min(schema.POSTGRES_MIGRATIONS), schema.VERSION + 1)
     )
+
+
+def test_a_registry_is_described_without_its_password(postgres_url: str) -> None:
+    database = open_database(postgres_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@"))
+    try:
+        text = database.describe()
+    finally:
+        database.close()
+    assert "s3cret" not in text
+    assert text.startswith("postgresql://")
+    assert "?host=/" in text  # the socket's directory
