@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -275,6 +276,12 @@ class ApiConfig(_Section):
     def registry_path(self) -> Path:
         """The default (SQLite) registry database."""
         return self.data_dir / "registry.sqlite3"
+
+    @property
+    def server_name(self) -> str:
+        """``server_id``, or its default: HOSTNAME:PORT, HOSTNAME:DATA_DIR when the port is 0
+        (stable across restarts, so a restart ends its own uploads at once)."""
+        return self.server_id or f"{socket.gethostname()}:{self.port or self.data_dir.resolve()}"
 
     @property
     def registry(self) -> str:

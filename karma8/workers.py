@@ -77,7 +77,7 @@ async def run_workers(
     task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``config.workers`` API processes until cancelled; ``started()`` gets the ports."""
-    base = config.server_id or f"{socket.gethostname()}:{config.port or config.data_dir.resolve()}"
+    base = config.server_name
     with (
         _reserved(config.host, config.port) as port,
         _reserved(config.membership_host, config.membership_port) as membership_port,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -148,10 +147,8 @@ async def _serve(
     task_status: trio.TaskStatus[ApiEndpoints],
 ) -> None:
     token = trio.lowlevel.current_trio_token()
-    # Stable across restarts, so a restart ends its own uploads at once (see start_server).
-    server_id = config.server_id or f"{socket.gethostname()}:{config.port or config.data_dir.resolve()}"
     async with (
-        open_registry(config.registry, server_id) as registry,
+        open_registry(config.registry, config.server_name) as registry,
         open_portal(use_uvloop=config.uvloop) as portal,
     ):
         interrupted, abandoned = await registry.start_server(f"{config.host}:{config.port}")

@@ -17,6 +17,7 @@ placeholders and the subset of SQL both databases speak (``ON CONFLICT``, ``CASE
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import sqlite3
@@ -61,7 +62,7 @@ class Tx(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None: ...
 
 
-class Database:
+class Database(abc.ABC):
     """One registry database; subclasses are the backends."""
 
     #: ``sqlite`` or ``postgresql``.
@@ -73,27 +74,32 @@ class Database:
     #: Appended to a SELECT that reads rows the transaction will change.
     for_update = ""
 
+    @abc.abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[Tx]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def read(self) -> contextlib.AbstractContextManager[Tx]:
         """Queries that need no transaction of their own (each sees committed data)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def lock(self, tx: Tx, key: str) -> None:
         """Serialize, until the transaction ends, the transactions that lock ``key``."""
 
+    @abc.abstractmethod
     def group_concat(self, expr: str) -> str:
         """SQL: the values of ``expr`` in a group, as comma-separated text."""
-        raise NotImplementedError
+        ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """Where the database is, for logs (no password)."""
-        raise NotImplementedError
+        ...
 
 
 def open_database(url: str) -> Database:
@@ -181,6 +187,9 @@ class SQLite(Database):
     def read(self) -> Iterator[Tx]:
         with self._lock:
             yield self._tx
+
+    def lock(self, tx: Tx, key: str) -> None:
+        """Nothing to do: a write transaction (``BEGIN IMMEDIATE``) already excludes every other."""
 
     def group_concat(self, expr: str) -> str:
         return f"group_concat({expr})"
