@@ -1,7 +1,8 @@
-"""Chaos test of karma8: concurrent traffic while uploads, clients, buckets and the API die.
+"""Chaos test of karma8: concurrent traffic while uploads, clients, buckets and API servers die.
 
-It starts its own local stack (one ``python -m karma8 api`` and ``--buckets`` ``python -m
-karma8 bucket`` processes, in ``--data`` or a temporary directory) and for ``--duration``
+It starts its own local stack (``--api-servers`` ``python -m karma8 api`` processes on one
+registry, SQLite or PostgreSQL, and ``--buckets`` ``python -m karma8 bucket`` processes, in
+``--data`` or a temporary directory) and for ``--duration``
 seconds runs ``--concurrency`` workers that upload files of random sizes with known sha256
 (names from a small pool, so versions replace each other), download them and check the
 data, and delete some. Meanwhile it injects faults on schedules: uploads whose socket is
@@ -23,20 +24,32 @@ Usage::
 
     python scripts/chaos.py --duration 60                    # a short run
     python scripts/chaos.py --duration 600 --seed 42 --keep  # the long run
+    python scripts/chaos.py --api-servers 3 --registry postgresql   # several API servers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import trio
 from chaos_check import report, scrub, wait_reconciled
 from chaos_faults import flip_bits, kill_api, kill_buckets, kill_clients, kill_sockets, lose_buckets
-from chaos_model import ChaosError, Interval, Ledger, Options, Stats, derive, format_summary, run_script
+from chaos_model import (
+    ChaosError,
+    Interval,
+    Ledger,
+    Options,
+    Stats,
+    derive,
+    format_summary,
+    registry_kind,
+    run_script,
+)
 from chaos_ops import Chaos, pool_names, verify_listing, worker
 from chaos_stack import Stack
 from chaos_store import RegistryView
@@ -63,7 +76,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--names", type=int, default=24, help="size of the pool of file names [24]")
     p.add_argument("--bucket-kill-every", default="2:6", help="seconds between bucket kills [2:6]")
     p.add_argument("--bucket-downtime", default="0.5:3", help="seconds a killed bucket stays down [0.5:3]")
-    p.add_argument("--api-kill-every", default="3:8", help="seconds between API kills [3:8]")
+    p.add_argument("--api-servers", type=int, default=1, help="API servers sharing the registry [1]")
+    p.add_argument(
+        "--registry",
+        default="sqlite",
+        help="the registry: sqlite, postgresql (a throwaway cluster) or a postgresql:// URL"
+        " of an empty database [sqlite]",
+    )
+    p.add_argument("--api-kill-every", default="3:8", help="seconds between API kills (any server) [3:8]")
     p.add_argument("--api-downtime", default="0.2:1.5", help="seconds the killed API stays down [0.2:1.5]")
     p.add_argument("--socket-kill-every", default="1:4", help="seconds between cut uploads [1:4]")
     p.add_argument("--client-kill-every", default="1:4", help="seconds between killed clients [1:4]")
@@ -86,8 +106,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         max_size = parse_size(a.max_size)
         if not isinstance(max_size, int) or max_size < 0:
             raise ValueError(a.max_size)
-        if a.buckets < 6 or a.concurrency < 1 or a.names < 1 or a.duration <= 0:
-            raise ChaosError("need --buckets >= 6, --concurrency >= 1, --names >= 1, --duration > 0")
+        if a.buckets < 6 or a.concurrency < 1 or a.names < 1 or a.duration <= 0 or a.api_servers < 1:
+            raise ChaosError(
+                "need --buckets >= 6, --api-servers >= 1, --concurrency >= 1, --names >= 1, --duration > 0"
+            )
+        if a.registry not in ("sqlite", "postgresql") and not a.registry.startswith("postgresql://"):
+            raise ChaosError(f"--registry {a.registry!r}: use sqlite, postgresql or a postgresql:// URL")
         return Options(
             duration=a.duration,
             seed=a.seed if a.seed is not None else random.SystemRandom().randrange(2**32),
@@ -108,6 +132,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             settle_timeout=a.settle_timeout,
             log_level=a.log_level,
             json_path=a.json_path,
+            api_servers=a.api_servers,
+            registry=a.registry,
         )
     except (ValueError, ChaosError) as exc:
         p.error(str(exc))
@@ -149,18 +175,52 @@ async def chaos_phase(ctx: Chaos) -> None:
         ctx.stats.violation(f"operations still running {STOP_GRACE:g} s after the end were cancelled (hang)")
 
 
+@contextlib.contextmanager
+def registry_url(options: Options) -> Iterator[str | None]:
+    """The registry URL of the run's API servers (None: SQLite); with ``--registry
+    postgresql``, a throwaway PostgreSQL cluster (tests/pg.py) runs meanwhile."""
+    if options.registry == "sqlite":
+        yield None
+        return
+    if options.registry != "postgresql":
+        yield options.registry
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.pg import PostgresCluster, PostgresError
+
+    try:
+        cluster = PostgresCluster()
+        cluster.start()
+    except PostgresError as exc:
+        raise ChaosError(f"cannot start a throwaway PostgreSQL: {exc}") from exc
+    try:
+        note(f"throwaway PostgreSQL in {cluster.directory}")
+        yield cluster.create_database("karma8")
+    finally:
+        cluster.stop()
+
+
 async def run(options: Options, root: Path) -> Stats:
     """One chaos run in ``root``; the stats hold the violations."""
+    with registry_url(options) as url:
+        return await run_on(options, root, url)
+
+
+async def run_on(options: Options, root: Path, url: str | None) -> Stats:
+    """One chaos run in ``root`` on the registry at ``url`` (None: SQLite)."""
     stats = Stats()
-    stack = Stack(root, options.buckets, options.log_level)
+    stack = Stack(root, options.buckets, options.log_level, options.api_servers, url)
     stack.on_crash = lambda message: stats.violation(f"crash: {message}")
-    registry = RegistryView(stack.registry_path)
+    registry = RegistryView(stack.registry_url)
     work = root / "work"
     work.mkdir(parents=True, exist_ok=True)
     note(f"seed {options.seed}; data in {root}; settings: {', '.join(stack.notes)}")
     try:
         await stack.start_all()
-        note(f"stack up: API {stack.url}, {options.buckets} buckets; {options.duration:g} s of chaos")
+        note(
+            f"stack up: API {', '.join(stack.urls())} on {registry_kind(options)}, {options.buckets} buckets;"
+            f" {options.duration:g} s of chaos"
+        )
         ctx = Chaos(options, stack, registry, Ledger(pool_names(options.names)), stats, work)
         try:
             async with trio.open_nursery() as nursery:

@@ -5,7 +5,8 @@
 - ``client_kill``: ``python -m karma8 upload`` as a subprocess, SIGKILLed once the
   registry shows its upload in progress. Its outcome is unknown: it may have committed.
 - ``bucket_kill``: SIGKILL of a random bucket, restarted after a downtime.
-- ``api_kill``: SIGKILL of the API server, restarted on the same ports after a downtime.
+- ``api_kill``: SIGKILL of an API server (a random one when there are several), restarted
+  on the same ports after a downtime.
 - ``bucket_loss``: a bucket lost for good: SIGKILLed, its data directory wiped, an empty
   bucket (a new identity) started in its place. Its fragments must be rebuilt elsewhere.
 - ``bit_flip``: one bit flipped in a fragment file on a bucket's disk (data, checksums or
@@ -63,7 +64,9 @@ async def socket_kill(ctx: Chaos, rng: random.Random) -> None:
         how = "RST" if reset else "FIN"
         try:
             async with open_websocket_url(
-                ctx.stack.url + "/upload/" + encode_name(name), connect_timeout=5.0, disconnect_timeout=1.0
+                ctx.stack.pick_url() + "/upload/" + encode_name(name),
+                connect_timeout=5.0,
+                disconnect_timeout=1.0,
             ) as ws:
                 try:
                     await ws.send_message(encode_upload_header(UploadHeader(size)))
@@ -110,9 +113,10 @@ async def client_kill(ctx: Chaos, rng: random.Random) -> None:
     async with ctx.locks[name]:
         sha = await trio.to_thread.run_sync(write_content, src, seed, size)
         before = await ctx.registry.in_progress(name)
+        api = ctx.stack.pick_url()
         with out.open("wb") as output:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "karma8", "upload", str(src), "--name", name, "--api", ctx.stack.url],
+                [sys.executable, "-m", "karma8", "upload", str(src), "--name", name, "--api", api],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -188,13 +192,15 @@ async def kill_buckets(ctx: Chaos, rng: random.Random) -> None:
 
 
 async def kill_api(ctx: Chaos, rng: random.Random) -> None:
-    """Kill the API server every ``--api-kill-every`` seconds."""
+    """Kill an API server (a random one of several) every ``--api-kill-every`` seconds."""
     while True:
         wait = ctx.options.api_kill_every.draw(rng)
+        apis = ctx.stack.apis
+        victim = apis[rng.randrange(len(apis))] if len(apis) > 1 else apis[0]
         downtime = ctx.options.api_downtime.draw(rng)
         if await ctx.sleep_or_stop(wait):
             return
-        await _cycle(ctx, ctx.stack.api, "api_kill", downtime)
+        await _cycle(ctx, victim, "api_kill", downtime)
 
 
 async def lose_buckets(ctx: Chaos, rng: random.Random) -> None:

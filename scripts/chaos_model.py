@@ -171,6 +171,10 @@ class Options:
     settle_timeout: float
     log_level: str
     json_path: Path | None
+    #: API server processes sharing the registry.
+    api_servers: int = 1
+    #: ``sqlite``, ``postgresql`` (a throwaway cluster) or a ``postgresql://`` URL.
+    registry: str = "sqlite"
 
 
 def derive(rng: random.Random) -> random.Random:
@@ -322,6 +326,8 @@ class Stats:
             "duration": options.duration,
             "elapsed": round(elapsed, 1),
             "buckets": options.buckets,
+            "api_servers": options.api_servers,
+            "registry": registry_kind(options),
             "concurrency": options.concurrency,
             "operations": nested(self.operations),
             "faults": dict(sorted(self.faults.items())),
@@ -348,11 +354,17 @@ class Stats:
 FAULT_KINDS = ("socket_kill", "client_kill", "bucket_kill", "api_kill", "bucket_loss", "bit_flip")
 
 
+def registry_kind(options: Options) -> str:
+    """``sqlite`` or ``postgresql`` (never a URL: it may hold a password)."""
+    return "postgresql" if options.registry.startswith("postgres") else "sqlite"
+
+
 def format_summary(stats: Stats, options: Options, elapsed: float) -> str:
     """The summary table printed at the end of a run."""
     lines = [
         f"chaos summary: seed {options.seed}, {options.duration:g} s of chaos "
-        f"({elapsed:.0f} s in all), {options.buckets} buckets, {options.concurrency} workers",
+        f"({elapsed:.0f} s in all), {options.api_servers} API server(s) on {registry_kind(options)},"
+        f" {options.buckets} buckets, {options.concurrency} workers",
         "",
         *count_table(stats.operations, ("operation", "outcome"), (22, 28)),
     ]

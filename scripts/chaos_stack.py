@@ -1,13 +1,18 @@
-"""The processes of a chaos run: one ``karma8 api`` and N ``karma8 bucket``, each killed and
-restarted at will (unlike ``karma8 up``, whose supervisor stops everything when a child dies).
+"""The processes of a chaos run: one or more ``karma8 api`` and N ``karma8 bucket``, each
+killed and restarted at will (unlike ``karma8 up``, whose supervisor stops everything when a
+child dies).
 
-The API keeps fixed ports across restarts, so buckets find it again and clients keep one
-URL. Each process logs to ``<data>/logs/<name>.log`` (appended across restarts).
+Each API server keeps fixed ports and its server id across restarts, so buckets find it
+again and clients keep its URL. Several API servers share one registry (a SQLite file, or
+the PostgreSQL database given); buckets list every server's membership endpoint, and the
+traffic goes to the running servers in turn, as a load balancer that checks health would
+send it. Each process logs to ``<data>/logs/<name>.log`` (appended across restarts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -39,6 +44,12 @@ FAST_API = {
     "bucket_timeout": "1.5",
     "janitor_interval": "0.3",
 }
+#: Several API servers: a killed one is declared dead by the others after 5 s (its uploads
+#: reaped) and its job leases pass to another server within 3 s. A bucket's beat reaches
+#: the other servers through the registry (one more hop, on 2 shared cores under load):
+#: buckets count as gone after 3 s rather than 1.5 s.
+SHARED_API = {"server_timeout": "5.0", "job_lease": "3.0"}
+SHARED_FAST_API = {"bucket_timeout": "3.0"}
 #: Reconciliation and rebalancing, when this karma8 has them: frequent rounds, a short
 #: orphan grace, rebalancing soon after a killed bucket returns (it missed uploads).
 RECONCILE_API = {
@@ -77,7 +88,7 @@ def child_env() -> tuple[dict[str, str], list[str]]:
     api_fields, bucket_fields = ApiConfig.model_fields, BucketConfig.model_fields
     for key, value in FAST_API.items():
         env[f"KARMA8_API_{key.upper()}"] = value
-    for key, value in {**RECONCILE_API, **REPAIR_API}.items():
+    for key, value in {**RECONCILE_API, **REPAIR_API, **SHARED_API}.items():
         if key in api_fields:
             env[f"KARMA8_API_{key.upper()}"] = value
             notes.append(f"{key}={value}")
@@ -114,34 +125,54 @@ class Child:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    @property
+    def serving(self) -> bool:
+        """Running, and ready since we last started it."""
+        return self.running and not self.expected_down
+
     def log_tail(self) -> str:
         return log_tail(self.log)
 
 
 class Stack:
-    """The API process and the bucket processes of one chaos run."""
+    """The API processes and the bucket processes of one chaos run.
 
-    def __init__(self, root: Path, buckets: int, log_level: str) -> None:
+    Args:
+        api_servers: API server processes sharing the registry.
+        registry_url: the registry of every API server; None: one SQLite file (the
+            server's default with one server, ``<root>/registry.sqlite3`` with several).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        buckets: int,
+        log_level: str,
+        api_servers: int = 1,
+        registry_url: str | None = None,
+    ) -> None:
         self.root = root
         self.log_level = log_level
         self.env, self.notes = child_env()
-        self.port = free_port()
-        self.membership_port = free_port()
+        if registry_url is None and api_servers > 1:
+            registry_url = f"sqlite:{root / 'registry.sqlite3'}"
+        self._registry_url = registry_url
+        if registry_url is not None:
+            self.env["KARMA8_API_REGISTRY_URL"] = registry_url
+        if api_servers > 1:
+            for key, value in SHARED_FAST_API.items():
+                self.env[f"KARMA8_API_{key.upper()}"] = value
+                self.notes.append(f"{key}={value}")
         (root / "logs").mkdir(parents=True, exist_ok=True)
-        self.api = Child(
-            "api",
-            [
-                "api",
-                "--data-dir",
-                str(root / "api"),
-                "--port",
-                str(self.port),
-                "--membership-port",
-                str(self.membership_port),
-            ],
-            root / "api.ready",
-            root / "logs" / "api.log",
-        )
+        self.ports = [(free_port(), free_port()) for _ in range(api_servers)]
+        self.apis = [
+            self._api_child("api" if api_servers == 1 else f"api-{i}", port, membership)
+            for i, (port, membership) in enumerate(self.ports)
+        ]
+        #: The first API server (the only one unless there are several).
+        self.api = self.apis[0]
+        self.port, self.membership_port = self.ports[0]
+        endpoints = ",".join(f"127.0.0.1:{membership}" for _, membership in self.ports)
         self.buckets = [
             Child(
                 f"bucket-{i}",
@@ -152,7 +183,7 @@ class Stack:
                     "--port",
                     "0",
                     "--api",
-                    f"127.0.0.1:{self.membership_port}",
+                    endpoints,
                 ],
                 root / f"bucket-{i}.ready",
                 root / "logs" / f"bucket-{i}.log",
@@ -163,23 +194,49 @@ class Stack:
         self.lost_ids: set[str] = set()
         #: Called with a message when a process dies without being killed by us.
         self.on_crash: Callable[[str], None] = lambda message: None
+        self._turn = itertools.count()
+
+    def _api_child(self, name: str, port: int, membership: int) -> Child:
+        args = ["api", "--data-dir", str(self.root / name), "--port", str(port)]
+        args += ["--membership-port", str(membership)]
+        if len(self.ports) > 1:
+            args += ["--server-id", f"chaos-{name}"]
+        return Child(name, args, self.root / f"{name}.ready", self.root / "logs" / f"{name}.log")
 
     @property
     def url(self) -> str:
+        """The first API server's URL."""
         return f"ws://127.0.0.1:{self.port}"
+
+    def urls(self) -> list[str]:
+        return [f"ws://127.0.0.1:{port}" for port, _ in self.ports]
+
+    def pick_url(self) -> str:
+        """The next serving API server's URL in turn (any server's when none is serving)."""
+        running = [url for url, api in zip(self.urls(), self.apis, strict=True) if api.serving]
+        choices = running or self.urls()
+        return choices[next(self._turn) % len(choices)]
 
     @property
     def registry_path(self) -> Path:
+        """The registry file of a single API server on its default SQLite registry."""
         return self.root / "api" / "registry.sqlite3"
+
+    @property
+    def registry_url(self) -> str:
+        """What :class:`~karma8.registry.db.RegistryDB` opens to read the shared registry."""
+        return self._registry_url if self._registry_url is not None else str(self.registry_path)
 
     def bucket_dir(self, index: int) -> Path:
         return self.root / f"bucket-{index}"
 
     def children(self) -> list[Child]:
-        return [self.api, *self.buckets]
+        return [*self.apis, *self.buckets]
 
-    def client(self) -> Client:
-        return Client(ClientConfig(api=self.url, connect_timeout=5.0, idle_timeout=60.0))
+    def client(self, url: str | None = None) -> Client:
+        """A client of ``url``, by default of the next running API server."""
+        api = url if url is not None else self.pick_url()
+        return Client(ClientConfig(api=api, connect_timeout=5.0, idle_timeout=60.0))
 
     # -- one process -------------------------------------------------------------------
 
@@ -251,8 +308,9 @@ class Stack:
     # -- the whole stack ---------------------------------------------------------------
 
     async def start_all(self) -> None:
-        """Start the API, then every bucket, and wait until all buckets are live."""
-        await self.start(self.api)
+        """Start the API servers, then every bucket, and wait until all buckets are live."""
+        for api in self.apis:
+            await self.start(api)
         errors: list[str] = []
 
         async def start_bucket(bucket: Child) -> None:
@@ -274,7 +332,9 @@ class Stack:
             async with trio.open_nursery() as nursery:
                 for bucket in self.buckets:
                     nursery.start_soon(self.stop, bucket)
-            await self.stop(self.api)
+            async with trio.open_nursery() as nursery:
+                for api in self.apis:
+                    nursery.start_soon(self.stop, api)
 
     async def revive_crashed(self) -> None:
         """Restart any process that died without us killing it, reporting each crash."""
@@ -302,19 +362,24 @@ class Stack:
             async with child.lock:
                 await self.start(child)
 
-        await up(self.api)
+        for api in self.apis:
+            await up(api)
         async with trio.open_nursery() as nursery:
             for bucket in self.buckets:
                 nursery.start_soon(up, bucket)
 
     async def live_count(self) -> int:
-        try:
-            return int((await self.client().status())["live"])
-        except Karma8Error:
-            return -1
+        """The fewest live buckets any API server reports (-1 if one cannot be asked)."""
+        counts = []
+        for url in self.urls():
+            try:
+                counts.append(int((await self.client(url).status())["live"]))
+            except Karma8Error:
+                return -1
+        return min(counts)
 
     async def wait_live(self) -> None:
-        """Wait until the API reports every bucket live.
+        """Wait until every API server reports every bucket live.
 
         Raises:
             ChaosError: not within ``START_TIMEOUT``.

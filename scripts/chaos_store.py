@@ -1,5 +1,5 @@
-"""What is stored: the registry (read through a second SQLite connection) and the bucket
-disks (read directly), and how the two compare.
+"""What is stored: the registry (read through a connection of its own, to the SQLite file or
+the PostgreSQL database) and the bucket disks (read directly), and how the two compare.
 
 The bucket layout is the one docs/architecture.md describes: fragment files under
 ``<data>/fragments/<2 hex>/<upload id>.<part>`` and Puts in progress under ``<data>/tmp/``.
@@ -53,10 +53,14 @@ class Snapshot:
 
 
 class RegistryView:
-    """Read-only use of the API's registry file from this process (SQLite WAL allows it)."""
+    """Read-only use of the API servers' registry from this process (SQLite WAL allows it).
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+    Args:
+        where: a registry URL or the path of a SQLite file.
+    """
+
+    def __init__(self, where: Path | str) -> None:
+        self._path = where
         self._db: RegistryDB | None = None
         self._limiter = trio.CapacityLimiter(1)
 
@@ -81,24 +85,20 @@ class RegistryView:
     def _snapshot(self) -> Snapshot:
         db = self._open()
         committed: dict[Key, Expected] = {}
-        coded = any(row[1] == "state" for row in db._query("PRAGMA table_info(fragments)"))
-        repairs: list[str] = []
-        if coded:  # erasure coding: owed fragments and the repair queue
-            repairs += [
-                f"part {p} of upload {u} ({n!r}) is owed"
-                for u, p, n in db._query(
-                    "SELECT f.upload_id, f.part, u.name FROM fragments f JOIN uploads u ON u.id = f.upload_id"
-                    " WHERE f.state = 'owed' AND u.state = 'committed'"
-                )
-            ]
-            repairs += [
-                f"upload {u} queued for repair ({r}, {s} fragment(s) to spare)"
-                for u, r, s in db._query("SELECT upload_id, reason, spare FROM repairs")
-            ]
+        repairs = [
+            f"part {p} of upload {u} ({n!r}) is owed"
+            for u, p, n in db._query(
+                "SELECT f.upload_id, f.part, u.name FROM fragments f JOIN uploads u ON u.id = f.upload_id"
+                " WHERE f.state = 'owed' AND u.state = 'committed'"
+            )
+        ]
+        repairs += [
+            f"upload {u} queued for repair ({r}, {s} fragment(s) to spare)"
+            for u, r, s in db._query("SELECT upload_id, reason, spare FROM repairs")
+        ]
         for upload_id, part, bucket_id, size, sha, name in db._query(
             "SELECT f.upload_id, f.part, f.bucket_id, f.size, f.sha256, u.name FROM fragments f"
-            " JOIN uploads u ON u.id = f.upload_id WHERE u.state = 'committed'"
-            + (" AND f.state = 'ok'" if coded else "")
+            " JOIN uploads u ON u.id = f.upload_id WHERE u.state = 'committed' AND f.state = 'ok'"
         ):
             committed[str(bucket_id), f"{upload_id}.{part}"] = Expected(
                 str(name), str(upload_id), int(size), None if sha is None else str(sha)
@@ -117,11 +117,14 @@ class RegistryView:
             for n, u in sorted(files.items())
             if states.get(u) != "committed"
         ]
-        # Copies the rebalancer is writing or left behind are pending deletions too.
-        pending = db.pending_deletions() + [
+        # Every pending deletion, also those a download still holds back; copies the
+        # rebalancer is writing or left behind are pending deletions too.
+        pending = [
             (str(u), str(b))
             for u, b in db._query(
-                "SELECT upload_id, dst FROM moves UNION SELECT upload_id, bucket_id FROM stale"
+                "SELECT f.upload_id, f.bucket_id FROM fragments f JOIN uploads u ON u.id = f.upload_id"
+                " WHERE u.state IN ('failed', 'deleting')"
+                " UNION SELECT upload_id, dst FROM moves UNION SELECT upload_id, bucket_id FROM stale"
             )
         ]
         return Snapshot(committed, pending, in_progress, files, inconsistent, repairs)

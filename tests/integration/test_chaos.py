@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.pg import require_postgres
+
 CHAOS = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
 FAULTS = ("socket_kill", "client_kill", "bucket_kill", "api_kill", "bucket_loss", "bit_flip")
 
@@ -50,3 +52,46 @@ def test_a_short_chaos_run_finds_no_violation(tmp_path: Path) -> None:
         assert int(rows[kind][0]) >= 1, run.stdout
     assert int(rows["violations"][-1]) == 0, run.stdout
     assert int(rows["files"][-1]) == result["files_verified"], run.stdout
+
+
+def test_a_short_chaos_run_on_three_api_servers_and_postgresql(tmp_path: Path) -> None:
+    """Three API servers on a throwaway PostgreSQL, killed among the other faults; some stay
+    down longer than ``server_timeout`` (5 s in chaos runs), so the others reap them."""
+    require_postgres()
+    summary = tmp_path / "summary.json"
+    cmd = [
+        sys.executable,
+        str(CHAOS),
+        "--duration=25",
+        "--seed=11",
+        "--api-servers=3",
+        "--registry=postgresql",
+        "--max-size=256KiB",
+        "--concurrency=6",
+        "--bucket-kill-every=3:5",
+        "--bucket-downtime=0.3:1",
+        "--api-kill-every=2:3",
+        "--api-downtime=0.2:7",
+        "--socket-kill-every=1:2",
+        "--client-kill-every=1:2",
+        "--bucket-loss-every=off",
+        "--bit-flip-every=2:4",
+        "--settle-timeout=60",
+        f"--data={tmp_path / 'data'}",
+        f"--json={summary}",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    result = json.loads(summary.read_text())
+    assert (result["api_servers"], result["registry"]) == (3, "postgresql")
+    assert result["violations"] == [], output
+    assert result["faults"].get("api_kill", 0) >= 3, output
+    texts = {p.name: p.read_text() for p in sorted((tmp_path / "data" / "logs").glob("api-*.log"))}
+    assert sorted(texts) == ["api-0.log", "api-1.log", "api-2.log"]
+    # Every server took uploads; a server down longer than server_timeout was reaped by another.
+    for name, text in texts.items():
+        assert "committed:" in text, f"{name} committed no upload:\n{output}"
+    assert any("silent for" in text for text in texts.values()), output
+    assert result["acknowledged"] >= 20, output
+    assert result["lost_files"] == result["orphans"] == result["missing"] == 0
