@@ -310,7 +310,9 @@ class RegistryDB(RepairQueue, Coordination):
         reaped = []
         with self._db.transaction() as tx:
             dead = tx.execute(
-                f"SELECT id FROM servers WHERE last_seen < {self._db.now} - ? AND id <> ? ORDER BY id",
+                # FOR UPDATE: a server reaped by another meanwhile is skipped, not reaped twice.
+                f"SELECT id FROM servers WHERE last_seen < {self._db.now} - ? AND id <> ? ORDER BY id"
+                + self._db.for_update,
                 (silent_for, self.server_id),
             ).fetchall()
             for (server,) in dead:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
@@ -378,6 +379,30 @@ async def test_up_again_keeps_identities_and_files(tmp_path: Path) -> None:
         assert sha256_of(tmp_path / "back") == digest
         await stop_with_ctrl_c(stack)
     assert bucket_ids(data) == ids
+
+
+async def test_up_on_an_existing_postgresql_registry(tmp_path: Path, postgres_url: str) -> None:
+    """`karma8 up --registry postgresql://…`: the stack keeps its registry in that database
+    (no SQLite file), and a second `karma8 up` on the same database serves the file."""
+    data = tmp_path / "stack"
+    src = tmp_path / "src"
+    digest = make_file(src, MiB + 3, seed=6)
+    log = tmp_path / "up.err"
+    args = ("--registry", postgres_url, "--workers", "2")
+    async with karma8_up(data, log, *args) as stack:
+        (await karma8("upload", str(src), "--name", NAME, "--api", stack.url, cwd=tmp_path)).ok()
+        await stop_with_ctrl_c(stack)
+    assert not (data / "api" / "registry.sqlite3").exists()
+    with psycopg.connect(postgres_url) as conn:
+        rows = conn.execute("SELECT name, sha256 FROM files").fetchall()
+        parts = conn.execute("SELECT COUNT(DISTINCT bucket_id) FROM fragments").fetchone()
+    assert rows == [(NAME, digest)]
+    assert parts == (6,)
+    async with karma8_up(data, log, *args) as stack:
+        back = tmp_path / "back"
+        (await karma8("download", NAME, "-o", str(back), "--api", stack.url, cwd=tmp_path)).ok()
+        assert sha256_of(back) == digest
+        await stop_with_ctrl_c(stack)
 
 
 async def test_up_passes_its_config_file_to_the_api_and_buckets(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ races between them come from threads started together."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
@@ -168,6 +169,34 @@ def test_a_silent_server_is_reaped_by_another(servers: list[RegistryDB]) -> None
     assert len(a.pending_stale()) == 1  # the abandoned move's copy is deleted by the janitor
     assert sorted(s for s, _, _ in a.servers()) == ["A", "C"]
     assert a.ledger_drift() == {}
+
+
+def test_a_silent_server_is_reaped_once_when_two_servers_reap_at_once(servers: list[RegistryDB]) -> None:
+    a, b, c = servers
+    b.start_server("B:8080")
+    with a.database.transaction() as tx:
+        tx.execute("UPDATE servers SET last_seen = last_seen - 120 WHERE id = 'B'")
+    reaped: list[object] = []
+    with a.database.transaction() as tx:
+        # a reaps b: it holds b's row while c's reaper runs.
+        tx.execute("SELECT id FROM servers WHERE id = 'B'" + a.database.for_update)
+        reaper = threading.Thread(target=lambda: reaped.append(c.reap_servers(silent_for=60.0)))
+        reaper.start()
+        if a.database.name == "postgresql":
+            _wait_for_a_lock_wait(a)  # c waits on b's row (SQLite: on the whole database)
+        tx.execute("DELETE FROM servers WHERE id = 'B'")
+    reaper.join(timeout=30)
+    assert reaped == [[]]
+
+
+def _wait_for_a_lock_wait(db: RegistryDB) -> None:
+    """Poll until another session of the database waits on a lock (PostgreSQL)."""
+    deadline = time.monotonic() + 30
+    while not db._query(
+        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    ):
+        assert time.monotonic() < deadline, "no session waited on a lock"
+        time.sleep(0.01)
 
 
 def _expire(db: RegistryDB, job: str) -> None:
