@@ -197,6 +197,11 @@ class Rebalancer:
 
     async def rebalance(self, reason: str) -> Progress:
         """One run: move fragments until the buckets are even (or nothing more can move)."""
+        # Runs do not overlap: a move this server still has recorded is one whose end
+        # could not reach the registry (it was away), and nothing will finish it.
+        if left := await self._registry.abandon_own_moves():
+            log.warning("%d move(s) an earlier run could not finish are abandoned; their copies go", left)
+            self._janitor.poke()
         plan = await self.plan()
         planned, count = sum(m.size for m in plan), len(plan)
         del plan  # a plan can be long: only its totals are kept

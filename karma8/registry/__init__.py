@@ -256,6 +256,9 @@ class Registry:
     async def abandon_move(self, move: MoveRow) -> None:
         await self._run(self.db.abandon_move, move)
 
+    async def abandon_own_moves(self) -> int:
+        return await self._run(self.db.abandon_own_moves)
+
     async def pending_stale(self) -> list[StaleRow]:
         return await self._run(self.db.pending_stale)
 

@@ -361,14 +361,26 @@ class RegistryDB(RepairQueue, Coordination):
         ).fetchall()
         for (upload_id,) in ids:
             self._retire(tx, str(upload_id), "failed", now)
+        moves = self._abandon_moves(tx, server, now)
+        tx.execute("DELETE FROM reads WHERE server = ?", (server,))
+        return len(ids), moves
+
+    @staticmethod
+    def _abandon_moves(tx: Tx, server: str, now: float) -> int:
+        """Give up every move ``server`` recorded: their destination copies become stale."""
         tx.execute(
             "INSERT INTO stale (bucket_id, upload_id, part, size, since)"
             " SELECT dst, upload_id, part, size, ? FROM moves WHERE server = ? ON CONFLICT DO NOTHING",
             (now, server),
         )
-        moves = tx.execute("DELETE FROM moves WHERE server = ?", (server,)).rowcount
-        tx.execute("DELETE FROM reads WHERE server = ?", (server,))
-        return len(ids), moves
+        return int(tx.execute("DELETE FROM moves WHERE server = ?", (server,)).rowcount)
+
+    def abandon_own_moves(self) -> int:
+        """Give up the moves this server recorded and no longer runs (a move whose end
+        could not reach the registry); call when none of its moves is running. Returns
+        how many."""
+        with self._db.transaction() as tx:
+            return self._abandon_moves(tx, self.server_id, time.time())
 
     # -- buckets ---------------------------------------------------------------------
 

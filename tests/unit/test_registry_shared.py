@@ -149,6 +149,25 @@ def test_a_restart_ends_only_its_own_work(servers: list[RegistryDB]) -> None:
     assert a.ledger_drift() == {}
 
 
+def test_a_server_gives_up_only_its_own_moves(servers: list[RegistryDB]) -> None:
+    """A move whose end could not reach the registry is given up by its own server's next
+    rebalance run; another server's move in flight is left alone."""
+    a, b, _ = servers
+    sizes = [1000, 1000, 1000, 1000]
+    for n, db in enumerate((a, b), 1):
+        db.place_upload(_upload(n, f"file-{n}"), sizes, LIVE[:4])
+        db.commit_upload(f"{n:032x}", DIGEST, {}, now=float(n))
+    six = {x.bucket_id: x.capacity for x in LIVE}  # two empty buckets: room for two moves
+    assert a.start_move(six, 0.0, 4) is not None
+    assert b.start_move(six, 0.0, 4) is not None
+    assert sorted(a._query("SELECT server FROM moves")) == [("A",), ("B",)]
+    assert a.abandon_own_moves() == 1
+    assert a._query("SELECT server FROM moves") == [("B",)]
+    assert len(a.pending_stale()) == 1  # the abandoned copy, for the janitor
+    assert a.abandon_own_moves() == 0
+    assert a.ledger_drift() == {}
+
+
 def test_a_silent_server_is_reaped_by_another(servers: list[RegistryDB]) -> None:
     a, b, c = servers
     sizes = [1000, 1000, 1000, 1000]
