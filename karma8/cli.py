@@ -355,17 +355,28 @@ def download(
 @app.command("ls")
 def list_files(
     prefix: Annotated[str, typer.Argument(help="Only names starting with this.")] = "",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Every name under PREFIX, not one level.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")] = False,
     api: ApiOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """List stored files."""
-    files = _run(functools.partial(_client(config, api).list, prefix))
-    if as_json:
-        _print_json(files)
-        return
-    for f in files:
-        typer.echo(f"{f['size']:>14}  {f['sha256'][:12]}  {f['name']}")
+    """List stored files one level deep, as `aws s3 ls` does: the files under PREFIX whose
+    name has no further `/`, and `PRE dir/` for each deeper level (all names with -r).
+    Prints page by page as they arrive."""
+    client = _client(config, api)
+
+    async def main() -> None:
+        async for entry in client.walk(prefix, delimiter="" if recursive else "/"):
+            if as_json:
+                typer.echo(json.dumps(entry, sort_keys=True))
+            elif "prefix" in entry:
+                typer.echo(f"{'PRE':>14}  {'':12}  {entry['prefix']}")
+            else:
+                typer.echo(f"{entry['size']:>14}  {entry['sha256'][:12]}  {entry['name']}")
+
+    _run(main)
 
 
 @app.command()

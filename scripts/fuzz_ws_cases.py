@@ -281,7 +281,15 @@ BAD_OPS = (
 def query_path(g: Gen, op: str, valid: bool) -> str:
     """A path of a one-frame endpoint, with a valid or a hostile query."""
     good = {
-        "files": ("/files", "/files?prefix=fz/", "/files?prefix=", "/files?prefix=fz%2F", "/files?x=1"),
+        "files": (
+            "/files",
+            "/files?prefix=fz/",
+            "/files?prefix=",
+            "/files?prefix=fz%2F",
+            "/files?x=1",
+            "/files?limit=3&delimiter=%2F",
+            "/files?prefix=fz%2F&start_after=fz%2Fm&limit=1000",
+        ),
         "status": ("/status", "/status?x"),
         "repair": ("/repair", "/repair?now"),
         "rebalance": ("/rebalance?dry_run=1", "/rebalance?dry_run=1", "/rebalance?dry_run=0", "/rebalance"),
@@ -298,6 +306,10 @@ def query_path(g: Gen, op: str, valid: bool) -> str:
         "/files?prefix=a&&b",
         "/files?prefix=" + "a" * 10000,
         "/files?prefix=%E2%82",
+        "/files?limit=0",
+        "/files?limit=1001",
+        "/files?continuation=zz",
+        "/files?start_after=%00",
         "/rebalance?dry_run=2",
         "/rebalance?dry_run=",
         "/rebalance?dry_run",

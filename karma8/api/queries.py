@@ -14,18 +14,31 @@ from karma8.core import balance
 from karma8.core.balance import Fill
 from karma8.core.fragments import fragment_id
 from karma8.core.health import file_health, fragment_state
+from karma8.core.listing import MAX_PAGE, ListQuery
 from karma8.core.protocol import encode_ok
-from karma8.errors import NotFound
+from karma8.errors import NotFound, TooLarge
 
 #: Moves listed in a dry run's reply (the totals always count all of them).
 PLAN_SHOWN = 1000
 
 
-async def handle_files(session: Session, prefix: str) -> None:
-    """``/files?prefix=``: committed files, by name."""
-    rows = await session.services.registry.list_files(prefix)
-    files = [{"name": n, "size": s, "sha256": h, "created": c} for n, s, h, c in rows]
-    await session.send(encode_ok(files=files))
+async def handle_files(session: Session, query: ListQuery) -> None:
+    """``/files``: one page of committed files by name (and common prefixes under a
+    delimiter) with the token of the next; without paging parameters (the old form), the
+    whole listing when it fits one page, else ``too_large``."""
+    page = await session.services.registry.list_page(query)
+    files = [{"name": n, "size": s, "sha256": h, "created": c} for n, s, h, c in page.files]
+    if not query.paged:
+        if page.next is not None:
+            raise TooLarge(
+                f"more than {MAX_PAGE} files match: too many for one reply; ask page by page"
+                " with limit= and continuation= (see docs/protocol.md; karma8 clients since 0.3 do)"
+            )
+        await session.send(encode_ok(files=files))
+        return
+    token = None if page.next is None else page.next.token()
+    reply = encode_ok(files=files, prefixes=page.prefixes, truncated=token is not None, next=token)
+    await session.send(reply)
 
 
 async def handle_stat(session: Session, name: str) -> None:

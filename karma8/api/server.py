@@ -106,7 +106,7 @@ class ApiHandler:
         elif req.op is Op.DOWNLOAD:
             await handle_download(session, req.name)
         elif req.op is Op.FILES:
-            await handle_files(session, req.prefix)
+            await handle_files(session, req.listing)
         elif req.op is Op.STAT:
             await handle_stat(session, req.name)
         elif req.op is Op.DELETE:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import trio
 from trio_websocket import (
@@ -28,6 +29,7 @@ from trio_websocket import (
 from karma8 import speedups, wsfix
 from karma8.config import ClientConfig
 from karma8.core.auth import AUTHORIZATION, bearer
+from karma8.core.listing import MAX_PAGE
 from karma8.core.names import encode_name, validate_name
 from karma8.core.protocol import UploadHeader, decode_reply, encode_upload_header
 from karma8.errors import BadRequest, ChecksumMismatch, ConnectionFailed
@@ -192,11 +194,53 @@ class Client:
 
     # -- queries -----------------------------------------------------------------------
 
+    async def list_page(
+        self,
+        prefix: str = "",
+        *,
+        delimiter: str = "",
+        start_after: str = "",
+        continuation: str | None = None,
+        limit: int = MAX_PAGE,
+    ) -> dict[str, Any]:
+        """One page of the listing: ``files``, ``prefixes`` (common prefixes under
+        ``delimiter``), ``truncated`` and ``next`` (the ``continuation`` of the next page)."""
+        params = {"prefix": prefix, "limit": str(limit)}
+        if delimiter:
+            params["delimiter"] = delimiter
+        if continuation is not None:
+            params["continuation"] = continuation
+        elif start_after:
+            params["start_after"] = start_after
+        reply = await self._query("/files?" + urlencode(params, quote_via=quote))
+        reply.setdefault("prefixes", [])  # a server before paging answers the whole listing
+        reply.setdefault("next", None)
+        return reply
+
+    async def walk(
+        self, prefix: str = "", *, delimiter: str = "", start_after: str = "", page_size: int = MAX_PAGE
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every file under ``prefix`` by name, page by page (memory bounded by a page):
+        file entries, and ``{"prefix": P}`` for each common prefix under ``delimiter``."""
+        continuation: str | None = None
+        while True:
+            page = await self.list_page(
+                prefix,
+                delimiter=delimiter,
+                start_after=start_after,
+                continuation=continuation,
+                limit=page_size,
+            )
+            rolled = [{"prefix": p} for p in page["prefixes"]]
+            for entry in heapq.merge(page["files"], rolled, key=lambda e: e.get("name", e.get("prefix"))):
+                yield entry
+            continuation = page["next"]
+            if continuation is None:
+                return
+
     async def list(self, prefix: str = "") -> list[dict[str, Any]]:
-        """Committed files (optionally only names starting with ``prefix``)."""
-        path = "/files" + (f"?prefix={quote(prefix, safe='')}" if prefix else "")
-        files: list[dict[str, Any]] = (await self._query(path))["files"]
-        return files
+        """Every committed file under ``prefix``, in one list (see :meth:`walk` for many)."""
+        return [entry async for entry in self.walk(prefix)]
 
     async def stat(self, name: str) -> dict[str, Any]:
         """A file's size, sha256 and where each part lives."""

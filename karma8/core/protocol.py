@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from karma8.core.listing import ListQuery, parse_list_query
 from karma8.core.names import decode_name
 from karma8.errors import BadRequest, Karma8Error, RemoteError, TooLarge
 
@@ -78,11 +79,12 @@ def close_code_for(error_code: str) -> CloseCode:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A parsed request path: the operation, and its name or prefix."""
+    """A parsed request path: the operation, and its name or listing."""
 
     op: Op
     name: str = ""
-    prefix: str = ""
+    #: ``/files``: what to list.
+    listing: ListQuery = field(default_factory=ListQuery)
     #: ``/rebalance?dry_run=1``: show the plan, move nothing.
     dry_run: bool = False
 
@@ -113,7 +115,9 @@ def parse_path(path: str) -> Request:
         if flag not in ("0", "1"):
             raise BadRequest(f"dry_run must be 0 or 1, got {flag!r}")
         return Request(op, dry_run=flag == "1")
-    return Request(op, prefix=query.get("prefix", [""])[-1])
+    if op is Op.FILES:
+        return Request(op, listing=parse_list_query(query))
+    return Request(op)
 
 
 def _query(text: str) -> dict[str, list[str]]:

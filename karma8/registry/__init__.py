@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 
 from karma8.core.balance import Fill
+from karma8.core.listing import MAX_PAGE, ListQuery, Page
 from karma8.core.records import Heartbeat
 from karma8.errors import RegistryUnavailable
 from karma8.registry.database import Database, Retry
@@ -231,6 +232,19 @@ class Registry:
     async def expected_on(self, bucket_id: str) -> dict[str, str]:
         return await self._run(self.db.expected_on, bucket_id)
 
+    # -- the background passes' pages (karma8/registry/passes.py) --
+
+    async def expected_page(
+        self, bucket_id: str, after: str, limit: int, upto: str | None = None
+    ) -> tuple[dict[str, str], str | None]:
+        return await self._run(self.db.expected_page, bucket_id, after, limit, upto)
+
+    async def deletions_page(self, state: str, after: str, limit: int) -> tuple[list[tuple[str, str]], str | None]:
+        return await self._run(self.db.deletions_page, state, after, limit)
+
+    async def stale_page(self, after: tuple[str, str, int] | None, limit: int) -> list[tuple[str, str, int]]:
+        return await self._run(self.db.stale_page, after, limit)
+
     async def placed(self) -> dict[str, tuple[int, int]]:
         return await self._run(self.db.placed)
 
@@ -270,6 +284,12 @@ class Registry:
 
     async def list_files(self, prefix: str = "") -> list[tuple[str, int, str, float]]:
         return await self._run(self.db.list_files, prefix)
+
+    async def list_page(self, query: ListQuery) -> Page:
+        return await self._run(self.db.list_page, query)
+
+    async def file_names(self, after: str = "", limit: int = MAX_PAGE) -> list[str]:
+        return await self._run(self.db.file_names, after, limit)
 
     async def delete_file(self, name: str) -> str | None:
         return await self._run(self.db.delete_file, name, time.time())

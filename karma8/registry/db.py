@@ -40,12 +40,14 @@ from karma8.core import balance
 from karma8.core.checksums import FORMAT
 from karma8.core.coding import Scheme
 from karma8.core.fragments import fragment_id
+from karma8.core.listing import MAX_PAGE, Cursor, ListQuery, Page, common_prefix, successor
 from karma8.core.placement import Candidate, choose_buckets
 from karma8.core.records import Heartbeat
 from karma8.errors import Conflict, Internal
 from karma8.registry import ledger, schema
 from karma8.registry.database import Database, Duplicate, Tx, open_database
 from karma8.registry.leases import Coordination, Fence, LeaseLost, check_fence, fence_holds
+from karma8.registry.passes import Passes
 from karma8.registry.repairs import RepairQueue, queue_if_short
 
 log = logging.getLogger(__name__)
@@ -210,7 +212,7 @@ class _Rollback(Exception):
     """Ends a transaction whose changes were only a way to compute something."""
 
 
-class RegistryDB(RepairQueue, Coordination):
+class RegistryDB(RepairQueue, Coordination, Passes):
     """Synchronous registry over one database (see karma8/registry/database.py).
 
     Args:
@@ -732,21 +734,20 @@ class RegistryDB(RepairQueue, Coordination):
 
     def lookup(self, name: str) -> FileRow | None:
         """The committed file called ``name``, with its fragments."""
-        with self._db.read() as tx:
-            rows = tx.execute(
-                "SELECT u.id, u.name, u.size, u.parts, u.unit, u.state, u.sha256, u.created, u.parity,"
-                " u.codec, u.format, u.rewrites, f.size, f.sha256, f.created FROM files f"
-                " JOIN uploads u ON u.id = f.upload_id WHERE f.name = ?",
-                (name,),
-            ).fetchall()
-            if not rows:
-                return None
-            *upload, size, sha256, created = rows[0]
-            fragments = tx.execute(
-                "SELECT upload_id, part, bucket_id, size, sha256, state FROM fragments"
-                " WHERE upload_id = ? ORDER BY part",
-                (upload[0],),
-            ).fetchall()
+        # One indexed query: the name's row, its upload, and its fragments (none for a file
+        # whose parts were all owed to repair).
+        rows = self._query(
+            "SELECT u.id, u.name, u.size, u.parts, u.unit, u.state, u.sha256, u.created, u.parity,"
+            " u.codec, u.format, u.rewrites, f.size, f.sha256, f.created,"
+            " g.upload_id, g.part, g.bucket_id, g.size, g.sha256, g.state FROM files f"
+            " JOIN uploads u ON u.id = f.upload_id LEFT JOIN fragments g ON g.upload_id = f.upload_id"
+            " WHERE f.name = ? ORDER BY g.part",
+            (name,),
+        )
+        if not rows:
+            return None
+        *upload, size, sha256, created = rows[0][:15]
+        fragments = [r[15:] for r in rows if r[15] is not None]
         return FileRow(
             name,
             int(size),
@@ -756,13 +757,55 @@ class RegistryDB(RepairQueue, Coordination):
             tuple(FragmentRow(*r) for r in fragments),
         )
 
+    def list_page(self, query: ListQuery) -> Page:
+        """One page of committed files (and common prefixes under ``query.delimiter``), by
+        name: range scans of the name index, each common prefix skipped with one seek."""
+        end = query.end()
+        at = query.first()
+        files: list[tuple[str, int, str, float]] = []
+        prefixes: list[str] = []
+        with self._db.read() as tx:
+            while True:
+                want = query.limit - len(files) - len(prefixes) + 1
+                op = ">=" if at.inclusive else ">"
+                sql = f"SELECT name, size, sha256, created FROM files WHERE name {op} ?"
+                args: tuple[object, ...] = (at.key,) if end is None else (at.key, end)
+                if end is not None:
+                    sql += " AND name < ?"
+                rows = tx.execute(sql + " ORDER BY name LIMIT ?", (*args, want)).fetchall()
+                skipped = False
+                for name, size, sha256, created in rows:
+                    if len(files) + len(prefixes) == query.limit:
+                        return Page(files, prefixes, at)  # a name at or after ``at`` is left
+                    rolled = common_prefix(name, query.prefix, query.delimiter)
+                    if rolled is not None:
+                        prefixes.append(rolled)
+                        past = successor(rolled)
+                        if past is None:
+                            return Page(files, prefixes, None)
+                        at, skipped = Cursor(past, inclusive=True), True
+                        break  # seek past everything under it
+                    files.append((str(name), int(size), str(sha256), float(created)))
+                    at = Cursor(str(name))
+                if not skipped and len(rows) < want:
+                    return Page(files, prefixes, None)
+
     def list_files(self, prefix: str = "") -> list[tuple[str, int, str, float]]:
-        """(name, size, sha256, created) of committed files, by name."""
-        rows = self._query(
-            "SELECT name, size, sha256, created FROM files WHERE substr(name, 1, ?) = ? ORDER BY name",
-            (len(prefix), prefix),
-        )
-        return [(str(n), int(s), str(h), float(c)) for n, s, h, c in rows]
+        """Every committed file under ``prefix``, page by page into one list (tests and
+        tools on small registries; the API lists by :meth:`list_page`)."""
+        out: list[tuple[str, int, str, float]] = []
+        cursor: Cursor | None = None
+        while True:
+            page = self.list_page(ListQuery(prefix, start=cursor, paged=True))
+            out += page.files
+            if page.next is None:
+                return out
+            cursor = page.next
+
+    def file_names(self, after: str = "", limit: int = MAX_PAGE) -> list[str]:
+        """Up to ``limit`` committed names after ``after``, by name (one index range)."""
+        rows = self._query("SELECT name FROM files WHERE name > ? ORDER BY name LIMIT ?", (after, limit))
+        return [str(n) for (n,) in rows]
 
     def delete_file(self, name: str, now: float) -> str | None:
         """Remove ``name``; its upload becomes ``deleting``. Returns that upload's id."""

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from karma8.registry import ledger
 from karma8.registry.database import Database, Tx
 from karma8.registry.leases import Fence, LeaseLost, check_fence, fence_holds
+from karma8.registry.passes import page_end
 
 _UPSERT = """
 INSERT INTO repairs (upload_id, spare, reason, since, next_try, bad) VALUES (?, ?, ?, ?, ?, ?)
@@ -28,6 +29,21 @@ ON CONFLICT (upload_id) DO UPDATE SET
                THEN excluded.next_try ELSE repairs.next_try END,
     bad = excluded.bad
 """
+
+
+# Committed files with a fragment on a lost bucket, a page of its uploads at a time: their
+# data parts, their parts on any lost bucket, their good fragments. Files also on a lost
+# bucket walked before (``{earlier}``) were queued then.
+_LOST = """
+SELECT DISTINCT f.upload_id, u.parts,
+    (SELECT {parts} FROM fragments g WHERE g.upload_id = f.upload_id AND g.state = 'ok'
+     AND g.bucket_id IN ({lost})),
+    (SELECT COUNT(*) FROM fragments g WHERE g.upload_id = f.upload_id AND g.state = 'ok')
+FROM fragments f JOIN uploads u ON u.id = f.upload_id
+WHERE f.bucket_id = ? AND f.upload_id > ?{upto} AND f.state = 'ok' AND u.state = 'committed'{earlier}
+"""
+_EARLIER = """ AND NOT EXISTS (SELECT 1 FROM fragments h WHERE h.upload_id = f.upload_id
+     AND h.state = 'ok' AND h.bucket_id IN ({}))"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,24 +122,38 @@ class RepairQueue:
                     queued += 1
         return queued
 
-    def queue_lost_buckets(self: _DB, bucket_ids: Iterable[str], now: float) -> int:
-        """Queue every committed file with a fragment on these buckets (declared lost)."""
+    def queue_lost_buckets(self: _DB, bucket_ids: Iterable[str], now: float, limit: int = 1000) -> int:
+        """Queue every committed file with a fragment on these buckets (declared lost).
+
+        Each bucket's fragments are walked in upload order, ``limit`` uploads per
+        transaction (an index range each). A file with fragments on several of the
+        buckets is queued once, on the first of them, with all its lost parts.
+        """
         ids = sorted(set(bucket_ids))
-        if not ids:
-            return 0
-        marks = ",".join("?" * len(ids))
-        with self._db.transaction() as c:
-            rows = c.execute(
-                f"SELECT f.upload_id, {self._db.group_concat('f.part')}, u.parts, u.parity,"
-                " (SELECT COUNT(*) FROM fragments g WHERE g.upload_id = f.upload_id AND g.state = 'ok')"
-                f" FROM fragments f JOIN uploads u ON u.id = f.upload_id WHERE f.bucket_id IN ({marks})"
-                " AND f.state = 'ok' AND u.state = 'committed' GROUP BY f.upload_id, u.parts, u.parity",
-                ids,
-            ).fetchall()
-            for upload_id, parts, data, _, good in rows:
-                lost = _parts(str(parts))
-                _upsert(c, upload_id, "bucket_lost", good - len(lost) - data, now, lost)
-        return len(rows)
+        queued = 0
+        for i, bucket_id in enumerate(ids):
+            earlier = ids[:i]
+            after = ""
+            while True:
+                with self._db.transaction() as c:
+                    where = "bucket_id = ? AND upload_id > ?"
+                    end = page_end(c, "fragments", where, "upload_id", (bucket_id, after), limit)
+                    sql = _LOST.format(
+                        parts=self._db.group_concat("g.part"),
+                        lost=",".join("?" * len(ids)),
+                        upto="" if end is None else " AND f.upload_id <= ?",
+                        earlier=_EARLIER.format(",".join("?" * len(earlier))) if earlier else "",
+                    )
+                    upto = () if end is None else (end,)
+                    rows = c.execute(sql, (*ids, bucket_id, after, *upto, *earlier)).fetchall()
+                    for upload_id, data, parts, good in rows:
+                        lost = _parts(str(parts))
+                        _upsert(c, upload_id, "bucket_lost", good - len(lost) - data, now, lost)
+                queued += len(rows)
+                if end is None:
+                    break
+                after = end
+        return queued
 
     def queue_upgrades(self: _DB, parity: int, now: float) -> int:
         """Queue committed files stored with less protection than ``parity`` or in format 1."""

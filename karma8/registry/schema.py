@@ -284,9 +284,20 @@ CREATE TABLE reads (
 );
 """
 
-SQLITE_MIGRATIONS = (V1, V2, V3)
+# Background passes in bounded batches at millions of files (issue 14): each pass walks a
+# bucket's fragments, copies under way and stale copies, or the uploads in one state,
+# in key order, one keyset page at a time (``WHERE key > last ORDER BY key LIMIT n``).
+# These indexes make every page an index range, on both databases (the same script:
+# upload ids are lowercase hex, which every collation orders as bytes, as buckets do).
+V4 = """
+CREATE INDEX fragments_bucket_upload ON fragments(bucket_id, upload_id, part);
+CREATE INDEX moves_dst_upload ON moves(dst, upload_id, part);
+CREATE INDEX uploads_state_id ON uploads(state, id);
+"""
+
+SQLITE_MIGRATIONS = (V1, V2, V3, V4)
 #: Version -> script, from the first version a PostgreSQL registry can have.
-POSTGRES_MIGRATIONS = {3: POSTGRES_V3}
+POSTGRES_MIGRATIONS = {3: POSTGRES_V3, 4: V4}
 VERSION = len(SQLITE_MIGRATIONS)
 assert max(POSTGRES_MIGRATIONS) == VERSION
 

@@ -128,17 +128,30 @@ async def test_ls_stat_status(cluster: Cluster, tmp_path: Path) -> None:
     for name in (NAME, "other/x"):
         (await karma8("upload", str(src), "--name", name, cwd=tmp_path, env=env)).ok()
 
+    (await karma8("upload", str(src), "--name", "top", cwd=tmp_path, env=env)).ok()
+    # One level, as aws s3 ls: the directories as PRE lines, then the files at the top.
     listed = (await karma8("ls", cwd=tmp_path, env=env)).ok().out.splitlines()
-    assert [line.split("  ")[-1] for line in listed] == [NAME, "other/x"]
-    assert all(line.split()[0] == "100000" for line in listed)
+    assert [line.split() for line in listed] == [
+        ["PRE", "docs/"],
+        ["PRE", "other/"],
+        ["100000", digest[:12], "top"],
+    ]
+    recursive = (await karma8("ls", "-r", cwd=tmp_path, env=env)).ok().out.splitlines()
+    assert [line.split("  ")[-1] for line in recursive] == [NAME, "other/x", "top"]
+    assert all(line.split()[0] == "100000" for line in recursive)
     prefixed = (await karma8("ls", "docs/", cwd=tmp_path, env=env)).ok().out.splitlines()
     assert [line.split("  ")[-1] for line in prefixed] == [NAME]
     assert (await karma8("ls", "nothing/", cwd=tmp_path, env=env)).ok().out == ""
 
-    files = json.loads((await karma8("ls", "--json", cwd=tmp_path, env=env)).ok().out)
-    assert [(f["name"], f["size"], f["sha256"]) for f in files] == [
+    lines = (await karma8("ls", "--json", cwd=tmp_path, env=env)).ok().out.splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert entries[:2] == [{"prefix": "docs/"}, {"prefix": "other/"}]
+    assert (entries[2]["name"], entries[2]["size"], entries[2]["sha256"]) == ("top", 100_000, digest)
+    lines = (await karma8("ls", "-r", "--json", cwd=tmp_path, env=env)).ok().out.splitlines()
+    assert [(f["name"], f["size"], f["sha256"]) for f in map(json.loads, lines)] == [
         (NAME, 100_000, digest),
         ("other/x", 100_000, digest),
+        ("top", 100_000, digest),
     ]
 
     stat: dict[str, Any] = json.loads((await karma8("stat", NAME, "--json", cwd=tmp_path, env=env)).ok().out)

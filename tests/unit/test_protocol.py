@@ -8,6 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from karma8.core.listing import Cursor, ListQuery
 from karma8.core.protocol import (
     CloseCode,
     Op,
@@ -118,7 +119,34 @@ def test_percent_encoded_names(raw: str, name: str) -> None:
     ],
 )
 def test_files_prefix(query: str, prefix: str) -> None:
-    assert parse_path(f"/files{query}") == Request(Op.FILES, prefix=prefix)
+    assert parse_path(f"/files{query}") == Request(Op.FILES, listing=ListQuery(prefix))
+
+
+def test_files_paging_parameters() -> None:
+    token = Cursor("logs/b", inclusive=True).token()
+    req = parse_path(f"/files?prefix=logs%2F&delimiter=%2F&limit=10&continuation={token}&start_after=x")
+    assert req.listing == ListQuery("logs/", "/", Cursor("logs/b", inclusive=True), 10, paged=True)
+    assert parse_path("/files?start_after=a%20b").listing == ListQuery(start=Cursor("a b"), paged=True)
+    assert parse_path("/files?limit=1000").listing.paged
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?limit=-1", "limit"),
+        ("?limit=ten", "limit"),
+        ("?continuation=%21%21", "continuation"),
+        ("?continuation=eHl6", "continuation"),  # "xyz": not ours
+        ("?prefix=a%00b", "control character"),
+        ("?start_after=a%0Ab", "control character"),
+        ("?prefix=" + "a" * 1025, "longer than"),
+    ],
+)
+def test_files_bad_paging_parameters(query: str, problem: str) -> None:
+    with pytest.raises(BadRequest, match=problem):
+        parse_path(f"/files{query}")
 
 
 @pytest.mark.parametrize("query", ["?prefix=%ff", "?prefix"])

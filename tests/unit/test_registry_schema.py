@@ -13,6 +13,7 @@ from karma8.registry.database import open_database
 from karma8.registry.db import RegistryDB
 
 DIGEST = "ef" * 32
+UID = "0123456789abcdef" * 2
 
 
 def _version_2(path: Path) -> None:
@@ -69,6 +70,61 @@ def test_a_version_2_registry_migrates_in_place(tmp_path: Path) -> None:
         db.close()
     # Opening it again migrates nothing.
     RegistryDB(path).close()
+
+
+def _version_3(url: str) -> None:
+    """A registry as release 3 left it (no indexes for the paged background passes)."""
+    database = open_database(url)
+    try:
+        with database.transaction() as tx:
+            if database.name == "sqlite":
+                for script in schema.SQLITE_MIGRATIONS[:3]:
+                    for statement in schema.statements(script):
+                        tx.execute(statement)
+            else:
+                for statement in schema.statements(schema.POSTGRES_V3):
+                    tx.execute(statement)
+            tx.execute("INSERT INTO schema_version (version) VALUES (3)")
+            tx.execute(
+                "INSERT INTO uploads (id, name, size, parts, unit, state, created, sha256)"
+                " VALUES (?, 'a', 60, 2, 16, 'committed', 1, ?)",
+                (UID, DIGEST),
+            )
+            for part in range(2):
+                tx.execute(
+                    "INSERT INTO fragments (upload_id, part, bucket_id, size) VALUES (?, ?, ?, 30)",
+                    (UID, part, f"b{part}"),
+                )
+            tx.execute("INSERT INTO placed (bucket_id, bytes, fragments) VALUES ('b0', 30, 1), ('b1', 30, 1)")
+            tx.execute(
+                "INSERT INTO files (name, upload_id, size, sha256, created) VALUES ('a', ?, 60, ?, 1)",
+                (UID, DIGEST),
+            )
+    finally:
+        database.close()
+
+
+def _indexes(db: RegistryDB) -> set[str]:
+    if db.database.name == "sqlite":
+        return {str(n) for (n,) in db._query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    return {str(n) for (n,) in db._query("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")}
+
+
+def test_a_version_3_registry_migrates_in_place(registry_url: str) -> None:
+    _version_3(registry_url)
+    db = RegistryDB(registry_url)
+    try:
+        with db.database.read() as tx:
+            assert schema.version(db.database, tx) == schema.VERSION == 4
+        assert {"fragments_bucket_upload", "moves_dst_upload", "uploads_state_id"} <= _indexes(db)
+        assert db.ledger_drift() == {}
+        assert db.expected_page("b1", "", 10) == ({UID + ".1": "committed"}, None)
+        file = db.lookup("a")
+        assert file is not None
+        assert [f.bucket_id for f in file.fragments] == ["b0", "b1"]
+    finally:
+        db.close()
+    RegistryDB(registry_url).close()  # opening it again migrates nothing
 
 
 def test_a_registry_from_a_newer_release_is_refused(registry_url: str) -> None:
