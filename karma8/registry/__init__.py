@@ -239,7 +239,9 @@ class Registry:
     ) -> tuple[dict[str, str], str | None]:
         return await self._run(self.db.expected_page, bucket_id, after, limit, upto)
 
-    async def deletions_page(self, state: str, after: str, limit: int) -> tuple[list[tuple[str, str]], str | None]:
+    async def deletions_page(
+        self, state: str, after: str, limit: int
+    ) -> tuple[list[tuple[str, str]], str | None]:
         return await self._run(self.db.deletions_page, state, after, limit)
 
     async def stale_page(self, after: tuple[str, str, int] | None, limit: int) -> list[tuple[str, str, int]]:
