@@ -272,7 +272,7 @@ def _bucket_row(
         "placed_fragments": placed[1] if placed else 0,
         # From the last reconciliation (None until the first one).
         "unknown_fragments": inv.unknown if inv else None,
-        "missing_fragments": len(inv.missing) if inv else None,
+        "missing_fragments": inv.missing_count if inv else None,
         "orphans_deleted": inv.orphans_deleted if inv else None,
         "last_seen_ago": seen,
     }

@@ -52,6 +52,17 @@ def _as_grpc(bucket_id: str, what: str) -> Iterator[None]:
         raise GRPCError(Status.RESOURCE_EXHAUSTED, exc.message) from None
 
 
+def _info(stored: StoredFragment) -> pb.FragmentInfo:
+    return pb.FragmentInfo(
+        fragment_id=stored.fragment_id, size=stored.size, sha256=bytes.fromhex(stored.sha256), age=stored.age
+    )
+
+
+async def _batches(stored: list[StoredFragment]) -> AsyncIterator[list[StoredFragment]]:
+    for i in range(0, len(stored), LIST_BATCH):
+        yield stored[i : i + LIST_BATCH]
+
+
 def _put_reply(stored: StoredFragment) -> pb.PutReply:
     return pb.PutReply(fragment_id=stored.fragment_id, size=stored.size, sha256=bytes.fromhex(stored.sha256))
 
@@ -184,17 +195,19 @@ class BucketService(pb.BucketBase):
         return pb.DeleteReply(deleted=count, bytes=freed)
 
     async def list(self, message: pb.ListRequest) -> AsyncIterator[pb.ListReply]:
+        # In order of fragment ids, LIST_BATCH per message, read as it goes (never the
+        # whole listing in memory); ``paged`` tells the API this bucket honours a page.
         with _as_grpc(self._store.bucket_id, "list"):
-            stored = await self._store.list_fragments(message.upload_id)
-        for i in range(0, max(len(stored), 1), LIST_BATCH):
-            yield pb.ListReply(
-                fragments=[
-                    pb.FragmentInfo(
-                        fragment_id=s.fragment_id, size=s.size, sha256=bytes.fromhex(s.sha256), age=s.age
-                    )
-                    for s in stored[i : i + LIST_BATCH]
-                ]
-            )
+            if message.upload_id:
+                batches = _batches(await self._store.list_fragments(message.upload_id))
+            else:
+                batches = self._store.iter_fragments(message.after, message.limit, LIST_BATCH)
+            sent = False
+            async for batch in batches:
+                sent = True
+                yield pb.ListReply(fragments=[_info(s) for s in batch], paged=True)
+            if not sent:
+                yield pb.ListReply(paged=True)
 
     async def verify(self, message: pb.VerifyRequest) -> pb.VerifyReply:
         bid = self._store.bucket_id

@@ -418,9 +418,20 @@ class FragmentStore:
         return await anyio.to_thread.run_sync(self._delete, paths)
 
     def _list(self, upload_id: str) -> list[StoredFragment]:
+        return self._describe(list(self._iter_files(upload_id)))
+
+    def _shard_names(self, shard: str, after: str) -> list[str]:
+        """The names in one fan-out directory, in order, of uploads after ``after``."""
+        try:
+            names = os.listdir(self._fragments / shard)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n for n in names if n.partition(".")[0] > after)
+
+    def _describe(self, paths: Sequence[Path]) -> list[StoredFragment]:
         out = []
         now = time.time()
-        for path in self._iter_files(upload_id):
+        for path in paths:
             try:
                 with path.open("rb") as f:
                     mtime = os.fstat(f.fileno()).st_mtime
@@ -475,6 +486,39 @@ class FragmentStore:
         if upload_id:
             check_upload_id(upload_id)
         return await anyio.to_thread.run_sync(self._list, upload_id)
+
+    async def iter_fragments(
+        self, after: str = "", limit: int = 0, batch: int = 1000
+    ) -> AsyncIterator[list[StoredFragment]]:
+        """The stored fragments in order of their ids, ``batch`` at a time.
+
+        Only fragments of uploads whose id sorts after ``after``; with a ``limit``, the
+        listing stops once it has at least that many, at the end of an upload's
+        fragments. Memory holds one fan-out directory's names at most (the fragments
+        spread over 256 of them), never the whole listing.
+        """
+        shards = await anyio.to_thread.run_sync(lambda: sorted(p.name for p in self._fragments.iterdir()))
+        listed = 0
+        last = ""
+        for shard in shards:
+            if shard < after[:2]:
+                continue  # every upload in it sorts before ``after``
+            names = await anyio.to_thread.run_sync(self._shard_names, shard, after)
+            for i in range(0, len(names), batch):
+                chunk = names[i : i + batch]
+                if limit:
+                    for j, name in enumerate(chunk):
+                        upload = name.partition(".")[0]
+                        if listed + j >= limit and upload != last:
+                            chunk = chunk[:j]
+                            break
+                        last = upload
+                if chunk:
+                    paths = [self._fragments / shard / n for n in chunk]
+                    yield await anyio.to_thread.run_sync(self._describe, paths)
+                listed += len(chunk)
+                if limit and listed >= limit and len(chunk) < len(names[i : i + batch]):
+                    return
 
 
 def _check_first_unit(fragment_id: str, first_unit: int) -> None:

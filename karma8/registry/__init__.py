@@ -247,6 +247,9 @@ class Registry:
     async def stale_page(self, after: tuple[str, str, int] | None, limit: int) -> list[tuple[str, str, int]]:
         return await self._run(self.db.stale_page, after, limit)
 
+    async def known_on(self, bucket_id: str, fragment_ids: Sequence[str]) -> set[str]:
+        return await self._run(self.db.known_on, bucket_id, fragment_ids)
+
     async def placed(self) -> dict[str, tuple[int, int]]:
         return await self._run(self.db.placed)
 

@@ -14,9 +14,10 @@ bucket's listing of exactly the same uploads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from karma8.core.fragments import fragment_id
+from karma8.core.fragments import fragment_id, parse_fragment_id
 from karma8.registry.database import Database, Tx
 
 #: Rows per page of the background passes (each pass may pass its own).
@@ -129,3 +130,21 @@ class Passes:
             (bucket, upload, part, self.server_id, limit),
         )
         return [(str(b), str(u), int(p)) for b, u, p in rows]
+
+    def known_on(self: _DB, bucket_id: str, fragment_ids: Sequence[str]) -> set[str]:
+        """Which of ``fragment_ids`` the registry knows on ``bucket_id`` now (its row, a copy
+        under way there, a stale copy there): by primary keys, ``PAGE`` at a time."""
+        known: set[str] = set()
+        with self._db.read() as tx:
+            for i in range(0, len(fragment_ids), PAGE):
+                keys = [parse_fragment_id(f) for f in fragment_ids[i : i + PAGE]]
+                uploads = sorted({u for u, _ in keys})
+                marks = ",".join("?" * len(uploads))
+                for table, bucket, key, _ in _SOURCES:
+                    part = key.replace("upload_id", "part")
+                    for upload_id, p in tx.execute(
+                        f"SELECT {key}, {part} FROM {table} WHERE {key} IN ({marks}) AND {bucket} = ?",
+                        (*uploads, bucket_id),
+                    ):
+                        known.add(fragment_id(str(upload_id), int(p)))
+        return known & set(fragment_ids)

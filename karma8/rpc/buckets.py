@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _PUT = "/karma8.v1.Bucket/Put"
 _GET = "/karma8.v1.Bucket/Get"
+_LIST = "/karma8.v1.Bucket/List"
 _S = grpclib.const.Status
 
 
@@ -257,6 +258,38 @@ class BucketClient:
             for reply in replies
             for f in reply.fragments
         ]
+
+    async def list_page(self, after: str, limit: int) -> tuple[list[StoredFragment], bool]:
+        """One page of what the bucket stores: fragments of uploads after ``after``, in
+        order, at least ``limit`` of them (at the end of an upload) unless the listing ends.
+
+        Returns:
+            (the fragments, whether the bucket pages). A bucket from before paged listings
+            ignores the page and lists everything: only its first reply message is read
+            (the stream is then cancelled) and False is returned.
+        """
+        with translate_errors(self.bucket_id):
+            paged, replies = await self._portal.run(self._collect_page, after, limit)
+        return [
+            StoredFragment(f.fragment_id, f.size, f.sha256.hex(), f.age)
+            for reply in replies
+            for f in reply.fragments
+        ], paged
+
+    async def _collect_page(self, after: str, limit: int) -> tuple[bool, list[pb.ListReply]]:
+        stream = self._channel.request(
+            _LIST, grpclib.const.Cardinality.UNARY_STREAM, pb.ListRequest, pb.ListReply
+        )
+        replies: list[pb.ListReply] = []
+        async with stream:
+            await stream.send_request()
+            await stream.send_message(pb.ListRequest(after=after, limit=limit), end=True)
+            while (reply := await stream.recv_message()) is not None:
+                replies.append(reply)
+                if not reply.paged:  # an older bucket sends everything: stop it
+                    await stream.cancel()
+                    return False, replies
+        return True, replies
 
     async def verify(self, fragment_id: str) -> tuple[str, int, str]:
         """Have the bucket read a fragment whole: (problem or "", size, sha256 read)."""

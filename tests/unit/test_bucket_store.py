@@ -328,6 +328,44 @@ async def test_list_fragments(store: FragmentStore) -> None:
     assert await store.list_fragments("9" * 32) == []
 
 
+async def _walk(store: FragmentStore, limit: int, batch: int) -> list[list[str]]:
+    """Every page of a paged listing (fragment ids), as the API asks for them."""
+    pages: list[list[str]] = []
+    after = ""
+    while True:
+        page = [f.fragment_id async for chunk in store.iter_fragments(after, limit, batch) for f in chunk]
+        pages.append(page)
+        if len(page) < limit:
+            return pages
+        after = page[-1].partition(".")[0]
+
+
+async def test_a_listing_comes_in_order_in_pages_of_whole_uploads(store: FragmentStore) -> None:
+    rng = random.Random(7)
+    uploads = sorted({f"{rng.getrandbits(128):032x}" for _ in range(40)})
+    fids = []
+    for upload_id in uploads:
+        for part in rng.sample(range(12), rng.choice((1, 1, 2, 3))):
+            await _put(store, f"{upload_id}.{part}", b"x")
+            fids.append(f"{upload_id}.{part}")
+    fids.sort()  # the order of names: upload ids, then parts as text (".10" before ".2")
+
+    listed = [f.fragment_id async for chunk in store.iter_fragments(batch=3) for f in chunk]
+    assert listed == fids
+    assert max([len(chunk) async for chunk in store.iter_fragments(batch=3)]) == 3
+
+    pages = await _walk(store, limit=3, batch=2)
+    assert [fid for page in pages for fid in page] == fids
+    assert len(pages) > 5
+    for page in pages[:-1]:
+        assert len(page) >= 3
+        last = page[-1].partition(".")[0]
+        assert sum(f.startswith(last) for f in fids) == sum(f.startswith(last) for f in page)
+    middle = uploads[len(uploads) // 2]
+    after = [f.fragment_id async for chunk in store.iter_fragments(middle) for f in chunk]
+    assert after == [f for f in fids if f.partition(".")[0] > middle]
+
+
 async def test_listed_age_is_time_since_commit(store: FragmentStore) -> None:
     await _put(store, f"{UID}.0", b"old")
     then = time.time() - 7200

@@ -211,6 +211,7 @@ def test_every_query_of_the_passes_is_an_index_range(db: RegistryDB) -> None:
     db.deletions_page("failed", "", PAGE)
     db.stale_page(("b1", "0", 0), PAGE)
     db.queue_lost_buckets(["b1", "b2"], 5.0, limit=PAGE)
+    db.known_on("b0", [fragment_id("0" * 32, 1), fragment_id("f" * 32, 2)])
     del db.database.read, db.database.transaction  # back to the class's methods
     queries = [(sql, args) for sql, args in seen if sql.lstrip().upper().startswith("SELECT")]
     assert len(queries) > 10

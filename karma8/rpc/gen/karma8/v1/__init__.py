@@ -166,6 +166,12 @@ class ListReply(betterproto2.Message):
         1, betterproto2.TYPE_MESSAGE, repeated=True
     )
 
+    paged: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
+    """
+    True from buckets that honour `after` and `limit`; older buckets ignore both, list
+    everything and leave this false.
+    """
+
 
 default_message_pool.register_message("karma8.v1", "ListReply", ListReply)
 
@@ -175,6 +181,18 @@ class ListRequest(betterproto2.Message):
     upload_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     Empty lists everything; otherwise only fragments of this upload.
+    """
+
+    after: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    A page (buckets from the release of issue 14 on): only fragments of uploads whose id
+    sorts after this one. Fragments come in order of their ids either way.
+    """
+
+    limit: "int" = betterproto2.field(3, betterproto2.TYPE_UINT32)
+    """
+    Stop once at least this many fragments were listed, at the end of an upload's
+    fragments (a page holds whole uploads); 0: no limit.
     """
 
 
