@@ -238,19 +238,27 @@ def check(registry: RegistryOpt = None, config: ConfigOpt = None) -> None:
                     tx.execute("SELECT state, COUNT(*) FROM fragments GROUP BY state").fetchall()
                 )
             drift = reg.ledger_drift()
+            stored_drift = reg.stored_drift()
         finally:
             db.close()
         typer.echo(f"registry {db.describe()} at schema version {found}")
         typer.echo(f"files: {files}")
         typer.echo(f"uploads: {sum(uploads.values())}{_by_state(uploads)}")
         typer.echo(f"fragments: {sum(fragments.values())}{_by_state(fragments)}")
+        if stored_drift == (0, 0):
+            typer.echo("file counter: exact")
+        else:
+            off_files, off_bytes = stored_drift
+            typer.echo(f"file counter: {off_files:+d} files, {off_bytes:+d} bytes off the files rows")
         if not drift:
             typer.echo("ledger: exact")
-            return
-        typer.echo(f"ledger: drifts on {len(drift)} bucket(s) (the ledger minus the fragment rows):")
-        for bucket, (size, count) in sorted(drift.items()):
-            typer.echo(f"  {bucket}: {size:+d} bytes, {count:+d} fragments")
-        fail(f"the ledger of placed bytes drifts from the fragment rows on {len(drift)} bucket(s)")
+        else:
+            typer.echo(f"ledger: drifts on {len(drift)} bucket(s) (the ledger minus the fragment rows):")
+            for bucket, (size, count) in sorted(drift.items()):
+                typer.echo(f"  {bucket}: {size:+d} bytes, {count:+d} fragments")
+            fail(f"the ledger of placed bytes drifts from the fragment rows on {len(drift)} bucket(s)")
+        if stored_drift != (0, 0):
+            fail("the counter of stored files drifts from the files rows")
 
 
 def _by_state(counts: dict[str, int]) -> str:

@@ -86,6 +86,10 @@ def copy_registry(
         raise ValueError(f"batch must be at least 1, not {batch}")
     started = time.monotonic()
     drift = src.ledger_drift()
+    if src.stored_drift() != (0, 0):
+        raise CopyError(
+            f"the file counter of {src.database.describe()} is off its files rows; see karma8 registry check"
+        )
     if drift:
         raise CopyError(
             f"the ledger of {src.database.describe()} drifts from its fragment rows on"
@@ -116,6 +120,11 @@ def copy_registry(
             if on_table is not None:
                 on_table(done[-1])
     drift = dst.ledger_drift()
+    if dst.stored_drift() != (0, 0):  # copied from an exact source: not expected
+        raise CopyError(
+            f"copied, but the file counter of {dst.database.describe()} is off its files rows;"
+            " empty the destination before using it"
+        )
     if drift:  # the rows are the source's, whose ledger was exact: not expected
         raise CopyError(
             f"copied, but the ledger of {dst.database.describe()} drifts on {len(drift)} bucket(s);"

@@ -485,7 +485,7 @@ class RegistryDB(RepairQueue, Coordination, Passes):
             self._db.lock(tx, "name:" + name)
             if self._lock_upload(tx, upload_id) != "in_progress":  # failed meanwhile (its server was reaped)
                 raise Internal(f"upload {upload_id} is not in progress; cannot commit it")
-            old = tx.execute("SELECT upload_id, created FROM files WHERE name = ?", (name,)).fetchone()
+            old = tx.execute("SELECT upload_id, created, size FROM files WHERE name = ?", (name,)).fetchone()
             created = now
             if replacing is not None:
                 if old is None or old[0] != replacing:
@@ -514,6 +514,7 @@ class RegistryDB(RepairQueue, Coordination, Passes):
                 " sha256=excluded.sha256, created=excluded.created",
                 (name, upload_id, size, sha256, created),
             )
+            _count_stored(tx, 0 if old is not None else 1, int(size) - (0 if old is None else int(old[2])))
         return None if old is None else str(old[0])
 
     def fail_upload(self, upload_id: str, now: float) -> None:
@@ -811,12 +812,34 @@ class RegistryDB(RepairQueue, Coordination, Passes):
         """Remove ``name``; its upload becomes ``deleting``. Returns that upload's id."""
         with self._db.transaction() as tx:
             self._db.lock(tx, "name:" + name)
-            row = tx.execute("SELECT upload_id FROM files WHERE name = ?", (name,)).fetchone()
+            row = tx.execute("SELECT upload_id, size FROM files WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 tx.execute("DELETE FROM files WHERE name = ?", (name,))
                 self._lock_upload(tx, row[0])
                 self._retire(tx, row[0], "deleting", now)
+                _count_stored(tx, -1, -int(row[1]))
         return None if row is None else str(row[0])
+
+    def stored(self) -> tuple[int, int]:
+        """(committed files, their bytes), from the counter their changes keep."""
+        row = self._query("SELECT files, bytes FROM stored")
+        return (int(row[0][0]), int(row[0][1])) if row else (0, 0)
+
+    def stored_drift(self) -> tuple[int, int]:
+        """The counter minus a count of ``files`` (a full scan: for checks): (files, bytes)."""
+        ((files, size),) = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files")
+        kept = self.stored()
+        return kept[0] - int(files), kept[1] - int(size)
+
+
+def _count_stored(tx: Tx, files: int, size: int) -> None:
+    """Add to the counter of committed files (last in its transaction: it is one row every
+    commit and delete writes, so it is held for the shortest time)."""
+    tx.execute(
+        "INSERT INTO stored (id, files, bytes) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+        " files = stored.files + excluded.files, bytes = stored.bytes + excluded.bytes",
+        (files, size),
+    )
 
 
 def _insert_upload(tx: Tx, upload: UploadRow, fragments: list[FragmentRow], server: str) -> None:

@@ -89,6 +89,8 @@ class _DB(Protocol):
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]: ...
 
+    def stored(self) -> tuple[int, int]: ...
+
 
 class RepairQueue:
     """The repair queue's queries (mixed into :class:`karma8.registry.db.RegistryDB`)."""
@@ -185,10 +187,11 @@ class RepairQueue:
         """The queue in numbers: files, files by fragments to spare, by reason."""
         by_spare = self._query("SELECT spare, COUNT(*) FROM repairs GROUP BY spare ORDER BY spare")
         by_reason = self._query("SELECT reason, COUNT(*) FROM repairs GROUP BY reason ORDER BY reason")
+        # The queue drives the read (a join may be planned as a scan of uploads).
         ((queued_bytes,),) = self._query(
-            "SELECT COALESCE(SUM(u.size), 0) FROM repairs r JOIN uploads u ON u.id = r.upload_id"
+            "SELECT COALESCE(SUM((SELECT u.size FROM uploads u WHERE u.id = r.upload_id)), 0) FROM repairs r"
         )
-        ((files, total),) = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files")
+        files, total = self.stored()
         return {
             "files": sum(int(n) for _, n in by_spare),
             "bytes": int(queued_bytes),

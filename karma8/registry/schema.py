@@ -289,10 +289,19 @@ CREATE TABLE reads (
 # in key order, one keyset page at a time (``WHERE key > last ORDER BY key LIMIT n``).
 # These indexes make every page an index range, on both databases (the same script:
 # upload ids are lowercase hex, which every collation orders as bytes, as buckets do).
+# ``stored`` counts the committed files and their bytes (one row, kept by the statements
+# that add and remove ``files`` rows): /status reads it instead of counting ``files``.
 V4 = """
 CREATE INDEX fragments_bucket_upload ON fragments(bucket_id, upload_id, part);
 CREATE INDEX moves_dst_upload ON moves(dst, upload_id, part);
 CREATE INDEX uploads_state_id ON uploads(state, id);
+CREATE TABLE stored (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    files BIGINT NOT NULL,
+    bytes BIGINT NOT NULL
+);
+INSERT INTO stored (id, files, bytes)
+SELECT 1, COUNT(*), COALESCE(SUM(size), 0) FROM files HAVING COUNT(*) > 0;
 """
 
 SQLITE_MIGRATIONS = (V1, V2, V3, V4)

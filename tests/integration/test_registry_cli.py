@@ -279,11 +279,18 @@ def test_check_reports_counts_and_a_drifting_ledger(tmp_path: Path, registry_url
         f"files: {len(NAMES) + 1}",
         f"uploads: {len(NAMES) + 4} (committed {len(NAMES) + 1}, deleting 1, failed 1, in_progress 1)",
         lines[3],  # fragments: checked below
+        "file counter: exact",
         "ledger: exact",
     ]
     assert lines[3].startswith("fragments: ")
     assert "owed 1" in lines[3]
     assert "  b2: +100 bytes, -1 fragments" in bad.out.splitlines()
+    undo = "UPDATE placed SET bytes = bytes - 100, fragments = fragments + 1 WHERE bucket_id = 'b2'"
+    execute(registry_url, undo)
+    execute(registry_url, "UPDATE stored SET files = files + 2")
+    off = karma8("registry", "check", "--registry", registry_url, cwd=tmp_path)
+    off.error("counter of stored files")
+    assert "file counter: +2 files, +0 bytes off the files rows" in off.out.splitlines()
 
 
 def test_check_refuses_an_empty_or_missing_registry(tmp_path: Path, postgres_url: str) -> None:

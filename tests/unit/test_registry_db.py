@@ -264,6 +264,21 @@ def test_name_can_be_reused_after_delete(db: RegistryDB) -> None:
     assert row.upload.upload_id == new
 
 
+def test_the_file_counter_follows_commits_replacements_and_deletes(db: RegistryDB) -> None:
+    assert db.stored() == (0, 0)
+    _put(db, 1, "a", size=30)
+    _put(db, 2, "b", size=60)
+    assert db.stored() == (2, 90)
+    _put(db, 3, "a", size=90)  # replaces a: one file, 60 bytes more
+    assert db.stored() == (2, 150)
+    db.fail_upload(_begin(db, 4, "c", size=300), 3.0)  # never committed: not counted
+    db.delete_file("b", 4.0)
+    db.delete_file("b", 4.0)  # already gone: nothing changes
+    assert db.stored() == (1, 90)
+    assert db.stored_drift() == (0, 0)
+    assert db.repair_summary()["stored_files"] == 1
+
+
 def test_list_files_in_name_order_with_prefix(db: RegistryDB) -> None:
     names = ["logs/b", "logs/a", "log", "logs2", "other/logs/x", "LOGS/c", "日本/x"]
     for n, name in enumerate(names):

@@ -118,6 +118,7 @@ def test_a_version_3_registry_migrates_in_place(registry_url: str) -> None:
             assert schema.version(db.database, tx) == schema.VERSION == 4
         assert {"fragments_bucket_upload", "moves_dst_upload", "uploads_state_id"} <= _indexes(db)
         assert db.ledger_drift() == {}
+        assert db.stored() == (1, 60)  # the file counter starts at what the files rows hold
         assert db.expected_page("b1", "", 10) == ({UID + ".1": "committed"}, None)
         file = db.lookup("a")
         assert file is not None
