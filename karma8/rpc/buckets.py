@@ -71,6 +71,12 @@ def translate_errors(bucket_id: str) -> Iterator[None]:
         if "unable to perform operation" not in str(exc):
             raise
         raise BucketUnavailable(bucket_id, "connection lost") from None
+    except AttributeError as exc:
+        # grpclib's Connection.close() deletes its transport; a call that picked the
+        # connection just before it was lost then fails creating its stream on it.
+        if exc.name != "_transport":
+            raise
+        raise BucketUnavailable(bucket_id, "connection lost") from None
 
 
 class FragmentWriter:
