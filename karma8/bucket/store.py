@@ -25,6 +25,7 @@ a scan at start and kept in step with every commit and delete.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import logging
@@ -241,6 +242,8 @@ class FragmentStore:
         self._tmp = root / "tmp"
         self._counters = _Counters()
         self._lock = threading.Lock()
+        #: The sorted names of the fan-out directory listed last, with its mtime.
+        self._names: tuple[str, int, list[str]] | None = None
         #: Unfinished Put files that the start removed from tmp/.
         self.tmp_removed = 0
 
@@ -421,12 +424,32 @@ class FragmentStore:
         return self._describe(list(self._iter_files(upload_id)))
 
     def _shard_names(self, shard: str, after: str) -> list[str]:
-        """The names in one fan-out directory, in order, of uploads after ``after``."""
+        """The names in one fan-out directory, in order, of uploads after ``after``.
+
+        The sorted names of the last directory listed are kept while its mtime stays
+        the same: the pages of one pass mostly fall in the directory the page before
+        ended in (a directory holds 1/256 of the fragments, many pages' worth), which
+        is then listed and sorted once, not once per page.
+        """
+        path = self._fragments / shard
         try:
-            names = os.listdir(self._fragments / shard)
+            mtime = os.stat(path).st_mtime_ns
+            with self._lock:
+                cached = self._names
+            if cached is not None and cached[:2] == (shard, mtime):
+                names = cached[2]
+            else:
+                names = sorted(os.listdir(path))
+                # Kept only if the directory was last changed a while before it was
+                # listed: any change after the listing then has a later mtime (file
+                # times are coarse, a few milliseconds).
+                if time.time_ns() - mtime > 1_000_000_000:
+                    with self._lock:
+                        self._names = (shard, mtime, names)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(n for n in names if n.partition(".")[0] > after)
+        # "<after>/" sorts after every "<after>.<part>" and before any later upload id.
+        return names[bisect.bisect_right(names, after + "/") :] if after else list(names)
 
     def _describe(self, paths: Sequence[Path]) -> list[StoredFragment]:
         out = []

@@ -366,6 +366,20 @@ async def test_a_listing_comes_in_order_in_pages_of_whole_uploads(store: Fragmen
     assert after == [f for f in fids if f.partition(".")[0] > middle]
 
 
+async def test_a_directory_listed_again_sees_what_changed_since(store: FragmentStore) -> None:
+    # Every fragment in one fan-out directory, last changed long ago: the pages of a
+    # walk reuse its sorted names; a fragment added then is listed all the same.
+    fids = [f"{UID[:2]}{n:030x}.0" for n in range(10)]
+    for fid in fids:
+        await _put(store, fid, b"x")
+    shard = store.root / "fragments" / UID[:2]
+    os.utime(shard, (time.time() - 10, time.time() - 10))
+    assert [fid for page in await _walk(store, limit=3, batch=2) for fid in page] == fids
+    await _put(store, f"{UID[:2]}{5:030x}.1", b"y")
+    walked = [fid for page in await _walk(store, limit=3, batch=2) for fid in page]
+    assert walked == sorted([*fids, f"{UID[:2]}{5:030x}.1"])
+
+
 async def test_listed_age_is_time_since_commit(store: FragmentStore) -> None:
     await _put(store, f"{UID}.0", b"old")
     then = time.time() - 7200
