@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import queue
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from karma8.errors import ConfigError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
+
+
+#: Write transactions one SQLite commit may hold (see :class:`SQLite`).
+GROUP_MAX = 64
 
 
 class Retry(Exception):
@@ -149,44 +154,139 @@ def _sqlite_error(exc: sqlite3.OperationalError) -> Exception:
 
 
 class SQLite(Database):
-    """One SQLite file in WAL mode: one connection, one call at a time.
+    """One SQLite file in WAL mode: one writing connection with group commit, and a few
+    reading connections beside it (WAL lets readers run while a transaction writes).
 
-    Several processes on one host may share the file (``karma8 api --workers``): a write
-    transaction begins with ``BEGIN IMMEDIATE`` and waits up to ``busy_timeout`` for
-    another process's to end.
+    **Group commit.** Write transactions take turns on the writing connection. Each runs
+    inside a savepoint of one ``BEGIN IMMEDIATE`` transaction that stays open while other
+    threads are waiting for their turn (up to ``group`` transactions): the last one of the
+    group commits for all, one fsync of the WAL for the group, and every member returns
+    only once that commit is on disk (a failed commit fails every member). A transaction
+    that raises rolls back to its savepoint: the others of its group are not touched.
+
+    Several processes on one host may share the file (``karma8 api --workers``): a group
+    begins with ``BEGIN IMMEDIATE`` and waits up to ``busy_timeout`` for another
+    process's to end.
     """
 
     name = "sqlite"
     now = "((julianday('now') - 2440587.5) * 86400.0)"
+    #: Threads of the async facade: writers queue for the group, readers read meanwhile.
+    concurrency = 4
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, group: int = GROUP_MAX, readers: int = 3) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
+        self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
+        self._tx = _SQLiteTx(self._conn)
+        self._group_max = max(1, group)
+        #: Held by the transaction whose body runs on the writing connection.
+        self._turn = threading.Lock()
+        #: Guards the group's state below; waited on for a group's commit.
+        self._state = threading.Condition()
+        self._wanting = 0  # threads waiting for the turn
+        self._open = False  # BEGIN IMMEDIATE done, COMMIT not yet
+        self._members = 0  # transactions done in the open group
+        self._generation = 0  # groups ended so far
+        self._failures: dict[int, BaseException] = {}  # recent groups that failed to commit
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        #: An in-memory database (simulations) is one connection: reads take the turn.
+        self._all_readers = 0 if str(path) == ":memory:" else readers
+        for _ in range(self._all_readers):
+            self._readers.put(self._connect())
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         # FULL: a commit is on disk before the client hears of it (NORMAL could lose the
         # last commits to a power cut, and reconciliation would then delete their data).
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._tx = _SQLiteTx(self._conn)
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Tx]:
-        with self._lock:
-            self._tx.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._tx
-            except BaseException:
+        with self._state:
+            self._wanting += 1
+        self._turn.acquire()
+        with self._state:
+            self._wanting -= 1
+            generation = self._generation
+        try:
+            if not self._open:
+                self._tx.execute("BEGIN IMMEDIATE")
+                self._open = True
+            self._conn.execute("SAVEPOINT k8")
+        except BaseException:
+            if self._open:  # joining failed: the group goes on (or commits) without this one
+                self._leave(generation, member=False)
+            else:  # BEGIN failed (busy: another process writes): nothing is open
+                self._turn.release()
+            raise
+        try:
+            yield self._tx
+        except BaseException:
+            self._conn.execute("ROLLBACK TO k8")
+            self._conn.execute("RELEASE k8")
+            self._leave(generation, member=False)
+            raise
+        self._conn.execute("RELEASE k8")
+        self._members += 1
+        self._leave(generation, member=True)
+
+    def _leave(self, generation: int, member: bool) -> None:
+        """After a transaction's body: hand the open group to a waiting thread, or commit it.
+
+        Raises:
+            BaseException: a member's group failed to commit.
+        """
+        with self._state:
+            if self._wanting and self._members < self._group_max:
+                self._turn.release()  # the next one runs its body in this group
+                if not member:
+                    return
+                while self._generation == generation:
+                    self._state.wait()
+                failure = self._failures.get(generation)
+                if failure is not None:
+                    raise failure
+                return
+        error: BaseException | None = None
+        try:
+            self._tx.execute("COMMIT" if self._members else "ROLLBACK")
+        except BaseException as exc:
+            error = exc
+        self._end_group(generation, error)
+        if error is not None and member:
+            raise error
+
+    def _end_group(self, generation: int, error: BaseException | None) -> None:
+        """The group is over (committed, or failed with ``error``): wake its members."""
+        if error is not None and self._open:
+            with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-                raise
-            self._tx.execute("COMMIT")
+        with self._state:
+            self._open, self._members = False, 0
+            if error is not None:
+                self._failures[generation] = error
+                for old in [g for g in self._failures if g < generation - 1000]:
+                    del self._failures[old]  # its members have long read it
+            self._generation += 1
+            self._state.notify_all()
+        self._turn.release()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
-        with self._lock:
-            yield self._tx
+        if not self._all_readers:
+            with self._turn:
+                yield self._tx
+            return
+        conn = self._readers.get()
+        try:
+            yield _SQLiteTx(conn)
+        finally:
+            self._readers.put(conn)
 
     def lock(self, tx: Tx, key: str) -> None:
         """Nothing to do: a write transaction (``BEGIN IMMEDIATE``) already excludes every other."""
@@ -195,8 +295,10 @@ class SQLite(Database):
         return f"group_concat({expr})"
 
     def close(self) -> None:
-        with self._lock:
+        with self._turn:
             self._conn.close()
+        for _ in range(self._all_readers):
+            self._readers.get().close()
 
     def describe(self) -> str:
         return f"sqlite:{self.path}"
