@@ -12,6 +12,12 @@ With several API servers on one registry, the janitor runs on the holder of its 
 lease (karma8/api/coordination.py). Other servers' downloads are known from the leases
 they publish every heartbeat interval, so the janitor deletes nothing it has not seen
 pending for ``grace`` seconds (longer than that interval) while other servers are alive.
+
+A sweep walks the registry a page at a time (issue 14): the uploads being deleted, then
+the failed ones, in id order, then the stale copies, ``PAGE`` rows per read, each page's
+deletions done before the next page is read. Its memory does not grow with what is
+pending: the first-seen times of the grace are kept for at most ``SEEN_MAX`` deletions
+(the others wait for a later sweep), and only while other servers are alive.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from karma8.errors import BucketUnavailable
 from karma8.registry import Registry
 
 log = logging.getLogger(__name__)
+
+#: Rows per registry read of a sweep.
+PAGE = 1000
+#: Pending deletions whose first sighting is remembered (for the grace), at most.
+SEEN_MAX = 100_000
 
 
 class ReadLeases:
@@ -75,8 +86,10 @@ class Janitor:
         concurrency: int,
         metrics: ApiMetrics,
         grace: float = 0.0,
+        page: int = PAGE,
     ) -> None:
         self._registry = registry
+        self._page = page
         self._grace = grace
         #: Whether to run sweeps now (this server holds the janitor's lease).
         self.active: Callable[[], bool] = lambda: True
@@ -107,12 +120,15 @@ class Janitor:
     def _deletable(
         self, upload_id: str, bucket_id: str, key: tuple[str, ...], seen: dict[tuple[str, ...], float]
     ) -> bool:
-        seen[key] = self._seen.get(key, trio.current_time())
         if self._leases.held(upload_id):
             self._waiting.add(upload_id)
             return False
-        if self.shared() and trio.current_time() - seen[key] < self._grace:
-            return False  # another server's download may have begun just before (see above)
+        if self.shared():
+            if key not in self._seen and len(seen) >= SEEN_MAX:
+                return False  # remembered next time, once fewer are pending
+            seen[key] = self._seen.get(key, trio.current_time())
+            if trio.current_time() - seen[key] < self._grace:
+                return False  # another server's download may have begun just before (see above)
         return self._cluster.is_live(bucket_id)
 
     async def delete(self, upload_id: str, bucket_ids: Iterable[str], *, reason: str = JANITOR) -> bool:
@@ -155,23 +171,9 @@ class Janitor:
         log.debug("upload=%s bucket=%s deleted stale copies %s", upload_id, bucket_id, parts)
 
     async def sweep(self) -> None:
-        """One pass over every pending deletion that can be done now."""
-        by_upload: dict[str, list[str]] = {}
+        """One pass over every pending deletion that can be done now, a page at a time."""
         seen: dict[tuple[str, ...], float] = {}
-        pending = await self._registry.pending_deletions()
-        for upload_id, bucket_id in pending:
-            if self._deletable(upload_id, bucket_id, (upload_id, bucket_id), seen):
-                by_upload.setdefault(upload_id, []).append(bucket_id)
-        stale: dict[tuple[str, str], list[int]] = {}
-        pending_stale = await self._registry.pending_stale()
-        for row in pending_stale:
-            if self._deletable(
-                row.upload_id, row.bucket_id, (row.bucket_id, row.upload_id, str(row.part)), seen
-            ):
-                stale.setdefault((row.bucket_id, row.upload_id), []).append(row.part)
-        self._seen = seen  # what is no longer pending is forgotten
-        self._metrics.janitor_sweeps.inc()
-        self._metrics.janitor_pending.set(len(pending) + len(pending_stale))
+        pending = 0
         # Many uploads at once: after heavy traffic thousands of deletions can be pending.
         limiter = trio.CapacityLimiter(self._concurrency)
 
@@ -183,11 +185,32 @@ class Janitor:
             async with limiter:
                 await self.delete_stale(bucket_id, upload_id, parts)
 
-        async with trio.open_nursery() as nursery:
-            for upload_id, bucket_ids in by_upload.items():
-                nursery.start_soon(one, upload_id, bucket_ids)
-            for (bucket_id, upload_id), parts in stale.items():
-                nursery.start_soon(copies, bucket_id, upload_id, parts)
+        for state in ("deleting", "failed"):
+            after: str | None = ""
+            while after is not None:
+                pairs, after = await self._registry.deletions_page(state, after, self._page)
+                pending += len(pairs)
+                by_upload: dict[str, list[str]] = {}
+                for upload_id, bucket_id in pairs:
+                    if self._deletable(upload_id, bucket_id, (upload_id, bucket_id), seen):
+                        by_upload.setdefault(upload_id, []).append(bucket_id)
+                async with trio.open_nursery() as nursery:
+                    for upload_id, bucket_ids in by_upload.items():
+                        nursery.start_soon(one, upload_id, bucket_ids)
+        last: tuple[str, str, int] | None = None
+        while rows := await self._registry.stale_page(last, self._page):
+            last = rows[-1]
+            pending += len(rows)
+            stale: dict[tuple[str, str], list[int]] = {}
+            for bucket_id, upload_id, part in rows:
+                if self._deletable(upload_id, bucket_id, (bucket_id, upload_id, str(part)), seen):
+                    stale.setdefault((bucket_id, upload_id), []).append(part)
+            async with trio.open_nursery() as nursery:
+                for (bucket_id, upload_id), parts in stale.items():
+                    nursery.start_soon(copies, bucket_id, upload_id, parts)
+        self._seen = seen  # what is no longer pending is forgotten
+        self._metrics.janitor_sweeps.inc()
+        self._metrics.janitor_pending.set(pending)
 
     async def run(self) -> None:
         """Sweep forever: every ``interval`` seconds and when poked (while active)."""

@@ -6,11 +6,16 @@ recorded at upload. Buckets read their own fragments: the data does not travel t
 API. Each file is held by a read lease while it is checked, so a concurrent replacement
 cannot pass for data loss. Corrupt fragments are remembered (``stat`` shows the file as
 damaged) until a later scrub reads them back intact.
+
+A scrub of every file walks the names a page at a time (``PAGE`` per registry read, an
+index range of the name index), so its memory does not grow with the number of files;
+only the damaged fragments it reports are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -23,15 +28,27 @@ from karma8.registry import FileRow, FragmentRow
 
 #: Time allowed for a bucket to read a fragment, on top of rpc_timeout (a slow disk).
 READ_RATE = 20e6  # bytes per second
+#: Names per registry read of a scrub of every file.
+PAGE = 1000
+
+
+async def _names(session: Session, name: str, page: int) -> AsyncIterator[str]:
+    """``name`` alone, or every committed name in order, a page at a time."""
+    if name:
+        yield name
+        return
+    after = ""
+    while names := await session.services.registry.file_names(after, page):
+        for each in names:
+            yield each
+        after = names[-1]
 
 
 async def handle_verify(session: Session, name: str) -> None:
     """Serve ``/verify`` (every file) or ``/verify/{name}``."""
-    registry = session.services.registry
-    names = [name] if name else [n for n, *_ in await registry.list_files()]
     damaged: list[dict[str, object]] = []
     files = fragments = 0
-    for each in names:
+    async for each in _names(session, name, PAGE):
         with contextlib.ExitStack() as lease:
             try:
                 file = await lease_current_version(session, each, lease)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from karma8.api import scrub
 from karma8.config import MiB
 from karma8.errors import RemoteError
 from tests.integration.harness import Cluster, karma8_cmd, make_file
@@ -73,3 +74,22 @@ async def test_a_lost_fragment_is_reported_by_verify(cluster: Cluster, tmp_path:
     with pytest.raises(RemoteError) as info:
         await cluster.client.download("lossy", tmp_path / "out")
     assert info.value.code in {"bucket_unavailable", "checksum_mismatch"}
+
+
+async def test_a_scrub_of_every_file_walks_the_names_page_by_page(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scrub, "PAGE", 2)  # the API server runs in this process
+    src = tmp_path / "src"
+    make_file(src, 1000)
+    names = [f"scrub/{n}" for n in range(7)]
+    for name in names:
+        await cluster.client.upload(src, name)
+    stat = await cluster.client.stat(names[5])
+    victim = stat["parts"][0]
+    (path,) = cluster.bucket(victim["bucket"]).files_of(stat["upload_id"])
+    flip(path, 10)
+
+    report = await cluster.client.verify()
+    assert (report["files"], report["fragments"]) == (7, 7 * 6)
+    assert [(d["name"], d["part"]) for d in report["damaged"]] == [(names[5], 0)]
