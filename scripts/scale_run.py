@@ -89,7 +89,8 @@ class Result:
             f"{self.files:,} files: {i.get('bytes', 0) / 1e9:,.1f} GB stored (no data behind the bulk"
             f" files but bucket 0's {i.get('fragment_files', 0):,} empty fragment files),"
             f" {i.get('fragments', 0):,} fragment rows; listed {i.get('walk_names', 0):,} names;"
-            f" plan: {i.get('plan_moves', 0):,} moves; reconciliation listed"
+            f" plan: {'not done' if 'plan_s' in self.unfinished else format(i.get('plan_moves', 0), ',')}"
+            " moves; reconciliation listed"
             f" {i.get('reconcile_listed', 0):,} fragments, {i.get('reconcile_unknown', '?')} unknown,"
             f" {i.get('reconcile_missing', '?')} missing"
         )
