@@ -765,9 +765,12 @@ class RegistryDB(RepairQueue, Coordination, Passes):
         at = query.first()
         files: list[tuple[str, int, str, float]] = []
         prefixes: list[str] = []
+        # Under a delimiter the next row may well be rolled up and the rest of its batch
+        # skipped: read a few rows after each skip, more while they are files.
+        batch = SKIP_BATCH if query.delimiter else query.limit + 1
         with self._db.read() as tx:
             while True:
-                want = query.limit - len(files) - len(prefixes) + 1
+                want = min(query.limit - len(files) - len(prefixes) + 1, batch)
                 op = ">=" if at.inclusive else ">"
                 sql = f"SELECT name, size, sha256, created FROM files WHERE name {op} ?"
                 args: tuple[object, ...] = (at.key,) if end is None else (at.key, end)
@@ -790,6 +793,7 @@ class RegistryDB(RepairQueue, Coordination, Passes):
                     at = Cursor(str(name))
                 if not skipped and len(rows) < want:
                     return Page(files, prefixes, None)
+                batch = SKIP_BATCH if skipped else batch * 4
 
     def list_files(self, prefix: str = "") -> list[tuple[str, int, str, float]]:
         """Every committed file under ``prefix``, page by page into one list (tests and
@@ -830,6 +834,10 @@ class RegistryDB(RepairQueue, Coordination, Passes):
         ((files, size),) = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files")
         kept = self.stored()
         return kept[0] - int(files), kept[1] - int(size)
+
+
+#: Rows a delimited listing reads after skipping a common prefix.
+SKIP_BATCH = 8
 
 
 def _count_stored(tx: Tx, files: int, size: int) -> None:
