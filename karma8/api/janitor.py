@@ -14,8 +14,9 @@ they publish every heartbeat interval, so the janitor deletes nothing it has not
 pending for ``grace`` seconds (longer than that interval) while other servers are alive.
 
 A sweep walks the registry a page at a time (issue 14): the uploads being deleted, then
-the failed ones, in id order, then the stale copies, ``PAGE`` rows per read, each page's
-deletions done before the next page is read. Its memory does not grow with what is
+the failed ones with fragments left (not those kept only as records), in id order, then
+the stale copies, ``PAGE`` rows per read, each page's deletions done before the next
+page is read. Its memory does not grow with what is
 pending: the first-seen times of the grace are kept for at most ``SEEN_MAX`` deletions
 (the others wait for a later sweep), and only while other servers are alive.
 """

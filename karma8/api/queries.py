@@ -17,9 +17,7 @@ from karma8.core.health import file_health, fragment_state
 from karma8.core.listing import MAX_PAGE, ListQuery
 from karma8.core.protocol import encode_ok
 from karma8.errors import NotFound, TooLarge
-
-#: Moves listed in a dry run's reply (the totals always count all of them).
-PLAN_SHOWN = 1000
+from karma8.registry.planning import PLAN_SHOWN  # moves listed in a dry run's reply
 
 
 async def handle_files(session: Session, query: ListQuery) -> None:
@@ -214,15 +212,14 @@ async def handle_rebalance(session: Session, dry_run: bool) -> None:
     rebalancer = services.rebalancer
     fills = await rebalancer.fills()
     plan = await rebalancer.plan()
-    after = {f.bucket_id: f.used for f in fills}
-    for move in plan:
-        after[move.src] -= move.size
-        after[move.dst] += move.size
-    fills_after = [Fill(f.bucket_id, after[f.bucket_id], f.capacity) for f in fills]
+    fills_after = [
+        Fill(f.bucket_id, f.used + plan.changes.get(f.bucket_id, (0, 0))[0], f.capacity) for f in fills
+    ]
     summary = {
         "dry_run": dry_run,
-        "bytes": sum(m.size for m in plan),
-        "count": len(plan),
+        "bytes": plan.bytes,
+        "count": plan.count,
+        "complete": plan.complete,
         "minimum": balance.minimum_to_move(fills, rebalancer.spread_parts(len(fills))),
         "spread": _finite(balance.spread(fills)),
         "spread_after": _finite(balance.spread(fills_after)),
@@ -230,14 +227,16 @@ async def handle_rebalance(session: Session, dry_run: bool) -> None:
     if dry_run:
         shown = [
             {"name": m.name, "part": m.part, "size": m.size, "from": m.src, "to": m.dst}
-            for m in plan[:PLAN_SHOWN]
+            for m in plan.shown[:PLAN_SHOWN]
         ]
-        await session.send(encode_ok(**summary, moves=shown, truncated=len(plan) > PLAN_SHOWN))
+        changes = {b: {"bytes": n, "fragments": k} for b, (n, k) in sorted(plan.changes.items())}
+        truncated = len(shown) < plan.count or not plan.complete
+        await session.send(encode_ok(**summary, changes=changes, moves=shown, truncated=truncated))
         return
-    if plan:
+    if plan.count:
         rebalancer.request("requested by a client")
-        session.log.info("rebalance requested: %d move(s), %d bytes", len(plan), summary["bytes"])
-    await session.send(encode_ok(**summary, started=bool(plan)))
+        session.log.info("rebalance requested: %d move(s), %d bytes", plan.count, plan.bytes)
+    await session.send(encode_ok(**summary, started=bool(plan.count)))
 
 
 async def handle_repair(session: Session) -> None:

@@ -45,6 +45,7 @@ from karma8.core import balance
 from karma8.errors import BucketUnavailable, ChecksumMismatch, Karma8Error
 from karma8.registry import MoveRow, Registry
 from karma8.registry.leases import Fence, LeaseLost
+from karma8.registry.planning import Plan
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,11 @@ class Rebalancer:
         holds one of every file."""
         return min(self._config.parts + self._config.parity, max(self._config.parts, live))
 
-    async def plan(self) -> list[MoveRow]:
-        """The moves a run would make now (recorded nowhere)."""
+    async def plan(self) -> Plan:
+        """What a run would do now (recorded nowhere): totals, each bucket's change, the
+        first moves; bounded (karma8/registry/planning.py)."""
         live = self._cluster.capacities()
-        return await self._registry.plan_moves(live, self.tolerance, self.spread_parts(len(live)))
+        return await self._registry.rebalance_plan(live, self.tolerance, self.spread_parts(len(live)))
 
     async def run(self) -> None:
         """Forever: runs when requested, and when a periodic check finds the spread too wide."""
@@ -203,12 +205,17 @@ class Rebalancer:
             log.warning("%d move(s) an earlier run could not finish are abandoned; their copies go", left)
             self._janitor.poke()
         plan = await self.plan()
-        planned, count = sum(m.size for m in plan), len(plan)
-        del plan  # a plan can be long: only its totals are kept
+        planned, count = plan.bytes, plan.count
         if not planned:
             log.debug("rebalance (%s): nothing can move closer to balance", reason)
             return Progress(reason=reason, finished=time.time())
-        log.info("rebalance (%s): %d bytes to move in %d move(s)", reason, planned, count)
+        log.info(
+            "rebalance (%s): %d bytes to move in %d move(s)%s",
+            reason,
+            planned,
+            count,
+            "" if plan.complete else " at least (the plan stops there; the run goes on until even)",
+        )
         self.progress = progress = Progress("moving", reason, planned, started=time.time())
         self._planned_moves, self._ended_moves = count, 0
         self._metrics.rebalance_runs.inc()

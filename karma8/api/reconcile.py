@@ -59,6 +59,9 @@ PAGE = 1000
 ORPHANS_PER_PASS = 10_000
 #: Missing fragment ids an inventory keeps (``stat`` shows them); its count is exact.
 MISSING_KEPT = 10_000
+#: Corrupt fragment ids a scrub leaves for ``stat`` to show, at most (the repair queue
+#: holds every damaged file; the ids beyond are forgotten oldest first).
+CORRUPT_KEPT = 10_000
 
 
 class _Unpaged(Exception):
@@ -80,6 +83,29 @@ class Inventory:
     missing: frozenset[str]
     #: How many fragments are missing.
     missing_count: int
+
+
+class Capped:
+    """A set of at most ``cap`` ids: adding one more forgets the oldest."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._ids: dict[str, None] = {}  # insertion order: oldest first
+
+    def add(self, item: str) -> None:
+        self._ids.pop(item, None)
+        self._ids[item] = None
+        if len(self._ids) > self._cap:
+            del self._ids[next(iter(self._ids))]
+
+    def discard(self, item: str) -> None:
+        self._ids.pop(item, None)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 @dataclass
@@ -111,8 +137,9 @@ class Reconciler:
     config: ApiConfig
     metrics: ApiMetrics
     inventories: dict[str, Inventory] = field(default_factory=dict)
-    #: Fragments a scrub (``verify``) found corrupt, until they read back intact.
-    corrupt: set[str] = field(default_factory=set)
+    #: Fragments a scrub (``verify``) found corrupt, until they read back intact (the
+    #: latest ``CORRUPT_KEPT``).
+    corrupt: Capped = field(default_factory=lambda: Capped(CORRUPT_KEPT))
     #: Called when missing fragments were queued for repair (the repairer listens).
     on_damage: Callable[[], None] = lambda: None
     #: Whether to reconcile now (this server holds the reconciler's lease).

@@ -5,7 +5,8 @@ checksum in its footer, or when the data read back differs from the checksum the
 recorded at upload. Buckets read their own fragments: the data does not travel to the
 API. Each file is held by a read lease while it is checked, so a concurrent replacement
 cannot pass for data loss. Corrupt fragments are remembered (``stat`` shows the file as
-damaged) until a later scrub reads them back intact.
+damaged) until a later scrub reads them back intact: the latest ``CORRUPT_KEPT`` (the
+repair queue holds every damaged file).
 
 A scrub of every file walks the names a page at a time (``PAGE`` per registry read, an
 index range of the name index), so its memory does not grow with the number of files;

@@ -35,6 +35,7 @@ from karma8.registry.db import (
     UploadRow,
 )
 from karma8.registry.leases import Fence
+from karma8.registry.planning import Plan
 from karma8.registry.repairs import RepairRow
 
 __all__ = [
@@ -266,8 +267,8 @@ class Registry:
     ) -> MoveRow | None:
         return await self._run(self.db.start_move, live, tolerance, parts, frozenset(skip), fence)
 
-    async def plan_moves(self, live: Mapping[str, int], tolerance: float, parts: int) -> list[MoveRow]:
-        return await self._run(self.db.plan_moves, live, tolerance, parts)
+    async def rebalance_plan(self, live: Mapping[str, int], tolerance: float, parts: int) -> Plan:
+        return await self._run(self.db.rebalance_plan, live, tolerance, parts)
 
     async def finish_move(self, move: MoveRow, fence: Fence | None = None) -> bool:
         return await self._run(self.db.finish_move, move, fence)

@@ -44,7 +44,7 @@ from karma8.core.listing import MAX_PAGE, Cursor, ListQuery, Page, common_prefix
 from karma8.core.placement import Candidate, choose_buckets
 from karma8.core.records import Heartbeat
 from karma8.errors import Conflict, Internal
-from karma8.registry import ledger, schema
+from karma8.registry import ledger, planning, schema
 from karma8.registry.database import Database, Duplicate, Tx, open_database
 from karma8.registry.leases import Coordination, Fence, LeaseLost, check_fence, fence_holds
 from karma8.registry.passes import Passes
@@ -52,20 +52,11 @@ from karma8.registry.repairs import RepairQueue, queue_if_short
 
 log = logging.getLogger(__name__)
 
-# Fragments on the source that may move to the destination (the last three arguments):
-# parts of committed files with nothing on the destination (no part, no move, no stale
-# copy), not moving already; the second argument bounds their size.
-_MOVABLE = """
-SELECT f.upload_id, f.part, f.size FROM fragments f JOIN uploads u ON u.id = f.upload_id
-WHERE f.bucket_id = ? AND {size} AND f.size > 0 AND u.state = 'committed' AND f.state = 'ok'
-  AND NOT EXISTS (SELECT 1 FROM fragments g WHERE g.upload_id = f.upload_id AND g.bucket_id = ?)
-  AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.upload_id = f.upload_id AND (m.part = f.part OR m.dst = ?))
-  AND NOT EXISTS (SELECT 1 FROM stale s WHERE s.bucket_id = ? AND s.upload_id = f.upload_id)
-ORDER BY f.size {order}
-"""
-
-_LARGEST = _MOVABLE.format(size="f.size <= ?", order="DESC")
-_SMALLEST = _MOVABLE.format(size="f.size > ?", order="ASC")
+# Fragments on the source that may move to the destination: parts of committed files with
+# nothing on the destination (no part, no move, no stale copy), not moving already, of
+# at most / more than a size, in the order a plan reads them (karma8/registry/planning.py).
+_LARGEST = planning.movable_sql("f.size <= ?", planning.DOWN)
+_SMALLEST = planning.movable_sql("f.size > ?", planning.UP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,14 +193,12 @@ class _Movable:
         return self._first(_SMALLEST, src, above, dst)
 
     def _first(self, sql: str, src: str, size: int, dst: str) -> tuple[str, int, int] | None:
-        for upload_id, part, found in self._tx.execute(sql, (src, size, dst, dst, dst)):
+        # Only skipped fragments can come before the answer: read no more rows than that.
+        rows = self._tx.execute(sql, (src, size, dst, dst, dst, len(self._skip) + 1)).fetchall()
+        for upload_id, part, found in rows:
             if (upload_id, part) not in self._skip:
                 return str(upload_id), int(part), int(found)
         return None
-
-
-class _Rollback(Exception):
-    """Ends a transaction whose changes were only a way to compute something."""
 
 
 class RegistryDB(RepairQueue, Coordination, Passes):
@@ -251,9 +240,14 @@ class RegistryDB(RepairQueue, Coordination, Passes):
         return ledger.lock_upload(self._db, tx, upload_id)
 
     def _retire(self, tx: Tx, upload_id: str, state: str, now: float) -> None:
-        """Move a locked live upload to ``state`` (failed, deleting): off the ledger."""
+        """Move a locked live upload to ``state`` (failed, deleting): off the ledger, and
+        on the janitor's list while it has fragment rows (``to_delete``)."""
         ledger.add_uploads(tx, -1, "u.id = ?", (upload_id,))
-        tx.execute("UPDATE uploads SET state = ?, finished = ? WHERE id = ?", (state, now, upload_id))
+        tx.execute(
+            "UPDATE uploads SET state = ?, finished = ?, to_delete = CASE WHEN EXISTS"
+            " (SELECT 1 FROM fragments f WHERE f.upload_id = uploads.id) THEN 1 ELSE 0 END WHERE id = ?",
+            (state, now, upload_id),
+        )
 
     def ledger_drift(self) -> dict[str, tuple[int, int]]:
         """Buckets whose ledger row differs from the sum of the rows it counts:
@@ -559,7 +553,7 @@ class RegistryDB(RepairQueue, Coordination, Passes):
         """A bucket confirmed it no longer holds fragments of ``upload_id`` (any copy).
 
         A ``deleting`` upload with no fragment left is forgotten; a ``failed`` one stays
-        as a record of the failure.
+        as a record of the failure, off the janitor's list.
         """
         self._tx(
             [
@@ -571,6 +565,11 @@ class RegistryDB(RepairQueue, Coordination, Passes):
                 ),
                 (
                     "DELETE FROM uploads WHERE id = ? AND state = 'deleting' AND NOT EXISTS"
+                    " (SELECT 1 FROM fragments WHERE upload_id = ?)",
+                    (upload_id, upload_id),
+                ),
+                (
+                    "UPDATE uploads SET to_delete = 0 WHERE id = ? AND to_delete = 1 AND NOT EXISTS"
                     " (SELECT 1 FROM fragments WHERE upload_id = ?)",
                     (upload_id, upload_id),
                 ),
@@ -631,41 +630,30 @@ class RegistryDB(RepairQueue, Coordination, Passes):
                 return _insert_move(tx, move, time.time(), self.server_id)
         return None
 
-    def plan_moves(
-        self, live: Mapping[str, int], tolerance: float, parts: int, limit: int = 100_000
-    ) -> list[MoveRow]:
-        """The moves a run of :meth:`start_move` would make, without recording anything.
+    def rebalance_plan(
+        self,
+        live: Mapping[str, int],
+        tolerance: float,
+        parts: int,
+        *,
+        shown: int = planning.PLAN_SHOWN,
+        most: int = planning.PLAN_MAX,
+    ) -> planning.Plan:
+        """What a run of :meth:`start_move` would do now, recording nothing: totals, each
+        bucket's change and the first ``shown`` moves, at most ``most`` moves (see
+        karma8/registry/planning.py). Read-only: each planned move is taken as finished
+        (the fragment on its destination, its source copy gone), as a run sees its moves
+        when they succeed, and each fragment moves at most once."""
+        with self._db.read() as tx:
+            fills = _fills(tx, live)
+        return planning.compute(self._db, fills, tolerance, parts, shown=shown, most=most)
 
-        Inside a transaction that is rolled back, each planned move is applied as if it
-        had finished (the fragment's row switched, its stale copy already deleted), which
-        is what a run sees when its moves succeed, and each fragment moves at most once.
-        """
-        planned: list[MoveRow] = []
-        moved: set[tuple[str, int]] = set()
-        try:
-            with self._db.transaction() as tx:
-                for move in balance.plan(_fills(tx, live), tolerance, parts, _Movable(tx, moved)):
-                    sha256, name = tx.execute(
-                        "SELECT f.sha256, u.name FROM fragments f JOIN uploads u ON u.id = f.upload_id"
-                        " WHERE f.upload_id = ? AND f.part = ?",
-                        (move.upload_id, move.part),
-                    ).fetchone()
-                    tx.execute(
-                        "UPDATE fragments SET bucket_id = ? WHERE upload_id = ? AND part = ?",
-                        (move.dst, move.upload_id, move.part),
-                    )
-                    moved.add((move.upload_id, move.part))
-                    planned.append(
-                        MoveRow(
-                            move.upload_id, move.part, move.size, move.src, move.dst, str(sha256), str(name)
-                        )
-                    )
-                    if len(planned) >= limit:
-                        break
-                raise _Rollback
-        except _Rollback:
-            pass
-        return planned
+    def plan_moves(
+        self, live: Mapping[str, int], tolerance: float, parts: int, limit: int = planning.PLAN_SHOWN
+    ) -> list[MoveRow]:
+        """The first ``limit`` moves of :meth:`rebalance_plan` (tests, small registries)."""
+        plan = self.rebalance_plan(live, tolerance, parts, shown=limit, most=limit)
+        return [MoveRow(m.upload_id, m.part, m.size, m.src, m.dst, m.sha256, m.name) for m in plan.shown]
 
     def finish_move(self, move: MoveRow, fence: Fence | None = None) -> bool:
         """Make the copy on ``move.dst`` the fragment's home, atomically.

@@ -93,7 +93,9 @@ class Passes:
     ) -> tuple[list[tuple[str, str]], str | None]:
         """(upload id, bucket id) pairs whose fragments must be deleted, among up to
         ``limit`` uploads in ``state`` (``failed``, ``deleting``) after ``after``, by id;
-        not those of uploads another server's downloads still read.
+        not those of uploads another server's downloads still read. Only uploads with
+        fragment rows left are walked (``to_delete``, a partial index): a sweep's work
+        follows what is pending, not every upload that ever failed.
 
         Returns:
             (pairs, the last upload id looked at; None when no upload is left after it).
@@ -102,7 +104,7 @@ class Passes:
             ids = [
                 str(u)
                 for (u,) in tx.execute(
-                    "SELECT id FROM uploads WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+                    "SELECT id FROM uploads WHERE to_delete = 1 AND state = ? AND id > ? ORDER BY id LIMIT ?",
                     (state, after, limit),
                 )
             ]

@@ -15,10 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from karma8.core.checksums import FORMAT
 from karma8.registry import ledger
 from karma8.registry.database import Database, Tx
 from karma8.registry.leases import Fence, LeaseLost, check_fence, fence_holds
-from karma8.registry.passes import page_end
+from karma8.registry.passes import PAGE, page_end
 
 _UPSERT = """
 INSERT INTO repairs (upload_id, spare, reason, since, next_try, bad) VALUES (?, ?, ?, ?, ?, ?)
@@ -157,15 +158,44 @@ class RepairQueue:
                 after = end
         return queued
 
-    def queue_upgrades(self: _DB, parity: int, now: float) -> int:
-        """Queue committed files stored with less protection than ``parity`` or in format 1."""
+    def queue_upgrades(self: _DB, parity: int, now: float, limit: int = PAGE) -> int:
+        """Queue committed files stored with less protection than ``parity`` or in a format
+        before today's; returns how many were queued.
+
+        The registry remembers the protection the last complete queueing was done for
+        (``upgrades``): with no more parity than then and the same format, nothing can
+        have become under-protected and the walk is skipped (a normal start costs one
+        row). A start with less parity lowers the record, so that a later start with
+        more walks again and finds the files written meanwhile. The walk goes through the
+        committed uploads in id order, ``limit`` per transaction (an index range each).
+        """
         with self._db.transaction() as c:
-            return c.execute(
-                "INSERT INTO repairs (upload_id, spare, reason, since, next_try)"
-                " SELECT id, parity, 'upgrade', ?, ? FROM uploads"
-                " WHERE state = 'committed' AND (format < 2 OR parity < ?) ON CONFLICT DO NOTHING",
-                (now, now, parity),
-            ).rowcount
+            row = c.execute("SELECT parity, format FROM upgrades WHERE id = 1").fetchone()
+            if row is not None and int(row[0]) >= parity and int(row[1]) >= FORMAT:
+                if int(row[0]) > parity:
+                    c.execute("UPDATE upgrades SET parity = ? WHERE id = 1", (parity,))
+                return 0
+        queued = 0
+        after = ""
+        while True:
+            with self._db.transaction() as c:
+                end = page_end(c, "uploads", "state = 'committed' AND id > ?", "id", (after,), limit)
+                upto = "" if end is None else " AND id <= ?"
+                queued += c.execute(
+                    "INSERT INTO repairs (upload_id, spare, reason, since, next_try)"
+                    " SELECT id, parity, 'upgrade', ?, ? FROM uploads"
+                    f" WHERE state = 'committed' AND id > ?{upto} AND (format < ? OR parity < ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (now, now, after, *(() if end is None else (end,)), FORMAT, parity),
+                ).rowcount
+                if end is None:
+                    c.execute(
+                        "INSERT INTO upgrades (id, parity, format) VALUES (1, ?, ?) ON CONFLICT (id)"
+                        " DO UPDATE SET parity = excluded.parity, format = excluded.format",
+                        (parity, FORMAT),
+                    )
+                    return queued
+            after = end
 
     def repairs(self: _DB) -> list[RepairRow]:
         """The whole queue, most at risk first."""
@@ -202,14 +232,27 @@ class RepairQueue:
         }
 
     def due_repairs(self: _DB, now: float, limit: int, skip: Iterable[str] = ()) -> list[RepairRow]:
-        """Up to ``limit`` files due for repair now, most at risk first, except ``skip``."""
+        """Up to ``limit`` files due for repair now, most at risk first, except ``skip``.
+
+        One index range per count of spare fragments (a handful of values, found by a seek
+        each), so repairs that are not due yet are never read past.
+        """
         skipped = set(skip)
-        rows = self._query(
-            "SELECT upload_id, spare, reason, since, attempts, bad FROM repairs WHERE next_try <= ?"
-            " ORDER BY spare, next_try, upload_id LIMIT ?",
-            (now, limit + len(skipped)),
-        )
-        out = [RepairRow(str(u), int(s), str(r), float(t), int(a), _parts(b)) for u, s, r, t, a, b in rows]
+        want = limit + len(skipped)
+        out: list[RepairRow] = []
+        with self._db.read() as c:
+            spare = c.execute("SELECT MIN(spare) FROM repairs").fetchone()[0]
+            while spare is not None and len(out) < want:
+                rows = c.execute(
+                    "SELECT upload_id, spare, reason, since, attempts, bad FROM repairs"
+                    " WHERE spare = ? AND next_try <= ? ORDER BY next_try, upload_id LIMIT ?",
+                    (spare, now, want - len(out)),
+                ).fetchall()
+                out += [
+                    RepairRow(str(u), int(s), str(r), float(t), int(a), _parts(b))
+                    for u, s, r, t, a, b in rows
+                ]
+                spare = c.execute("SELECT MIN(spare) FROM repairs WHERE spare > ?", (spare,)).fetchone()[0]
         return [r for r in out if r.upload_id not in skipped][:limit]
 
     def repair_later(self: _DB, upload_id: str, spare: int, bad: Iterable[int], next_try: float) -> None:

@@ -291,10 +291,32 @@ CREATE TABLE reads (
 # upload ids are lowercase hex, which every collation orders as bytes, as buckets do).
 # ``stored`` counts the committed files and their bytes (one row, kept by the statements
 # that add and remove ``files`` rows): /status reads it instead of counting ``files``.
+# The rebalancer reads a bucket's fragments by size in one total order (size, upload id,
+# part) so that a plan resumes where it left off (karma8/registry/planning.py); that
+# index replaces the one by size alone, and ``uploads_state_id`` the one by state alone.
+# ``to_delete`` marks the failed and deleted uploads with fragment rows left (cleared
+# when the last goes): the janitor walks those only, not every failed upload ever.
+# ``upgrades`` remembers the protection the last queueing of under-protected files was
+# done for (karma8/registry/repairs.py), so a start with the same config skips it;
+# ``repairs_due`` lets the repairer read the due repairs of each spare count in order.
 V4 = """
 CREATE INDEX fragments_bucket_upload ON fragments(bucket_id, upload_id, part);
+DROP INDEX fragments_bucket_size;
+CREATE INDEX fragments_bucket_size_id ON fragments(bucket_id, size, upload_id, part);
 CREATE INDEX moves_dst_upload ON moves(dst, upload_id, part);
 CREATE INDEX uploads_state_id ON uploads(state, id);
+DROP INDEX uploads_state;
+ALTER TABLE uploads ADD COLUMN to_delete INTEGER NOT NULL DEFAULT 0;
+UPDATE uploads SET to_delete = 1 WHERE state IN ('failed', 'deleting')
+    AND EXISTS (SELECT 1 FROM fragments f WHERE f.upload_id = uploads.id);
+CREATE INDEX uploads_to_delete ON uploads(state, id) WHERE to_delete = 1;
+CREATE TABLE upgrades (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    parity INTEGER NOT NULL,
+    format INTEGER NOT NULL
+);
+DROP INDEX repairs_order;
+CREATE INDEX repairs_due ON repairs(spare, next_try, upload_id);
 CREATE TABLE stored (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     files BIGINT NOT NULL,

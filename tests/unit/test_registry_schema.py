@@ -14,6 +14,7 @@ from karma8.registry.db import RegistryDB
 
 DIGEST = "ef" * 32
 UID = "0123456789abcdef" * 2
+FAILED, CLEANED = "1" * 32, "2" * 32
 
 
 def _version_2(path: Path) -> None:
@@ -96,6 +97,21 @@ def _version_3(url: str) -> None:
                     (UID, part, f"b{part}"),
                 )
             tx.execute("INSERT INTO placed (bucket_id, bytes, fragments) VALUES ('b0', 30, 1), ('b1', 30, 1)")
+            # Failed uploads: one with a fragment still to delete, one long cleaned up; and
+            # a file waiting for repair.
+            for upload_id in (FAILED, CLEANED):
+                tx.execute(
+                    "INSERT INTO uploads (id, name, size, parts, unit, state, created)"
+                    " VALUES (?, 'b', 30, 1, 16, 'failed', 1)",
+                    (upload_id,),
+                )
+            tx.execute(
+                "INSERT INTO fragments (upload_id, part, bucket_id, size) VALUES (?, 0, 'b1', 30)", (FAILED,)
+            )
+            tx.execute(
+                "INSERT INTO repairs (upload_id, spare, reason, since, next_try) VALUES (?, 0, 'x', 1, 1)",
+                (UID,),
+            )
             tx.execute(
                 "INSERT INTO files (name, upload_id, size, sha256, created) VALUES ('a', ?, 60, ?, 1)",
                 (UID, DIGEST),
@@ -116,10 +132,27 @@ def test_a_version_3_registry_migrates_in_place(registry_url: str) -> None:
     try:
         with db.database.read() as tx:
             assert schema.version(db.database, tx) == schema.VERSION == 4
-        assert {"fragments_bucket_upload", "moves_dst_upload", "uploads_state_id"} <= _indexes(db)
+        indexes = _indexes(db)
+        assert {
+            "fragments_bucket_upload",
+            "fragments_bucket_size_id",
+            "moves_dst_upload",
+            "uploads_state_id",
+            "uploads_to_delete",
+            "repairs_due",
+        } <= indexes
+        assert not {"fragments_bucket_size", "uploads_state", "repairs_order"} & indexes
+        # Only the failed upload with a fragment left is walked by the janitor.
+        assert db.deletions_page("failed", "", 10) == ([(FAILED, "b1")], None)
+        assert [r.upload_id for r in db.due_repairs(5.0, 10)] == [UID]
+        # No queueing of upgrades was recorded: the first start walks the files (the one
+        # in format 1 is in the queue already) and records it.
+        assert db._query("SELECT parity, format FROM upgrades") == []
+        assert db.queue_upgrades(0, 5.0) == 0
+        assert db._query("SELECT parity, format FROM upgrades") == [(0, 2)]
         assert db.ledger_drift() == {}
         assert db.stored() == (1, 60)  # the file counter starts at what the files rows hold
-        assert db.expected_page("b1", "", 10) == ({UID + ".1": "committed"}, None)
+        assert db.expected_page("b1", "", 10) == ({UID + ".1": "committed", FAILED + ".0": "failed"}, None)
         file = db.lookup("a")
         assert file is not None
         assert [f.bucket_id for f in file.fragments] == ["b0", "b1"]
