@@ -184,4 +184,31 @@ def _overshooting_move(
                 and (src.used - size) / goal[src.bucket_id] >= low
             ):
                 return Move(upload_id, part, size, src.bucket_id, dst.bucket_id)
+    return _narrowing_move(state, goal, movable)
+
+
+def _narrowing_move(state: dict[str, Fill], goal: dict[str, float], movable: Movable) -> Move | None:
+    """Last resort: a fragment off the fullest bucket (relative to its target), or onto the
+    emptiest, that narrows the spread, wherever it goes or comes from (the moves above
+    only go from buckets over their target to buckets under it). The spread shrinks with
+    every such move, so a plan of them ends."""
+    usable = [f for f in state.values() if goal[f.bucket_id] > 0]
+    if len(usable) < 2:
+        return None
+    ratio = {f.bucket_id: f.used / goal[f.bucket_id] for f in usable}
+    now = max(ratio.values()) / min(ratio.values()) if min(ratio.values()) > 0 else math.inf
+    fullest = max(usable, key=lambda f: ratio[f.bucket_id])
+    emptiest = min(usable, key=lambda f: ratio[f.bucket_id])
+    pairs = [(fullest, f) for f in sorted(usable, key=lambda f: ratio[f.bucket_id]) if f is not fullest]
+    pairs += [(f, emptiest) for f in sorted(usable, key=lambda f: -ratio[f.bucket_id]) if f is not emptiest]
+    for src, dst in pairs:
+        found = movable.smallest(src.bucket_id, dst.bucket_id, 0)
+        if found is None or found[2] > dst.capacity - dst.used:
+            continue
+        upload_id, part, size = found
+        after = dict(ratio)
+        after[src.bucket_id] = (src.used - size) / goal[src.bucket_id]
+        after[dst.bucket_id] = (dst.used + size) / goal[dst.bucket_id]
+        if min(after.values()) > 0 and max(after.values()) / min(after.values()) < now - 1e-12:
+            return Move(upload_id, part, size, src.bucket_id, dst.bucket_id)
     return None

@@ -96,6 +96,7 @@ def test_no_bucket_is_targeted_above_one_part_of_every_file() -> None:
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), old=st.integers(6, 10), new=st.integers(1, 6))
 @example(seed=7245, old=7, new=1)  # ends with an overshooting move
+@example(seed=124, old=8, new=1)  # ends with moves that only narrow the spread (1.02539 before)
 def test_plan_moves_about_the_minimum_and_reaches_the_tolerance(seed: int, old: int, new: int) -> None:
     movable = _cluster(seed, files=200, old=old, new=new)
     capacity = dict.fromkeys(movable.layout, 4 * GiB)
