@@ -53,6 +53,7 @@ from chaos_model import (
 from chaos_ops import Chaos, pool_names, verify_listing, worker
 from chaos_stack import Stack
 from chaos_store import RegistryView
+from throwaway_pg import throwaway_postgres
 
 from karma8.config import parse_size
 from karma8.errors import Karma8Error
@@ -185,19 +186,8 @@ def registry_url(options: Options) -> Iterator[str | None]:
     if options.registry != "postgresql":
         yield options.registry
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.pg import PostgresCluster, PostgresError
-
-    try:
-        cluster = PostgresCluster()
-        cluster.start()
-    except PostgresError as exc:
-        raise ChaosError(f"cannot start a throwaway PostgreSQL: {exc}") from exc
-    try:
-        note(f"throwaway PostgreSQL in {cluster.directory}")
+    with throwaway_postgres(note, ChaosError) as cluster:
         yield cluster.create_database("karma8")
-    finally:
-        cluster.stop()
 
 
 async def run(options: Options, root: Path) -> Stats:

@@ -65,6 +65,7 @@ from bench_model import note
 from chaos_model import ChaosError
 from scale_build import Shape, bucket_ids, build_registry, write_bucket_dirs
 from scale_run import Result, ScaleError, run_size
+from throwaway_pg import throwaway_postgres
 
 from karma8 import __version__
 from karma8.errors import Karma8Error
@@ -160,19 +161,8 @@ def postgres(options: Options) -> Iterator[Any]:
     if options.registry != "postgresql":
         yield None
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.pg import PostgresCluster, PostgresError
-
-    try:
-        cluster = PostgresCluster()
-        cluster.start()
-    except PostgresError as exc:
-        raise ScaleError(f"cannot start a throwaway PostgreSQL: {exc}") from exc
-    try:
-        note(f"throwaway PostgreSQL in {cluster.directory}")
+    with throwaway_postgres(note, ScaleError) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def registry_url(options: Options, cluster: Any, root: Path, files: int) -> str | None:
