@@ -45,7 +45,6 @@ async def handle_stat(session: Session, name: str) -> None:
     found = await services.registry.lookup(name)
     if found is None:
         raise NotFound(name)
-    missing = services.reconciler.missing()
     corrupt = services.reconciler.corrupt
     repairing = await services.registry.repairing(found.upload.upload_id)
     parts: list[dict[str, object]] = []
@@ -72,9 +71,10 @@ async def handle_stat(session: Session, name: str) -> None:
             continue
         fid = fragment_id(f.upload_id, f.part)
         live = services.cluster.is_live(f.bucket_id)
-        problem = "missing" if fid in missing else "corrupt" if fid in corrupt else None
+        missing = services.reconciler.is_missing(f.bucket_id, fid)
+        problem = "missing" if missing else "corrupt" if fid in corrupt else None
         state = fragment_state(
-            f.state, live=live, missing=fid in missing, corrupt=fid in corrupt, repairing=part in repairing
+            f.state, live=live, missing=missing, corrupt=fid in corrupt, repairing=part in repairing
         )
         parts.append(
             {

@@ -115,6 +115,7 @@ async def read_fragments(
     buckets: Mapping[int, Bucket | Karma8Error],
     limits: Limits,
     checked: bool,
+    failed: dict[int, Karma8Error] | None = None,
 ) -> dict[int, Karma8Error]:
     """Pass the file's data units, in order, to ``deliver``.
 
@@ -122,6 +123,8 @@ async def read_fragments(
         buckets: the bucket of each fragment that was written, or why it cannot be read
             (its bucket is not live); fragments never written (owed) are left out.
         checked: the fragments carry a crc32c per unit (format 2).
+        failed: where to record the fragments read around as they fail (also when the read
+            then fails as a whole); a new dict by default.
 
     Returns:
         The written fragments read around (part -> why): the file needs repair if any.
@@ -132,7 +135,7 @@ async def read_fragments(
     """
     try:
         async with trio.open_nursery() as nursery:
-            reader = _Reader(nursery, layout, scheme, upload_id, buckets, limits, checked)
+            reader = _Reader(nursery, layout, scheme, upload_id, buckets, limits, checked, failed)
             await reader.run(deliver)
             nursery.cancel_scope.cancel()  # parity read ahead past the end, if any
     except BaseExceptionGroup as group:
@@ -150,6 +153,7 @@ class _Reader:
         buckets: Mapping[int, Bucket | Karma8Error],
         limits: Limits,
         checked: bool,
+        failed: dict[int, Karma8Error] | None,
     ) -> None:
         self._nursery = nursery
         self._layout = layout
@@ -160,7 +164,7 @@ class _Reader:
         self._checked = checked
         self._sources: dict[int, _Source] = {}
         self._next_parity = scheme.data
-        self.failed: dict[int, Karma8Error] = {}
+        self.failed: dict[int, Karma8Error] = failed if failed is not None else {}
         #: Parts never written (owed to repair).
         self.absent: list[int] = []
 

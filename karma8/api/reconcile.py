@@ -154,10 +154,11 @@ class Reconciler:
         self._due.add(bucket_id)
         self._wake.set()
 
-    def missing(self) -> set[str]:
-        """Fragment ids of committed files that their bucket lacks, per the last reports
-        (at most ``MISSING_KEPT`` per bucket)."""
-        return set().union(*(inv.missing for inv in self.inventories.values()))
+    def is_missing(self, bucket_id: str, fragment_id: str) -> bool:
+        """Whether ``bucket_id``'s last report lacked ``fragment_id`` (of the at most
+        ``MISSING_KEPT`` missing ids a report keeps)."""
+        inventory = self.inventories.get(bucket_id)
+        return inventory is not None and fragment_id in inventory.missing
 
     def missing_count(self) -> int:
         """How many fragments of committed files their buckets lack, per the last reports."""

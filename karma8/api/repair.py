@@ -127,6 +127,8 @@ class Repairer:
         self._throttle = Throttle(config.repair_bandwidth)
         self._wake = trio.Event()
         self._running: set[str] = set()
+        #: Damaged fragments a repair of an upload ran into (kept for its error path).
+        self._found_damaged: dict[str, set[int]] = {}
         self._retry_all = False
         self.progress = RepairProgress()
         #: Whether to repair now (this server holds the repair lease), and the lease to
@@ -203,10 +205,15 @@ class Repairer:
             self.progress.failed += 1
             self._metrics.repairs.labels("failed").inc()
             log.warning("upload=%s repair failed: %s", row.upload_id, exc.message)
-            await self._registry.repair_later(row.upload_id, row.spare, row.bad, _backoff(row.attempts))
+            # A damaged fragment the read ran into is rebuilt next time, not read again,
+            # and soon: the file is one fault closer to loss.
+            found = self._found_damaged.pop(row.upload_id, set()) - row.bad
+            delay = self._config.repair_interval if found else _backoff(row.attempts)
+            await self._registry.repair_later(row.upload_id, row.spare, row.bad | found, delay)
         finally:
             self.progress.running -= 1
             self._running.discard(row.upload_id)
+            self._found_damaged.pop(row.upload_id, None)
 
     async def _repair(self, row: RepairRow) -> None:
         upload = await self._registry.upload(row.upload_id)
@@ -348,11 +355,20 @@ class Repairer:
 
         async def read() -> None:
             async with send:
-                failed.update(
+                try:
                     await read_fragments(
-                        deliver, layout, scheme, source.upload_id, sources, limits, checked=source.format >= 2
+                        deliver,
+                        layout,
+                        scheme,
+                        source.upload_id,
+                        sources,
+                        limits,
+                        checked=source.format >= 2,
+                        failed=failed,
                     )
-                )
+                finally:
+                    if damaged(failed):  # also when the read fails as a whole
+                        self._found_damaged[source.upload_id] = damaged(failed)
 
         async def next_unit() -> bytes:
             try:

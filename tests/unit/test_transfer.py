@@ -110,6 +110,27 @@ async def test_a_third_lost_fragment_is_a_clear_error_not_wrong_bytes() -> None:
     assert delivered == []
 
 
+async def test_a_read_that_fails_still_tells_which_fragments_it_found_damaged() -> None:
+    """What repair needs to rebuild a damaged fragment it ran into, rather than read it
+    again, when the read as a whole failed (a part owed, a parity down, one damaged)."""
+    buckets = fleet(8)
+    layout, _, _ = await _write(_data(SIZE), buckets)
+    buckets[2].fragments.clear()  # never written (owed)
+    buckets[6].damage_at = 0
+    buckets[7].down = True
+    failed: dict[int, Karma8Error] = {}
+
+    async def deliver(unit: bytes) -> None:
+        pass
+
+    with pytest.raises(Unreadable):
+        await read_fragments(
+            deliver, layout, SCHEME, UPLOAD, usable(buckets), LIMITS, checked=True, failed=failed
+        )
+    assert damaged(failed) == {2, 6}  # gone and damaged: rebuild both
+    assert isinstance(failed[7], BucketUnavailable)  # down: not damaged
+
+
 @pytest.mark.parametrize("at", [0, 1, 3])
 async def test_a_fragment_failing_mid_read_is_read_around_from_that_stripe(at: int) -> None:
     buckets = fleet(8)
