@@ -11,8 +11,9 @@
   bucket (a new identity) started in its place. Its fragments must be rebuilt elsewhere.
 - ``bit_flip``: one bit flipped in a fragment file on a bucket's disk (data, checksums or
   footer). Reads must go around it and repair must rewrite it. At most one flip per
-  version of a file, so that a flip and a lost bucket never exceed the 2 losses a 6+2
-  file is promised to survive.
+  version of a file, and only on a file with every fragment written and nothing queued
+  for repair, so that a flip and a lost bucket never exceed the 2 losses a 6+2 file is
+  promised to survive (a file acknowledged with a fragment owed has one loss already).
 
 A fault that could not be injected (the upload failed or completed before the cut) is
 counted as a miss.
@@ -237,6 +238,9 @@ async def flip_bits(ctx: Chaos, rng: random.Random) -> None:
             ctx.stats.fault_misses["bit_flip"] += 1
             continue
         path = candidates[int(pick * len(candidates))]
+        if not await ctx.registry.fully_protected(path.name.split(".")[0]):
+            ctx.stats.fault_misses["bit_flip"] += 1  # owed a fragment, in repair, or not committed
+            continue
         if await trio.to_thread.run_sync(_flip, path, rng.getrandbits(64)):
             flipped.add(path.name.split(".")[0])
             ctx.stats.faults["bit_flip"] += 1

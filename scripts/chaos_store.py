@@ -78,6 +78,21 @@ class RegistryView:
         rows = self._open()._query("SELECT id FROM uploads WHERE name = ? AND state = 'in_progress'", (name,))
         return {str(r[0]) for r in rows}
 
+    def _fully_protected(self, upload_id: str) -> bool:
+        rows = self._open()._query(
+            "SELECT 1 FROM uploads u WHERE u.id = ? AND u.state = 'committed'"
+            " AND NOT EXISTS (SELECT 1 FROM repairs r WHERE r.upload_id = u.id)"
+            " AND (SELECT COUNT(*) FROM fragments f WHERE f.upload_id = u.id AND f.state = 'ok')"
+            " = u.parts + u.parity",
+            (upload_id,),
+        )
+        return bool(rows)
+
+    async def fully_protected(self, upload_id: str) -> bool:
+        """Whether ``upload_id`` is committed with every fragment of its scheme written and
+        nothing queued for repair (it can take 2 more losses)."""
+        return await trio.to_thread.run_sync(self._fully_protected, upload_id, limiter=self._limiter)
+
     async def in_progress(self, name: str) -> set[str]:
         """Ids of the uploads of ``name`` the registry has in progress."""
         return await trio.to_thread.run_sync(self._in_progress, name, limiter=self._limiter)
