@@ -127,8 +127,6 @@ class Repairer:
         self._throttle = Throttle(config.repair_bandwidth)
         self._wake = trio.Event()
         self._running: set[str] = set()
-        #: Damaged fragments a repair of an upload ran into (kept for its error path).
-        self._found_damaged: dict[str, set[int]] = {}
         self._retry_all = False
         self.progress = RepairProgress()
         #: Whether to repair now (this server holds the repair lease), and the lease to
@@ -194,9 +192,11 @@ class Repairer:
         self.progress.running += 1
         if self.progress.started is None:
             self.progress.started = time.time()
+        # The fragments a repair's read went around, also when the read then failed.
+        failed_reads: dict[int, Karma8Error] = {}
         try:
             with self._leases.hold(row.upload_id):
-                await self._repair(row)
+                await self._repair(row, failed_reads)
         except LeaseLost as exc:
             log.warning("upload=%s repair dropped: %s", row.upload_id, exc)
         except RegistryUnavailable as exc:  # it stays queued; tried again once the registry is back
@@ -207,15 +207,14 @@ class Repairer:
             log.warning("upload=%s repair failed: %s", row.upload_id, exc.message)
             # A damaged fragment the read ran into is rebuilt next time, not read again,
             # and soon: the file is one fault closer to loss.
-            found = self._found_damaged.pop(row.upload_id, set()) - row.bad
+            found = damaged(failed_reads) - row.bad
             delay = self._config.repair_interval if found else _backoff(row.attempts)
             await self._registry.repair_later(row.upload_id, row.spare, row.bad | found, delay)
         finally:
             self.progress.running -= 1
             self._running.discard(row.upload_id)
-            self._found_damaged.pop(row.upload_id, None)
 
-    async def _repair(self, row: RepairRow) -> None:
+    async def _repair(self, row: RepairRow, failed_reads: dict[int, Karma8Error]) -> None:
         upload = await self._registry.upload(row.upload_id)
         if upload is None or upload.state != "committed":
             await self._registry.repair_done(row.upload_id)
@@ -255,10 +254,9 @@ class Repairer:
         accepted = await self._registry.start_repair_copies(row.upload_id, plan.targets, sizes, fence)
         targets = {p: b for p, b in plan.targets.items() if p in accepted}
         stored: dict[int, str] = {}
-        failed_reads: dict[int, Karma8Error] = {}
         try:
             if targets:
-                stored, failed_reads = await self._copy(upload, layout, plan, targets, throttled=spare > 0)
+                stored = await self._copy(upload, layout, plan, targets, failed_reads, throttled=spare > 0)
         finally:
             with trio.CancelScope(shield=True):
                 switched = await self._registry.finish_repair_copies(
@@ -333,18 +331,23 @@ class Repairer:
         return dict(zip(parts, chosen, strict=False))
 
     async def _pipe(
-        self, source: UploadRow, sources: dict[int, Bucket], target: _Target, *, throttled: bool
-    ) -> tuple[Written, dict[int, Karma8Error]]:
+        self,
+        source: UploadRow,
+        sources: dict[int, Bucket],
+        target: _Target,
+        failed: dict[int, Karma8Error],
+        *,
+        throttled: bool,
+    ) -> Written:
         """Read ``source`` from ``sources`` and write ``target``'s fragments from its bytes.
 
-        Returns what was written (with the sha256 of the bytes read) and the fragments
-        that had to be read around.
+        Returns what was written (with the sha256 of the bytes read); the fragments that
+        had to be read around go into ``failed`` as they fail (also when the read fails).
         """
         limits = Limits.of(self._config)
         scheme = source.scheme
         layout = Layout(source.size, scheme.data, source.unit, scheme.parity)
         send, receive = trio.open_memory_channel[bytes](self._config.queue_depth)
-        failed: dict[int, Karma8Error] = {}
 
         async def deliver(unit: bytes) -> None:
             if throttled:
@@ -355,20 +358,8 @@ class Repairer:
 
         async def read() -> None:
             async with send:
-                try:
-                    await read_fragments(
-                        deliver,
-                        layout,
-                        scheme,
-                        source.upload_id,
-                        sources,
-                        limits,
-                        checked=source.format >= 2,
-                        failed=failed,
-                    )
-                finally:
-                    if damaged(failed):  # also when the read fails as a whole
-                        self._found_damaged[source.upload_id] = damaged(failed)
+                upload_id, checked = source.upload_id, source.format >= 2
+                await read_fragments(deliver, layout, scheme, upload_id, sources, limits, checked, failed)
 
         async def next_unit() -> bytes:
             try:
@@ -392,15 +383,23 @@ class Repairer:
             raise first_error(group) from None
         for part, exc in written.failed.items():
             log.warning("upload=%s writing part %d failed: %s", target.upload_id, part, exc.message)
-        return written, failed
+        return written
 
     async def _copy(
-        self, upload: UploadRow, layout: Layout, plan: _Plan, targets: dict[int, str], *, throttled: bool
-    ) -> tuple[dict[int, str], dict[int, Karma8Error]]:
-        """Read the file from the sources and write the parts in ``targets``."""
+        self,
+        upload: UploadRow,
+        layout: Layout,
+        plan: _Plan,
+        targets: dict[int, str],
+        failed: dict[int, Karma8Error],
+        *,
+        throttled: bool,
+    ) -> dict[int, str]:
+        """Read the file from the sources and write the parts in ``targets``; the fragments
+        read around go into ``failed``."""
         writers = {p: self._cluster.client(b) for p, b in targets.items()}
         target = _Target(upload.upload_id, layout, upload.scheme, writers, 1)
-        written, failed = await self._pipe(upload, dict(plan.sources), target, throttled=throttled)
+        written = await self._pipe(upload, dict(plan.sources), target, failed, throttled=throttled)
         if written.sha256 != upload.sha256:
             log.error(
                 "upload=%s: the file read for repair has sha256 %s, not the committed %s; nothing switched",
@@ -408,8 +407,8 @@ class Repairer:
                 written.sha256,
                 upload.sha256,
             )
-            return {}, failed
-        return written.stored, failed
+            return {}
+        return written.stored
 
     async def _upgrade(self, upload: UploadRow, row: RepairRow) -> None:
         """Rewrite a file stored with less protection than configured (or before erasure
@@ -438,7 +437,7 @@ class Repairer:
         try:
             writers = {p: self._cluster.client(b) for p, b in enumerate(bucket_ids)}
             target = _Target(new_id, layout, scheme, writers, scheme.width)
-            written, _ = await self._pipe(upload, sources, target, throttled=True)
+            written = await self._pipe(upload, sources, target, {}, throttled=True)
             if written.sha256 != upload.sha256:
                 raise ChecksumMismatch(f"read back sha256 {written.sha256}, committed {upload.sha256}")
             await self._registry.commit_upload(

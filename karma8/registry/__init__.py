@@ -224,9 +224,6 @@ class Registry:
     async def fragments(self, upload_id: str) -> list[FragmentRow]:
         return await self._run(self.db.fragments, upload_id)
 
-    async def pending_deletions(self) -> list[tuple[str, str]]:
-        return await self._run(self.db.pending_deletions)
-
     async def fragments_deleted(self, upload_id: str, bucket_id: str) -> None:
         await self._run(self.db.fragments_deleted, upload_id, bucket_id)
 
@@ -279,17 +276,11 @@ class Registry:
     async def abandon_own_moves(self) -> int:
         return await self._run(self.db.abandon_own_moves)
 
-    async def pending_stale(self) -> list[StaleRow]:
-        return await self._run(self.db.pending_stale)
-
     async def stale_deleted(self, bucket_id: str, upload_id: str, parts: Iterable[int]) -> None:
         await self._run(self.db.stale_deleted, bucket_id, upload_id, list(parts))
 
     async def lookup(self, name: str) -> FileRow | None:
         return await self._run(self.db.lookup, name)
-
-    async def list_files(self, prefix: str = "") -> list[tuple[str, int, str, float]]:
-        return await self._run(self.db.list_files, prefix)
 
     async def list_page(self, query: ListQuery) -> Page:
         return await self._run(self.db.list_page, query)

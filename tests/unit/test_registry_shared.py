@@ -5,7 +5,6 @@ races between them come from threads started together."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
@@ -17,6 +16,7 @@ from karma8.errors import Conflict
 from karma8.registry import retrying
 from karma8.registry.db import BucketSpace, RegistryDB, UploadRow
 from karma8.registry.leases import Fence, LeaseLost
+from tests.polling import poll_until
 
 DIGEST = "12" * 32
 SCHEME = Scheme.of(3, 1)
@@ -210,12 +210,8 @@ def test_a_silent_server_is_reaped_once_when_two_servers_reap_at_once(servers: l
 
 def _wait_for_a_lock_wait(db: RegistryDB) -> None:
     """Poll until another session of the database waits on a lock (PostgreSQL)."""
-    deadline = time.monotonic() + 30
-    while not db._query(
-        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-    ):
-        assert time.monotonic() < deadline, "no session waited on a lock"
-        time.sleep(0.01)
+    sql = "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    poll_until(lambda: db._query(sql), "a session waiting on a lock")
 
 
 def _expire(db: RegistryDB, job: str) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from karma8.registry.database import SQLite
+from tests.polling import poll_until
 
 DEADLINE = 30.0
 
@@ -28,13 +28,6 @@ def db(tmp_path: Path) -> Iterator[SQLite]:
         )
     yield database
     database.close()
-
-
-def _poll(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
 
 
 def _commits(db: SQLite) -> list[str]:
@@ -83,10 +76,10 @@ def _group(db: SQLite, *others: tuple[int, bool]) -> Writers:
     """Transaction 1 holds the turn while ``others`` queue behind it, then all run."""
     writers = Writers(db)
     writers.start(1, hold=True)
-    _poll(lambda: db._open)
+    poll_until(lambda: db._open, "a group open")
     for key, fail in others:
         writers.start(key, fail=fail)
-    _poll(lambda: db._wanting == len(others))
+    poll_until(lambda: db._wanting == len(others), "the others queued")
     writers.release.set()
     writers.join()
     return writers
@@ -118,10 +111,10 @@ def test_a_failing_transaction_leaves_its_group_alone(db: SQLite) -> None:
 def test_a_failed_commit_fails_every_member(db: SQLite) -> None:
     writers = Writers(db)
     writers.start(1, hold=True)
-    _poll(lambda: db._open)
+    poll_until(lambda: db._open, "a group open")
     writers.start(2, parent=99)  # no parent 99: the deferred foreign key fails the COMMIT
     writers.start(3)
-    _poll(lambda: db._wanting == 2)
+    poll_until(lambda: db._wanting == 2, "two queued")
     writers.release.set()
     writers.join()
     assert sorted(writers.errors) == [1, 2, 3]
@@ -135,7 +128,7 @@ def test_a_failed_commit_fails_every_member(db: SQLite) -> None:
 def test_reads_run_beside_an_open_group_and_see_only_commits(db: SQLite) -> None:
     writers = Writers(db)
     writers.start(1, hold=True)
-    _poll(lambda: db._open)
+    poll_until(lambda: db._open, "a group open")
     assert _ids(db) == []  # not blocked, and the uncommitted row is not seen
     writers.release.set()
     writers.join()
