@@ -8,8 +8,10 @@ processes, scripts/chaos_stack.py) and measures, each ``--repeat`` times (median
 
 - a 1,000-name prefix listing (one page), the first page of a full listing, a delimiter
   listing of the top level, stat of one name, the download of a small file, each one
-  request on its own WebSocket connection as a client makes it; the registry's own
-  lookup and page, in this process (what the database costs without the server);
+  request on its own WebSocket connection as a client makes it; a connection alone
+  (opened and closed); the API's own time of the download (its duration histogram);
+  the registry's own lookup and page, in this process (what the database costs without
+  the server);
 - walking the full listing with ``karma8 ls -r`` as a subprocess (``--slow-repeat``
   times): names/s, the API's and the client's peak RSS;
 - API start: spawn to ready file, on the full registry (the API restarted);
@@ -30,6 +32,9 @@ first (only bucket 0 is live), then the lease is let go: the API takes it and
 reconciles bucket 0, the pass timed from the API's log ("holding the lease" to
 "reconciled"). A few small files are uploaded through the client after start for the
 downloads (their fragments are real).
+
+``--skip`` leaves out the walk, the plan or the reconciliation pass (and with it bucket
+0's fragment files, which the build would otherwise write, one empty file per file).
 
 It prints one table, the run at ``--files`` beside the run at ``--baseline`` with the
 ratio, and the targets of issue 14 (which are for 10M files). Exit status 0 when every
@@ -82,6 +87,8 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("delimiter_ms", "top level with delimiter /", "ms", "< 50 ms"),
     ("stat_ms", "stat of one name", "ms", "< 5 ms"),
     ("download_ms", "download of a small file", "ms", "< 5 ms (lookup)"),
+    ("connect_ms", "connection alone (open, close)", "ms", ""),
+    ("download_api_ms", "download: API's own time", "ms", ""),
     ("db_lookup_ms", "registry lookup, in process", "ms", ""),
     ("db_page_ms", "registry page of 1,000, in process", "ms", ""),
     ("walk_s", "ls -r to the end", "s", ""),
@@ -108,6 +115,11 @@ class Options:
     seed: int
     log_level: str
     plan_timeout: float
+    skip: frozenset[str]
+
+
+#: What ``--skip`` can leave out.
+SKIPPABLE = ("walk", "plan", "reconcile")
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -131,12 +143,21 @@ def parse_args(argv: Sequence[str]) -> Options:
     )
     parser.add_argument("--data", type=Path, help="where the registries and stacks live [a temporary dir]")
     parser.add_argument("--keep", action="store_true", help="keep the data (and reuse a kept registry)")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="leave out some of walk, plan, reconcile (comma-separated); without reconcile, bucket 0"
+        " gets no fragment files either []",
+    )
     parser.add_argument("--json", type=Path, help="write every sample here")
     parser.add_argument("--seed", type=int, default=1, help="names, sizes and ids are drawn from it [1]")
     parser.add_argument("--log-level", default="info", help="the stack's log level [info]")
     args = parser.parse_args(argv)
     if args.files < 1 or args.baseline < 0 or args.repeat < 1 or args.slow_repeat < 1:
         parser.error("--files, --repeat and --slow-repeat must be >= 1, --baseline >= 0")
+    skip = frozenset(filter(None, args.skip.split(",")))
+    if skip - set(SKIPPABLE):
+        parser.error(f"--skip: one or more of {', '.join(SKIPPABLE)}")
     return Options(
         args.files,
         args.baseline,
@@ -149,6 +170,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         args.seed,
         args.log_level,
         args.plan_timeout,
+        skip,
     )
 
 
@@ -185,7 +207,13 @@ def prepare(options: Options, root: Path, files: int, url: str | None) -> tuple[
         (what the build recorded, the registry URL the script opens).
     """
     db_url = url if url is not None else str(root / "api" / "registry.sqlite3")
-    key = {"files": files, "seed": options.seed, "registry": options.registry}
+    fragment_files = "reconcile" not in options.skip
+    key = {
+        "files": files,
+        "seed": options.seed,
+        "registry": options.registry,
+        "fragment_files": fragment_files,
+    }
     marker = _marker(root)
     if options.keep and url is None and marker.exists():
         built: dict[str, Any] = json.loads(marker.read_text())
@@ -198,7 +226,8 @@ def prepare(options: Options, root: Path, files: int, url: str | None) -> tuple[
     ids = bucket_ids(10, options.seed)
     write_bucket_dirs(root, ids)
     note(f"{files:,} files: building the registry ({db_url if url is None else options.registry})")
-    b = build_registry(db_url, Shape(files), ids[:8], options.seed, root / "bucket-0", note)
+    holder = root / "bucket-0" if fragment_files else None
+    b = build_registry(db_url, Shape(files), ids[:8], options.seed, holder, note)
     size = registry_bytes(db_url)
     built = {
         **key,
@@ -307,6 +336,7 @@ async def main_async(options: Options, data: Path) -> list[Result]:
                 options.slow_repeat,
                 options.plan_timeout,
                 options.log_level,
+                options.skip,
             )
             results.append(result)
             if not options.keep:
@@ -363,6 +393,7 @@ def _options_json(options: Options) -> dict[str, object]:
         "registry": options.registry if options.registry in ("sqlite", "postgresql") else "url",
         "seed": options.seed,
         "plan_timeout": options.plan_timeout,
+        "skip": sorted(options.skip),
     }
 
 

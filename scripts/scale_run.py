@@ -10,6 +10,7 @@ import re
 import statistics
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,7 @@ class Run:
         for key, value in API_SETTINGS.items():
             self.stack.env[f"KARMA8_API_{key.upper()}"] = value
         self.stack.env["KARMA8_LOG_FORMAT"] = "json"
+        self.stack.env["KARMA8_API_METRICS_PORT"] = "0"  # the API's own time of a download
         self.client = Client(ClientConfig(api=self.stack.url, connect_timeout=30.0, idle_timeout=600.0))
         self.rng = random.Random(files)
 
@@ -222,10 +224,16 @@ class Run:
                 if st["name"] != name:
                     raise ScaleError(f"stat of {name} answered {st['name']}")
                 result.add("stat_ms", t * 1000)
+                before = await trio.to_thread.run_sync(self.downloads_seconds)
                 t, _ = await _timed(
                     functools.partial(self.client.download, small[i % len(small)], work / "copy")
                 )
                 result.add("download_ms", t * 1000)
+                after = await trio.to_thread.run_sync(self.downloads_seconds)
+                if before is not None and after is not None and after[1] == before[1] + 1:
+                    result.add("download_api_ms", (after[0] - before[0]) * 1000)
+                t, _ = await _timed(self.connect_only)
+                result.add("connect_ms", t * 1000)
                 other = self.shape.name(self.rng.randrange(self.files))
                 start = time.perf_counter()
                 found = await trio.to_thread.run_sync(db.lookup, other)
@@ -237,6 +245,25 @@ class Run:
                 result.add("db_page_ms", (time.perf_counter() - start) * 1000)
         finally:
             db.close()
+
+    async def connect_only(self) -> None:
+        """A connection as each request opens one, closed at once (the ``/status`` path,
+        its answer not waited for): what every time above includes besides the work."""
+        async with self.client._connect("/status"):
+            pass
+
+    def downloads_seconds(self) -> tuple[float, float] | None:
+        """The API's ``karma8_api_download_duration_seconds`` (handshake to last frame, in
+        the server): (sum, count) of complete downloads so far; None: no metrics port."""
+        port = self.stack.api.info.get("metrics_port")
+        if not port:
+            return None
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        found = dict(re.findall(r"^karma8_api_download_duration_seconds_(sum|count) (\S+)$", text, re.M))
+        if "sum" not in found or "count" not in found:
+            return None
+        return float(found["sum"]), float(found["count"])
 
     async def walk(self, result: Result, expected: int) -> None:
         """``karma8 ls -r`` to the end, its lines counted here."""
@@ -375,6 +402,7 @@ async def run_size(
     slow_repeat: int,
     plan_timeout: float,
     log_level: str,
+    skip: frozenset[str] = frozenset(),
 ) -> Result:
     """Everything measured on the registry of ``files`` files built under ``root``."""
     result = Result(files)
@@ -394,16 +422,18 @@ async def run_size(
         small = await run.upload_small(work)
         note(f"{files:,} files: requests")
         await run.quick(result, repeat, small, work)
-        for i in range(slow_repeat):
+        for i in range(0 if "walk" in skip else slow_repeat):
             note(f"{files:,} files: ls -r ({i + 1} of {slow_repeat})")
             await run.walk(result, files + len(small))
         note(f"{files:,} files: API restarts")
         for _ in range(repeat):
             await run.restart_api(result)
-        note(f"{files:,} files: 2 buckets join; the rebalancer's plan")
-        await run.plan(result, slow_repeat, plan_timeout)
-        note(f"{files:,} files: reconciliation of bucket 0")
-        await run.reconcile(result, str(built["buckets"][0]))
+        if "plan" not in skip:
+            note(f"{files:,} files: 2 buckets join; the rebalancer's plan")
+            await run.plan(result, slow_repeat, plan_timeout)
+        if "reconcile" not in skip:
+            note(f"{files:,} files: reconciliation of bucket 0")
+            await run.reconcile(result, str(built["buckets"][0]))
     finally:
         await run.stack.aclose()
     return result
