@@ -7,7 +7,9 @@ uses a running stack instead (``--data`` then helps find its processes). The cas
 - big files: for each size it writes a pseudo-random source file, copies it with a plain
   disk copy (the throughput baseline), then uploads and downloads it ``--repeat`` times;
 - small files: ``--small-files`` files of ``--small-size`` (200 x 64 KiB) uploaded, then
-  downloaded, ``--concurrency`` (8) at a time, ``--repeat`` times.
+  downloaded, ``--repeat`` times at each of ``--concurrency``'s levels (``1,8``: one at a
+  time, then 8 at a time); every single upload and download is timed as well, for the
+  latency percentiles p50 and p99.
 
 ``--policy`` sets how both systems store a file: ``ec62`` (default: the local stack runs 8
 buckets with 6 data + 2 parity fragments, Swift's container is in its ``ec62`` policy) or
@@ -21,7 +23,8 @@ fragments killed: 2 buckets of a stack started here (its supervisor paused meanw
 that they stay down), 2 object servers of a Swift peer started here; they are restarted
 after that download (docs/performance.md).
 
-Reported: MB/s (10^6 bytes per second) or files/s, median and range; the ratio to the disk
+Reported: MB/s (10^6 bytes per second) or files/s, median and range; small-file latency p50
+and p99 in ms (each repeat's percentiles, median and range over the repeats); the ratio to the disk
 copy; CPU seconds per GiB moved for each group of server processes and the client (this
 process); each group's peak RSS during each transfer. Every download is checked against
 the source's sha256. Exit status: 0 when every transfer round-tripped intact (performance
@@ -29,7 +32,8 @@ targets are informational), 1 on a checksum mismatch or a stack failure.
 
 Usage::
 
-    python scripts/bench.py                                  # 1 GiB and 4 GiB, 200 x 64 KiB, once each
+    python scripts/bench.py                                  # 1 GiB and 4 GiB, 200 x 64 KiB at c=1 and c=8
+    python scripts/bench.py --concurrency 8                  # small files at concurrency 8 only
     python scripts/bench.py --sizes 64M,256M --repeat 3 --json bench.json
     python scripts/bench.py --vs-swift --size 1G --repeat 3         # karma8 6+2 vs Swift ec62
     python scripts/bench.py --vs-swift --policy rep1 --size 1G      # no redundancy on either side
@@ -94,6 +98,7 @@ BLOCK = MiB
 #: Pools of random 1 MiB blocks; coprime sizes make the XOR of two repeat only every 221 MiB.
 POOL_A, POOL_B = 13, 17
 DEFAULT_SIZES = "1G,4G"
+DEFAULT_CONCURRENCY = "1,8"
 
 
 # -- options ---------------------------------------------------------------------------
@@ -103,6 +108,17 @@ def _size(text: str) -> int:
     return int(str(parse_size(text)))
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    """``--concurrency``: ``8`` or ``1,8``, each a positive number, none twice."""
+    try:
+        levels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--concurrency: {text!r} is not a comma-separated list of numbers") from None
+    if min(levels) < 1 or len(set(levels)) != len(levels):
+        raise ValueError(f"--concurrency: {text!r}: each level at least 1, none twice")
+    return levels
+
+
 def parse_args(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", help="one file size (e.g. 1G, 512M)")
@@ -110,7 +126,12 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--repeat", type=int, default=1, help="round trips per case [1]")
     parser.add_argument("--small-files", type=int, default=200, help="small files per case; 0: none [200]")
     parser.add_argument("--small-size", default="64K", help="size of each small file [64K]")
-    parser.add_argument("--concurrency", type=int, default=8, help="small-file transfers at a time [8]")
+    parser.add_argument(
+        "--concurrency",
+        default=DEFAULT_CONCURRENCY,
+        help="small-file transfers at a time; a comma-separated list runs the small-file case at each "
+        f"[{DEFAULT_CONCURRENCY}]",
+    )
     parser.add_argument("--vs-swift", action="store_true", help="also run every case against the Swift peer")
     parser.add_argument(
         "--policy",
@@ -131,11 +152,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("give --size or --sizes, not both")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if args.small_files < 0 or args.concurrency < 1:
-        parser.error("--small-files must be at least 0 and --concurrency at least 1")
+    if args.small_files < 0:
+        parser.error("--small-files must be at least 0")
     try:
         sizes = tuple(_size(s) for s in (args.size or args.sizes or DEFAULT_SIZES).split(","))
         small_size = _size(args.small_size)
+        concurrencies = _levels(args.concurrency)
     except ValueError as exc:
         parser.error(str(exc))
     if min(sizes) <= 0 or small_size <= 0:
@@ -149,7 +171,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         args.json_path,
         args.small_files,
         small_size,
-        args.concurrency,
+        concurrencies,
         args.vs_swift,
         args.swift_peer,
         POLICIES[args.policy],
@@ -293,18 +315,20 @@ async def bench_size(systems: Sequence[System], size: int, repeat: int, workdir:
 
 
 async def bench_small(systems: Sequence[System], options: Options, workdir: Path) -> None:
-    runs = {
-        s.target.name: SmallRun(options.small_files, options.small_size, options.concurrency) for s in systems
-    }
-    label = next(iter(runs.values())).label()
+    """The small-file case at each concurrency level in turn, ``--repeat`` rounds each."""
     path = workdir / f"small-{options.small_size}.bin"
     src = await trio.to_thread.run_sync(lambda: write_random_file(path, options.small_size, md5=True))
-    for system in systems:
-        system.results.small.append(runs[system.target.name])
-    for i in range(1, options.repeat + 1):
-        note(f"{label} at concurrency {options.concurrency} #{i}")
-        for system in _in_turn(systems, i):
-            note("  " + await small_round(system, runs[system.target.name], src, workdir))
+    for concurrency in options.concurrencies:
+        runs = {
+            s.target.name: SmallRun(options.small_files, options.small_size, concurrency) for s in systems
+        }
+        for system in systems:
+            system.results.small.append(runs[system.target.name])
+        label = runs[systems[0].target.name].label()
+        for i in range(1, options.repeat + 1):
+            note(f"{label} #{i}")
+            for system in _in_turn(systems, i):
+                note("  " + await small_round(system, runs[system.target.name], src, workdir))
     await trio.Path(path).unlink()
 
 

@@ -2,7 +2,9 @@
 
 A target is the system under test behind one small interface: karma8 through its client
 library, or the Swift peer (bench_swift). Each case measures the upload and the download
-separately and then checks every downloaded byte against the source's sha256. Where the
+separately and then checks every downloaded byte against the source's sha256. In the
+small-file case every single upload and download is timed as well (wall time from the
+start of the call to its end, as the client sees it), for the latency percentiles. Where the
 system has an outage (two processes holding data fragments that can be killed and brought
 back), a big file is downloaded once more with them down: the degraded download.
 """
@@ -10,7 +12,9 @@ back), a big file is downloaded once more with them down: the degraded download.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +36,15 @@ class Target(Protocol):
 
     async def download(self, src: Source, name: str, dst: Path) -> None: ...
 
-    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> None: ...
+    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> list[float]:
+        """Upload ``src`` as each of ``names``; the seconds each upload took, in the order of names."""
+        ...
 
     async def download_many(
         self, src: Source, names: Sequence[str], dsts: Sequence[Path], concurrency: int
-    ) -> None: ...
+    ) -> list[float]:
+        """Download each of ``names``; the seconds each download took, in the order of names."""
+        ...
 
     def stored(self, names: Sequence[str], concurrency: int) -> contextlib.AbstractAsyncContextManager[None]:
         """Around a case: delete ``names`` afterwards and wait until their space is free."""
@@ -72,17 +80,21 @@ class System:
 # -- karma8 ----------------------------------------------------------------------------
 
 
-async def _each(count: int, concurrency: int, op: Callable[[int], Awaitable[object]]) -> None:
-    """``await op(i)`` for i in range(count), ``concurrency`` tasks at a time."""
+async def _each(count: int, concurrency: int, op: Callable[[int], Awaitable[object]]) -> list[float]:
+    """``await op(i)`` for i in range(count), ``concurrency`` tasks at a time; each op's seconds."""
     indexes = iter(range(count))
+    seconds = [0.0] * count
 
     async def worker() -> None:
         for i in indexes:  # shared: each index goes to one worker
+            start = time.perf_counter()
             await op(i)
+            seconds[i] = time.perf_counter() - start
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(concurrency, count)):
             nursery.start_soon(worker)
+    return seconds
 
 
 async def used_bytes(client: Client) -> int:
@@ -108,13 +120,13 @@ class Karma8Target:
     async def download(self, src: Source, name: str, dst: Path) -> None:
         await self.client.download(name, dst)
 
-    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> None:
-        await _each(len(names), concurrency, lambda i: self.upload(src, names[i]))
+    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> list[float]:
+        return await _each(len(names), concurrency, lambda i: self.upload(src, names[i]))
 
     async def download_many(
         self, src: Source, names: Sequence[str], dsts: Sequence[Path], concurrency: int
-    ) -> None:
-        await _each(len(names), concurrency, lambda i: self.client.download(names[i], dsts[i]))
+    ) -> list[float]:
+        return await _each(len(names), concurrency, lambda i: self.client.download(names[i], dsts[i]))
 
     @contextlib.asynccontextmanager
     async def stored(self, names: Sequence[str], concurrency: int) -> AsyncIterator[None]:
@@ -178,7 +190,9 @@ async def round_trip(system: System, run: SizeRun, src: Source, workdir: Path) -
 
 
 async def small_round(system: System, run: SmallRun, src: Source, workdir: Path) -> str:
-    """``run.files`` uploads of ``src`` then as many downloads, ``run.concurrency`` at a time."""
+    """``run.files`` uploads of ``src`` then as many downloads, ``run.concurrency`` at a time;
+    each single upload and download timed too (``Transfer.latencies``).
+    """
     target, meter = system.target, system.meter
     names = [f"bench-small/{i:05d}" for i in range(run.files)]
     folder = workdir / f"small-{target.name}"
@@ -186,13 +200,19 @@ async def small_round(system: System, run: SmallRun, src: Source, workdir: Path)
     dsts = [folder / f"{i:05d}" for i in range(run.files)]
     total = run.files * run.size
     async with target.stored(names, run.concurrency):
-        up, _ = await meter.measure(
+        up, up_seconds = await meter.measure(
             total, lambda: target.upload_many(src, names, run.concurrency), count=run.files
         )
-        down, _ = await meter.measure(
+        down, down_seconds = await meter.measure(
             total, lambda: target.download_many(src, names, dsts, run.concurrency), count=run.files
         )
         await _check_and_remove(src, f"{target.name} small-file downloads", dsts)
+    up = dataclasses.replace(up, latencies=tuple(up_seconds))
+    down = dataclasses.replace(down, latencies=tuple(down_seconds))
     run.upload.append(up)
     run.download.append(down)
-    return f"{target.name:<6} {up.files_per_s:7.1f} uploads/s, {down.files_per_s:7.1f} downloads/s, sha256 ok"
+    return (
+        f"{target.name:<6} {up.files_per_s:7.1f} uploads/s (p50 {up.latency_ms(50):.1f} ms, "
+        f"p99 {up.latency_ms(99):.1f} ms), {down.files_per_s:7.1f} downloads/s (p50 "
+        f"{down.latency_ms(50):.1f} ms, p99 {down.latency_ms(99):.1f} ms), sha256 ok"
+    )

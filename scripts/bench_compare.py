@@ -1,4 +1,10 @@
-"""karma8 against the Swift peer: one row per case and metric, the ratio and the issue's target."""
+"""karma8 against the Swift peer: one row per case and metric, the ratio and the issue's target.
+
+The ratio is always karma8 / Swift. For MB/s and files/s higher is better (> 1: karma8
+ahead); for CPU s/GiB, MB and the small-file latencies (p50, p99 in ms) lower is better
+(< 1: karma8 cheaper or faster). The issues set no latency target: those rows say which way
+the ratio reads instead.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,10 @@ API_RSS_TARGET = 100 * MB
 BUCKET_RSS_TARGET = 64 * MB
 #: A download with DOWN buckets holding data fragments down: at least half a healthy one's MB/s.
 DEGRADED_AT_LEAST = 0.5
+#: The target column of the latency rows: none set, lower is better.
+LATENCY_READS = "none; < 1 faster"
+#: Latency percentiles compared: percentile -> its name in the case column.
+LATENCIES = {50: "p50", 99: "p99"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +60,33 @@ def _row(
     theirs: Sequence[Transfer],
     metric: Callable[[Transfer], float | None],
     higher_is_better: bool,
+    targeted: bool = True,
 ) -> Comparison:
     k, k_range = _spread([metric(t) for t in ours])
     s, s_range = _spread([metric(t) for t in theirs])
     row = Comparison(case, unit, k, k_range, s, s_range, "", None)
     ratio = row.ratio
-    if higher_is_better:
+    met: bool | None
+    if not targeted:
+        target, met = LATENCY_READS, None
+    elif higher_is_better:
         target, met = f">= {FASTER:.2f} x", None if ratio is None else ratio >= FASTER
     else:
         target, met = f"<= {CPU_AT_MOST:.2f} x", None if ratio is None else ratio <= CPU_AT_MOST
     return Comparison(case, unit, k, k_range, s, s_range, target, met)
+
+
+def _latency_rows(ours: SystemRuns, theirs: SystemRuns) -> Iterator[Comparison]:
+    """p50 and p99 of each small-file upload and download, in ms: lower is better, no target."""
+    for x, y in zip(ours.small, theirs.small, strict=True):
+        label = f"{size_label(x.size)} (c={x.concurrency})"
+        for op, mine, peer in (("upload", x.upload, y.upload), ("download", x.download, y.download)):
+            for p, name in LATENCIES.items():
+
+                def metric(t: Transfer, p: float = p) -> float | None:
+                    return t.latency_ms(p)
+
+                yield _row(f"{label} {op} {name}", "ms", mine, peer, metric, False, targeted=False)
 
 
 def _cases(ours: SystemRuns, theirs: SystemRuns) -> Iterator[tuple[str, str, list[Transfer], list[Transfer]]]:
@@ -117,6 +144,7 @@ def compare(ours: SystemRuns, theirs: SystemRuns) -> list[Comparison]:
         _row(case, unit, k, s, (lambda t: t.mb_per_s) if unit == "MB/s" else (lambda t: t.files_per_s), True)
         for case, unit, k, s in cases
     ]
+    rows += _latency_rows(ours, theirs)
     rows += _degraded_rows(ours, theirs)
     rows += [
         _row(f"{case} CPU", "s/GiB", k, s, lambda t: t.server_cpu_per_gib(), False) for case, _, k, s in cases
@@ -159,6 +187,11 @@ def format_comparison(
         f"{ours.label} vs {theirs.label}: median [min-max] over {repeat} repeat(s), alternating; "
         "CPU = servers only (client excluded), s per GiB moved",
     ]
+    if any(row.unit == "ms" for row in rows):
+        lines.append(
+            "p50, p99 = percentiles of the wall time of each single small-file upload or download (ms): "
+            "lower is better, so k8/Swift < 1 means karma8 answered faster"
+        )
     if any(row.unit == "x" for row in rows):
         lines.append(
             f"({DOWN} down) = {ours.name}: {ours.down or 'not measured'}, {theirs.name}: "

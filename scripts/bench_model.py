@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +64,11 @@ class Options:
     data: Path | None
     keep: bool
     json_path: Path | None
-    #: The small-file case: this many files of small_size, concurrency at a time (0 files: no case).
+    #: The small-file case: this many files of small_size, run once at each of concurrencies
+    #: (transfers at a time), in that order (0 files: no case).
     small_files: int = 200
     small_size: int = 64 * KiB
-    concurrency: int = 8
+    concurrencies: tuple[int, ...] = (1, 8)
     #: Also run every case against the Swift peer started by this script.
     vs_swift: bool = False
     swift_peer: Path | None = None
@@ -90,11 +93,23 @@ class Source:
     md5: str | None = None
 
 
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The ``p``-th percentile (0-100) of ``values``, linear between the closest ranks; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
 @dataclass(frozen=True, slots=True)
 class Transfer:
     """One measured transfer of ``count`` files, ``size`` bytes in all.
 
-    CPU is in seconds, RSS in bytes, by role; None: process not found.
+    CPU is in seconds, RSS in bytes, by role; None: process not found. ``latencies``: the
+    wall time of each single operation (small files: each upload or download), in seconds.
     """
 
     size: int
@@ -104,6 +119,7 @@ class Transfer:
     peak_rss: dict[str, int | None]
     rss_after: dict[str, int | None]
     count: int = 1
+    latencies: tuple[float, ...] = ()
 
     @property
     def mb_per_s(self) -> float:
@@ -112,6 +128,11 @@ class Transfer:
     @property
     def files_per_s(self) -> float:
         return self.count / self.seconds
+
+    def latency_ms(self, p: float) -> float | None:
+        """The ``p``-th percentile of the single operations' wall times, in ms (None: not timed)."""
+        value = percentile(self.latencies, p)
+        return None if value is None else value * 1000
 
     def cpu_per_gib(self, role: str) -> float | None:
         cpu = self.cpu[role]
@@ -155,7 +176,7 @@ class SmallRun:
     download: list[Transfer] = field(default_factory=list)
 
     def label(self) -> str:
-        return f"{self.files} x {size_label(self.size)}"
+        return f"{self.files} x {size_label(self.size)} c={self.concurrency}"
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from bench_compare import (
     API_RSS_TARGET,
     BUCKET_RSS_TARGET,
     DEGRADED_AT_LEAST,
+    LATENCIES,
     compare,
     degraded_ratio,
     format_comparison,
@@ -56,7 +57,7 @@ def _peak(transfers: Sequence[Transfer], role: str) -> int | None:
 
 #: RSS columns name one process: the largest of the group.
 SINGULAR = {"buckets": "bucket", "objects": "object", "others": "other"}
-LEFT = "{:<12} {:<9} {:>22} {:<7} {:>6}"
+LEFT = "{:<17} {:<12} {:>22} {:<7} {:>6}"
 COLUMN = "{:>7}"
 
 
@@ -97,6 +98,11 @@ def _small_rows(roles: Sequence[str], run: SmallRun) -> Iterator[str]:
     for op, done in (("upload", run.upload), ("download", run.download)):
         rates = [t.files_per_s for t in done]
         yield _row([run.label(), op, _rate(rates), "files/s", ""], *_measures(roles, done))
+        for p, name in LATENCIES.items():
+            ms = [v for t in done if (v := t.latency_ms(p)) is not None]
+            if ms:
+                blank = [""] * len(roles)
+                yield _row([run.label(), f"{op} {name}", _rate(ms), "ms", ""], [*blank, ""], blank)
 
 
 def format_table(system: SystemRuns) -> list[str]:
@@ -155,7 +161,7 @@ def _api_steps(results: Results) -> Iterator[str]:
                 path = " > ".join(
                     _mb(v) for v in (t.rss_before["api"], t.peak_rss["api"], t.rss_after["api"])
                 )
-                yield f"  {label:<12} {op:<9} {path}"
+                yield f"  {label:<17} {op:<9} {path}"
 
 
 def _under(results: Results, role: str, limit: int) -> str:
@@ -219,8 +225,9 @@ def format_degraded(systems: Sequence[SystemRuns]) -> list[str]:
 
 
 def _cases(options: Options) -> str:
+    levels = " and ".join(map(str, options.concurrencies))
     small = (
-        f"; {options.small_files} x {size_label(options.small_size)} at concurrency {options.concurrency}"
+        f"; {options.small_files} x {size_label(options.small_size)} at concurrency {levels}"
         if options.small_files
         else ""
     )
@@ -250,6 +257,8 @@ def format_report(results: Results, options: Options) -> str:
         "  server = every server process (client excluded); client = this process.",
         "peak RSS = max of VmRSS sampled every 50 ms and VmHWM reset before each transfer;",
         "  the largest process of each group (bucket, object server, other = account/container/memcached).",
+        "c=N: N small-file transfers at a time. p50, p99 = percentiles of the wall time of each single",
+        "  upload or download in one repeat, in ms (lower is better), median [min-max] over the repeats.",
         "",
         *format_table(results.karma8),
     ]
@@ -289,6 +298,11 @@ def _runs_json(system: SystemRuns) -> dict[str, object]:
                 **asdict(run),
                 "upload_files_per_s": [t.files_per_s for t in run.upload],
                 "download_files_per_s": [t.files_per_s for t in run.download],
+                **{
+                    f"{op}_latency_{name}_ms": [t.latency_ms(p) for t in done]
+                    for op, done in (("upload", run.upload), ("download", run.download))
+                    for p, name in LATENCIES.items()
+                },
                 "upload_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.upload],
                 "download_server_cpu_per_gib": [t.server_cpu_per_gib() for t in run.download],
             }

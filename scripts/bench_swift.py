@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,10 +284,13 @@ def delete_object(conn: http.client.HTTPConnection, account: SwiftAccount, name:
 Op = Callable[[http.client.HTTPConnection, int], None]
 
 
-async def _in_threads(count: int, concurrency: int, op: Op) -> None:
-    """``op(conn, i)`` for i in range(count), ``concurrency`` threads, a connection each."""
+async def _in_threads(count: int, concurrency: int, op: Op) -> list[float]:
+    """``op(conn, i)`` for i in range(count), ``concurrency`` threads, a connection each;
+    the seconds each ``op`` took (as bench_cases times karma8's: one operation's wall time).
+    """
     indexes = iter(range(count))
     lock = threading.Lock()
+    seconds = [0.0] * count
 
     def worker() -> None:
         conn = _connection()
@@ -296,13 +300,16 @@ async def _in_threads(count: int, concurrency: int, op: Op) -> None:
                     i = next(indexes, None)
                 if i is None:
                     return
+                start = time.perf_counter()
                 op(conn, i)
+                seconds[i] = time.perf_counter() - start
         finally:
             conn.close()
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(concurrency, count)):
             nursery.start_soon(trio.to_thread.run_sync, worker)
+    return seconds
 
 
 class SwiftTarget:
@@ -319,18 +326,18 @@ class SwiftTarget:
     async def download(self, src: Source, name: str, dst: Path) -> None:
         await _in_threads(1, 1, lambda conn, _: get_file(conn, self.account, src, name, dst))
 
-    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> None:
-        await _in_threads(
+    async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> list[float]:
+        return await _in_threads(
             len(names), concurrency, lambda conn, i: put_file(conn, self.account, src, names[i])
         )
 
     async def download_many(
         self, src: Source, names: Sequence[str], dsts: Sequence[Path], concurrency: int
-    ) -> None:
+    ) -> list[float]:
         def op(conn: http.client.HTTPConnection, i: int) -> None:
             get_file(conn, self.account, src, names[i], dsts[i])
 
-        await _in_threads(len(names), concurrency, op)
+        return await _in_threads(len(names), concurrency, op)
 
     @contextlib.asynccontextmanager
     async def stored(self, names: Sequence[str], concurrency: int) -> AsyncIterator[None]:

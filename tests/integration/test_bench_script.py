@@ -47,33 +47,49 @@ def _bench(tmp_path: Path, *args: str, timeout: float) -> tuple[dict[str, Any], 
     return result, run.stdout
 
 
-def _check_small(small: dict[str, Any], files: int) -> None:
+def _check_small(small: dict[str, Any], files: int, concurrency: int) -> None:
     assert small["files"] == files
     assert small["size"] == 64 * 1024
+    assert small["concurrency"] == concurrency
     for op in ("upload", "download"):
         assert len(small[op]) == 1
         assert small[op][0]["count"] == files
         assert small[f"{op}_files_per_s"][0] > 0
+        # Every single transfer timed: the percentiles come from them.
+        latencies = small[op][0]["latencies"]
+        assert len(latencies) == files
+        assert all(seconds > 0 for seconds in latencies)
+        p50, p99 = small[f"{op}_latency_p50_ms"][0], small[f"{op}_latency_p99_ms"][0]
+        assert min(latencies) * 1000 <= p50 <= p99 <= max(latencies) * 1000
 
 
 def test_big_and_small_files_round_trip(tmp_path: Path) -> None:
     result, stdout = _bench(
-        tmp_path, "--size=4M", "--small-files=6", "--concurrency=3", f"--data={tmp_path / 'data'}", timeout=90
+        tmp_path,
+        "--size=4M",
+        "--small-files=6",
+        "--concurrency=1,3",
+        f"--data={tmp_path / 'data'}",
+        timeout=120,
     )
     [run] = result["runs"]
     assert run["size"] == 4 * 1024 * 1024
     assert len(run["upload_mb_per_s"]) == len(run["download_mb_per_s"]) == 1
-    [small] = result["small"]
-    _check_small(small, 6)
-    assert small["concurrency"] == 3
+    assert result["options"]["concurrencies"] == [1, 3]
+    [one, small] = result["small"]
+    _check_small(one, 6, 1)
+    _check_small(small, 6, 3)
     # CPU and memory were measured for every process of the stack.
     transfer = small["upload"][0]
     assert transfer["cpu"]["api"] is not None
     assert transfer["cpu"]["buckets"] is not None
     assert transfer["peak_rss"]["buckets"] > 0
     assert "swift" not in result
-    assert re.search(r"^6 x 64 KiB +upload .* files/s ", stdout, re.MULTILINE), stdout
-    assert re.search(r"^6 x 64 KiB +download .* files/s ", stdout, re.MULTILINE), stdout
+    for level in (1, 3):
+        assert re.search(rf"^6 x 64 KiB c={level} +upload .* files/s ", stdout, re.MULTILINE), stdout
+        assert re.search(rf"^6 x 64 KiB c={level} +download .* files/s ", stdout, re.MULTILINE), stdout
+        assert re.search(rf"^6 x 64 KiB c={level} +upload p50 .* ms ", stdout, re.MULTILINE), stdout
+        assert re.search(rf"^6 x 64 KiB c={level} +download p99 .* ms ", stdout, re.MULTILINE), stdout
     assert " vs Swift" not in stdout
     # The default policy: 8 buckets, 6+2; the file downloaded again with 2 of its data buckets killed.
     assert result["options"]["policy"] == {"name": "ec62", "parts": 6, "parity": 2}
@@ -102,7 +118,7 @@ def test_rep1_runs_six_buckets_without_parity(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(_swift_missing() is not None, reason=_swift_missing() or "")
 def test_vs_swift_prints_the_ratios(tmp_path: Path) -> None:
-    result, stdout = _bench(tmp_path, "--vs-swift", "--size=8M", "--small-files=8", timeout=300)
+    result, stdout = _bench(tmp_path, "--vs-swift", "--size=8M", "--small-files=8", timeout=420)
     swift = result["swift"]
     assert swift["name"] == "Swift"
     assert swift["scheme"] == "ec62"
@@ -116,9 +132,18 @@ def test_vs_swift_prints_the_ratios(tmp_path: Path) -> None:
     # Degraded downloads on both sides; Swift's only when this run started the peer (its servers are killed).
     assert len(result["runs"][0]["degraded_mb_per_s"]) == 1
     assert len(run["degraded_mb_per_s"]) == (1 if started else 0)
-    _check_small(swift["small"][0], 8)
-    _check_small(result["small"][0], 8)
+    # The default levels: one at a time, then 8 at a time, on both sides.
+    for i, level in enumerate((1, 8)):
+        _check_small(swift["small"][i], 8, level)
+        _check_small(result["small"][i], 8, level)
     rows = {row["case"]: row for row in result["comparison"]}
+    for level in (1, 8):
+        for op in ("upload", "download"):
+            for p in ("p50", "p99"):
+                row = rows[f"64 KiB (c={level}) {op} {p}"]
+                assert row["unit"] == "ms"
+                assert row["ratio"] == pytest.approx(row["karma8"] / row["swift"])
+                assert row["met"] is None  # no target: lower is better, the table says so
     for case in ("8 MiB upload", "8 MiB download", "64 KiB (c=8) uploads", "64 KiB (c=8) downloads"):
         assert rows[case]["ratio"] == pytest.approx(rows[case]["karma8"] / rows[case]["swift"])
         assert rows[case]["target"] == ">= 1.50 x"
@@ -130,3 +155,5 @@ def test_vs_swift_prints_the_ratios(tmp_path: Path) -> None:
     assert "karma8 6+2 vs Swift ec62" in stdout
     assert re.search(r"^8 MiB upload +MB/s ", stdout, re.MULTILINE), stdout
     assert re.search(r"^64 KiB \(c=8\) downloads CPU +s/GiB ", stdout, re.MULTILINE), stdout
+    assert re.search(r"^64 KiB \(c=1\) upload p99 +ms .* none; < 1 faster", stdout, re.MULTILINE), stdout
+    assert "k8/Swift < 1 means karma8 answered faster" in stdout
