@@ -323,6 +323,13 @@ class BucketConfig(_Section):
     )
     retry_max: Seconds = Field(5.0, description="Longest backoff between registration attempts.")
     fsync: bool = Field(True, description="fsync fragments before acknowledging them.")
+    volume_size: PositiveSize = Field(
+        256 * MiB, description="A volume (small fragments appended as needles) is sealed at this size."
+    )
+    compact_interval: Seconds = Field(60.0, description="Period of the check for volumes to compact.")
+    compact_garbage: float = Field(
+        0.5, gt=0, le=1, description="A sealed volume is compacted once this share of its bytes is dead."
+    )
     shutdown_timeout: Seconds = Field(5.0, description="Deadline for a graceful shutdown.")
     ready_file: Path | None = Field(None, description="Write the bound ports here as JSON once serving.")
     uvloop: bool = Field(True, description="Use uvloop when it is installed.")

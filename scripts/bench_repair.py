@@ -32,6 +32,7 @@ from pathlib import Path
 
 import trio
 
+from karma8.bucket.volumes import scan
 from karma8.client import Client
 from karma8.config import ClientConfig, parse_size
 
@@ -64,14 +65,19 @@ def bucket_pid(data: Path) -> int:
 
 
 def fragment_bytes(data: Path) -> int:
-    return sum(p.stat().st_size for p in (data / "fragments").rglob("*") if p.is_file())
+    """Bytes of a bucket's fragments: its fragment files, and the data of its live needles."""
+    files = sum(p.stat().st_size for p in (data / "fragments").rglob("*") if p.is_file())
+    volumes = data / "volumes"
+    return files + (sum(n.size for n in scan(volumes).values()) if volumes.exists() else 0)
 
 
 def disk_copy_seconds(src: Path, scratch: Path) -> float:
-    """The baseline: copy a bucket's fragment files on the same disk, synced."""
+    """The baseline: copy a bucket's fragment files and volumes on the same disk, synced."""
     dst = scratch / "copy"
+    dst.mkdir()
+    held = [str(d) for d in (src / "fragments", src / "volumes") if d.exists()]
     started = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src / "fragments"), str(dst)], check=True)
+    subprocess.run(["cp", "-r", *held, str(dst)], check=True)
     os.sync()
     took = time.perf_counter() - started
     shutil.rmtree(dst)

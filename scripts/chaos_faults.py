@@ -9,8 +9,10 @@
   on the same ports after a downtime.
 - ``bucket_loss``: a bucket lost for good: SIGKILLed, its data directory wiped, an empty
   bucket (a new identity) started in its place. Its fragments must be rebuilt elsewhere.
-- ``bit_flip``: one bit flipped in a fragment file on a bucket's disk (data, checksums or
-  footer). Reads must go around it and repair must rewrite it. At most one flip per
+- ``bit_flip``: one bit flipped in a fragment on a bucket's disk: in a fragment file (data,
+  checksums or footer), or in the data of a needle in a volume (a flip in a needle's header
+  would make the bucket drop the volume's rest at its next start, as a torn write: more
+  than one fragment). Reads must go around it and repair must rewrite it. At most one flip per
   version of a file, and only on a file with every fragment written and nothing queued
   for repair, so that a flip and a lost bucket never exceed the 2 losses a 6+2 file is
   promised to survive (a file acknowledged with a fragment owed has one loss already).
@@ -30,6 +32,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 from chaos_model import Interval, content, log_uniform_size, write_content
@@ -37,7 +40,9 @@ from chaos_ops import Chaos
 from chaos_stack import Child
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from karma8.bucket.volumes import Needle, scan
 from karma8.core.names import encode_name
+from karma8.core.needles import HEADER_SIZE, decode_header
 from karma8.core.protocol import UploadHeader, encode_upload_header
 from karma8.wsfix import close_transport
 
@@ -221,7 +226,7 @@ async def lose_buckets(ctx: Chaos, rng: random.Random) -> None:
 
 
 async def flip_bits(ctx: Chaos, rng: random.Random) -> None:
-    """Flip one bit of a random fragment file every ``--bit-flip-every`` seconds."""
+    """Flip one bit of a random fragment (file or needle) every ``--bit-flip-every`` seconds."""
     every = ctx.options.bit_flip_every
     if every is None:
         return
@@ -232,47 +237,77 @@ async def flip_bits(ctx: Chaos, rng: random.Random) -> None:
         if await ctx.sleep_or_stop(wait):
             return
         dirs = [ctx.stack.bucket_dir(i) for i in range(len(ctx.stack.buckets))]
-        files = await trio.to_thread.run_sync(_fragment_files, dirs)
-        candidates = [p for p in files if p.name.split(".")[0] not in flipped]
+        spots = await trio.to_thread.run_sync(_fragments, dirs)
+        candidates = [s for s in spots if s.upload_id not in flipped]
         if not candidates:
             ctx.stats.fault_misses["bit_flip"] += 1
             continue
-        path = candidates[int(pick * len(candidates))]
-        if not await ctx.registry.fully_protected(path.name.split(".")[0]):
+        spot = candidates[int(pick * len(candidates))]
+        if not await ctx.registry.fully_protected(spot.upload_id):
             ctx.stats.fault_misses["bit_flip"] += 1  # owed a fragment, in repair, or not committed
             continue
-        if await trio.to_thread.run_sync(_flip, path, rng.getrandbits(64)):
-            flipped.add(path.name.split(".")[0])
+        if await trio.to_thread.run_sync(_flip, spot, rng.getrandbits(64)):
+            flipped.add(spot.upload_id)
             ctx.stats.faults["bit_flip"] += 1
         else:
             ctx.stats.fault_misses["bit_flip"] += 1
 
 
-def _fragment_files(dirs: list[Path]) -> list[Path]:
-    """Non-empty fragment files on the disks (they come and go while we look)."""
-    out: list[Path] = []
+class Spot(NamedTuple):
+    """Where a fragment lies: a file (``start`` 0, ``size`` None: the whole file may be hit)
+    or a needle's data in a volume (``size`` bytes from ``start``)."""
+
+    fragment_id: str
+    path: Path
+    start: int
+    size: int | None
+
+    @property
+    def upload_id(self) -> str:
+        return self.fragment_id.split(".")[0]
+
+
+def _fragments(dirs: list[Path]) -> list[Spot]:
+    """Non-empty fragments on the disks, files and needles (they come and go while we look)."""
+    out: list[Spot] = []
     for root in dirs:
+        needles: dict[str, Needle] = {}
+        with contextlib.suppress(FileNotFoundError):  # a volume compacted away meanwhile
+            if (root / "volumes").exists():
+                needles = scan(root / "volumes")
+        for fid, needle in needles.items():
+            if needle.size > 0:
+                out.append(Spot(fid, needle.path, needle.data_offset, needle.size))
         for parent, _, names in os.walk(root / "fragments"):
             for name in sorted(names):
                 path = Path(parent) / name
                 with contextlib.suppress(FileNotFoundError):
-                    if path.stat().st_size > 0:
-                        out.append(path)
+                    if name not in needles and path.stat().st_size > 0:
+                        out.append(Spot(name, path, 0, None))
     return sorted(out)
 
 
-def _flip(path: Path, seed: int) -> bool:
-    """Flip one bit of ``path`` in place; False if it went away meanwhile."""
+def _flip(spot: Spot, seed: int) -> bool:
+    """Flip one bit of the fragment at ``spot`` in place; False if it went away meanwhile.
+
+    A needle's volume is checked again under the flip: the needle must still start where
+    the scan found it (compaction moves needles)."""
     bits = random.Random(seed)
     try:
-        with path.open("r+b") as f:
-            size = f.seek(0, 2)
-            offset = bits.randrange(size)
+        with spot.path.open("r+b") as f:
+            if spot.size is None:
+                offset = bits.randrange(f.seek(0, 2))
+            else:
+                f.seek(spot.start - HEADER_SIZE)
+                header = decode_header(f.read(HEADER_SIZE))
+                if header is None or header.fragment_id != spot.fragment_id or header.size != spot.size:
+                    return False
+                offset = spot.start + bits.randrange(spot.size)
             f.seek(offset)
             byte = f.read(1)
             f.seek(offset)
             f.write(bytes([byte[0] ^ (1 << bits.randrange(8))]))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, IndexError):
         return False
     return True
 

@@ -1,12 +1,16 @@
 """What is stored: the registry (read through a connection of its own, to the SQLite file or
 the PostgreSQL database) and the bucket disks (read directly), and how the two compare.
 
-The bucket layout is the one docs/architecture.md describes: fragment files under
-``<data>/fragments/<2 hex>/<upload id>.<part>`` and Puts in progress under ``<data>/tmp/``.
+The bucket layout is the one docs/architecture.md describes: fragments that arrived whole
+as needles appended to volume files ``<data>/volumes/v<n>.dat``, the others as fragment
+files under ``<data>/fragments/<2 hex>/<upload id>.<part>``, and Puts in progress under
+``<data>/tmp/``. A needle of a fragment id shadows a file of the same id.
 A fragment file is its data and then, in format 1, a 48-byte footer (magic ``K8FRAG01``,
 data length, sha256 of the data); in format 2, a crc32c per unit and a 56-byte footer
 (data length, unit, sha256 of the data, magic ``K8FRAG02``). The footers are parsed here
-from that description, not with the bucket's own code.
+from that description, not with the bucket's own code. The volumes are read with
+karma8.bucket.volumes.scan (it reads, never changes) and the needle headers with
+karma8.core.needles (the layout alone, no I/O).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 
 import trio
 
+from karma8.bucket.volumes import scan
+from karma8.core.needles import HEADER_SIZE, decode_header
 from karma8.registry.db import RegistryDB
 
 FOOTER_1 = struct.Struct("<8sQ32s")
@@ -172,7 +178,7 @@ class RegistryView:
 
 @dataclass(frozen=True, slots=True)
 class OnDisk:
-    """A fragment file on a bucket's disk."""
+    """A fragment on a bucket's disk: a file, or a needle in a volume (``path``: the volume)."""
 
     bucket: str
     path: Path
@@ -183,7 +189,7 @@ class OnDisk:
 
 @dataclass
 class Disks:
-    """Every bucket's fragment files and temporary files."""
+    """Every bucket's fragments (files and needles) and temporary files."""
 
     fragments: dict[Key, OnDisk] = field(default_factory=dict)
     tmp: list[Path] = field(default_factory=list)
@@ -210,6 +216,30 @@ def _footer(path: Path) -> tuple[int, str | None]:
     return int(size), bytes(digest).hex()
 
 
+def _needles(volumes: Path, now: float) -> dict[str, OnDisk]:
+    """The live needles of one bucket's volumes (the bucket may be writing them meanwhile:
+    the scan stops at a needle not yet whole, and a volume compacted away is skipped)."""
+    if not volumes.exists():
+        return {}
+    try:
+        found = scan(volumes)
+    except FileNotFoundError:  # a volume removed by compaction while we looked: next time
+        return {}
+    out = {}
+    for fid, needle in found.items():
+        try:
+            with needle.path.open("rb") as f:
+                f.seek(needle.data_offset - HEADER_SIZE)
+                header = decode_header(f.read(HEADER_SIZE))
+        except FileNotFoundError:
+            continue
+        if header is None or header.fragment_id != fid:  # compacted meanwhile: it moved
+            continue
+        age = max(0.0, now - header.appended)
+        out[fid] = OnDisk(volumes.parent.name, needle.path, needle.size, header.sha256.hex(), age)
+    return out
+
+
 def scan_disks(bucket_dirs: list[Path]) -> Disks:
     """Read every bucket directory (blocking: run in a thread)."""
     disks = Disks()
@@ -228,6 +258,8 @@ def scan_disks(bucket_dirs: list[Path]) -> Disks:
             except FileNotFoundError:
                 continue  # deleted while we looked
             disks.fragments[bucket_id, path.name] = OnDisk(root.name, path, size, sha, age)
+        for fid, found in _needles(root / "volumes", now).items():
+            disks.fragments[bucket_id, fid] = found  # a needle shadows a file of the same id
         tmp = root / "tmp"
         if tmp.exists():
             disks.tmp += sorted(tmp.iterdir())

@@ -116,6 +116,7 @@ class Cluster:
             security=self._security,
             stream_window=self._config.grpc_stream_window,
             connection_window=self._config.grpc_connection_window,
+            call_timeout=self._config.idle_timeout,
         )
         # Another heartbeat of the same bucket may have connected while we did.
         state = self._buckets.get(beat.bucket_id)

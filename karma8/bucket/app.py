@@ -162,6 +162,19 @@ async def heartbeat_forever(
             channel.close()
 
 
+async def compact_forever(store: FragmentStore, config: BucketConfig) -> None:
+    """Every ``compact_interval``, compact the sealed volumes that are ``compact_garbage`` dead."""
+    while True:
+        await asyncio.sleep(config.compact_interval)
+        try:
+            reclaimed = await store.compact(config.compact_garbage)
+        except OSError as exc:  # a full disk, say: the volumes stay as they are, whole
+            log.error("bucket=%s compaction failed: %s", store.bucket_id, exc)
+            continue
+        if reclaimed:
+            log.info("bucket=%s compaction reclaimed %d bytes", store.bucket_id, reclaimed)
+
+
 async def serve_bucket(config: BucketConfig) -> None:
     """Run a bucket server until SIGINT/SIGTERM.
 
@@ -206,7 +219,9 @@ async def _serve(
     readiness: Readiness,
     endpoint: HttpEndpoint | None,
 ) -> None:
-    store = await open_store(config.data_dir, capacity=config.capacity, fsync=config.fsync)
+    store = await open_store(
+        config.data_dir, capacity=config.capacity, fsync=config.fsync, volume_size=config.volume_size
+    )
     metrics.watch_store(store)
     readiness.store_open = True
     service = BucketService(
@@ -262,9 +277,11 @@ async def _serve(
                     store, config, address, ChannelSecurity(secret, tls.heartbeat), readiness, metrics
                 )
             )
+            compaction = tasks.create_task(compact_forever(store, config))
             await stop.wait()
             log.info("bucket=%s shutting down", store.bucket_id)
             beats.cancel()
+            compaction.cancel()
     finally:
         readiness.stopping = True
         health.set_serving(False)
@@ -273,6 +290,7 @@ async def _serve(
             await asyncio.wait_for(server.wait_closed(), config.shutdown_timeout)
         except TimeoutError:
             log.warning("bucket=%s calls still running at shutdown were dropped", store.bucket_id)
+        store.close()
 
 
 def run_bucket(config: BucketConfig) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from grpclib import GRPCError
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from karma8.bucket.store import FragmentStore
 
@@ -44,6 +44,12 @@ class BucketMetrics:
         )
         self.read_bytes = Counter(
             "karma8_bucket_read_bytes", "Fragment bytes sent by Gets.", registry=registry
+        )
+        self.batches = Counter(
+            "karma8_bucket_batch_calls",
+            "PutMany and GetMany calls (each item is counted under puts or gets too).",
+            ["call"],
+            registry=registry,
         )
         self.deleted_fragments = Counter(
             "karma8_bucket_deleted_fragments", "Fragments removed by Delete calls.", registry=registry
@@ -117,11 +123,30 @@ class _StoreCollector:
         )
         fragments = GaugeMetricFamily("karma8_bucket_fragments", "Fragments stored.")
         info = GaugeMetricFamily("karma8_bucket_info", "The bucket's id (always 1).", labels=["bucket"])
+        volumes = GaugeMetricFamily("karma8_bucket_volumes", "Volume files (small fragments as needles).")
+        volume_bytes = GaugeMetricFamily(
+            "karma8_bucket_volume_bytes", "Bytes of the volume files, live or dead.", labels=["state"]
+        )
+        batches = CounterMetricFamily(
+            "karma8_bucket_volume_batches", "Group commits: needles written with one fdatasync."
+        )
+        needles = CounterMetricFamily("karma8_bucket_volume_needles", "Needles written (puts and deletes).")
+        reclaimed = CounterMetricFamily(
+            "karma8_bucket_volume_reclaimed_bytes", "Bytes reclaimed by compacting volumes."
+        )
         if store is not None:
+            count, total, live = store.volumes.sizes()
+            volumes.add_metric([], count)
+            volume_bytes.add_metric(["live"], live)
+            volume_bytes.add_metric(["dead"], total - live)
+            stats = store.volumes.stats
+            batches.add_metric([], stats.batches)
+            needles.add_metric([], stats.needles)
+            reclaimed.add_metric([], stats.reclaimed)
             usage = store.usage()
             used.add_metric([], usage.used)
             free.add_metric([], usage.free)
             capacity.add_metric([], usage.capacity)
             fragments.add_metric([], usage.fragments)
             info.add_metric([store.bucket_id], 1)
-        return [used, free, capacity, fragments, info]
+        return [used, free, capacity, fragments, info, volumes, volume_bytes, batches, needles, reclaimed]

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 from grpclib import GRPCError
 from grpclib.const import Status
 
@@ -35,6 +36,10 @@ def _about(fragment_id: str) -> str:
     return f"upload={upload_id} part {part}"
 
 
+#: Items in one PutMany or GetMany, at most.
+MANY_MAX = 256
+
+
 @contextlib.contextmanager
 def _as_grpc(bucket_id: str, what: str) -> Iterator[None]:
     try:
@@ -50,6 +55,11 @@ def _as_grpc(bucket_id: str, what: str) -> Iterator[None]:
     except NoSpace as exc:
         log.warning("bucket=%s %s: %s", bucket_id, what, exc.message)
         raise GRPCError(Status.RESOURCE_EXHAUSTED, exc.message) from None
+
+
+def _item_status(exc: GRPCError) -> pb.ItemStatus:
+    """An item's failure: the status a call of its own would have ended with."""
+    return pb.ItemStatus(code=exc.status.value, message=exc.message or "")
 
 
 def _info(stored: StoredFragment) -> pb.FragmentInfo:
@@ -157,6 +167,63 @@ class BucketService(pb.BucketBase):
                 stored = await writer.commit()
         log.debug("bucket=%s stored %s (%d bytes)", bid, _about(stored.fragment_id), stored.size)
         return stored
+
+    async def put_many(self, message: pb.PutManyRequest) -> pb.PutManyReply:
+        # Every item is stored at once: the volume's group commit writes them with one
+        # fdatasync (and those of other calls queued beside them).
+        bid = self._store.bucket_id
+        if len(message.items) > MANY_MAX:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"more than {MANY_MAX} items")
+        results = [pb.PutReply() for _ in message.items]
+        statuses = [pb.ItemStatus() for _ in message.items]
+
+        async def one(i: int, item: pb.PutRequest) -> None:
+            try:
+                what = f"put {_about(item.fragment_id)}"
+                with self._metrics.count(self._metrics.puts), _as_grpc(bid, what):
+                    if len(item.data) != item.size:
+                        raise BadRequest(f"{item.fragment_id[:100]}: {len(item.data)} of {item.size} bytes")
+                    self._check_chunk(item.data)
+                    stored = await self._store.put_whole(item.fragment_id, item.data, item.unit, item.crc32c)
+            except GRPCError as exc:
+                statuses[i] = _item_status(exc)
+                return
+            self._metrics.written_bytes.inc(stored.size)
+            results[i] = _put_reply(stored)
+
+        self._metrics.batches.labels("put_many").inc()
+        async with anyio.create_task_group() as tasks:
+            for i, item in enumerate(message.items):
+                tasks.start_soon(one, i, item)
+        return pb.PutManyReply(results=results, statuses=statuses)
+
+    async def get_many(self, message: pb.GetManyRequest) -> pb.GetManyReply:
+        bid = self._store.bucket_id
+        if len(message.items) > MANY_MAX:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"more than {MANY_MAX} items")
+        results = [pb.GetReply() for _ in message.items]
+        statuses = [pb.ItemStatus() for _ in message.items]
+
+        async def one(i: int, item: pb.GetRequest) -> None:
+            try:
+                what = f"get {_about(item.fragment_id)}"
+                with self._metrics.count(self._metrics.gets), _as_grpc(bid, what):
+                    if not 0 < item.chunk_size <= self._read_chunk_max:
+                        raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
+                    piece = await self._store.read_whole(item.fragment_id, item.chunk_size, item.first_unit)
+                    if piece is None:
+                        raise GRPCError(Status.OUT_OF_RANGE, f"{item.fragment_id} is bigger than chunk_size")
+            except GRPCError as exc:
+                statuses[i] = _item_status(exc)
+                return
+            self._metrics.read_bytes.inc(len(piece.data))
+            results[i] = pb.GetReply(data=piece.data, crc32c=piece.crcs)
+
+        self._metrics.batches.labels("get_many").inc()
+        async with anyio.create_task_group() as tasks:
+            for i, item in enumerate(message.items):
+                tasks.start_soon(one, i, item)
+        return pb.GetManyReply(results=results, statuses=statuses)
 
     async def get(self, message: pb.GetRequest) -> AsyncIterator[pb.GetReply]:
         sent = 0

@@ -3,10 +3,14 @@
 Layout under the data directory::
 
     bucket-id                         the bucket's identity, created on first start
-    fragments/<uu>/<upload id>.<part> committed fragments (<uu>: first 2 hex digits)
-    tmp/                              Puts in progress; emptied at every start
+    volumes/v<n>.dat                  fragments that arrived whole, as needles appended
+                                      with group commit (karma8/bucket/volumes.py)
+    fragments/<uu>/<upload id>.<part> fragments streamed in pieces, one file each
+                                      (<uu>: first 2 hex digits); before volumes, all
+    tmp/                              streamed Puts in progress; emptied at every start
 
-A fragment file carries its own checksums, so one rename commits data and checksums
+A fragment id lives in a volume or in a file; the store looks in the volumes first. A
+fragment file carries its own checksums, so one rename commits data and checksums
 together. Two formats, told apart by the footer (the last bytes of the file):
 
 - format 1 (``K8FRAG01``, every fragment before erasure coding): the data, then a
@@ -20,7 +24,8 @@ Fragments keep the format they were written in. Fragment ids are checked by
 ``fragments/``.
 
 Nothing is cached that the filesystem does not hold: the bytes-used counter is rebuilt by
-a scan at start and kept in step with every commit and delete.
+a scan at start and kept in step with every commit and delete, and the volumes' index is
+rebuilt from the volumes.
 """
 
 from __future__ import annotations
@@ -43,10 +48,14 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 
+from karma8.bucket.errors import FragmentCorrupt, FragmentMissing, NoSpace
+from karma8.bucket.volumes import Volumes
 from karma8.core.checksums import CRC_SIZE, first_bad_unit
 from karma8.core.fragments import check_upload_id, parse_fragment_id
 from karma8.core.records import Piece, StoredFragment, Usage
-from karma8.errors import BadRequest, Karma8Error
+from karma8.errors import BadRequest
+
+__all__ = ["FragmentCorrupt", "FragmentMissing", "FragmentStore", "NoSpace", "open_store"]
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +64,12 @@ MAGIC_UNITS = b"K8FRAG02"
 #: Chunks up to this size are written (and hashed) on the event loop: a few
 #: microseconds into the page cache, less than a hop to a worker thread and back.
 INLINE_WRITE_MAX = 64 * 1024
+#: Default size at which a volume is sealed and the next one started.
+VOLUME_SIZE = 256 * 1024 * 1024
 _FOOTER = struct.Struct("<8sQ32s")
 FOOTER_SIZE = _FOOTER.size
 _FOOTER_UNITS = struct.Struct("<QQ32s8s")
 FOOTER_UNITS_SIZE = _FOOTER_UNITS.size
-
-
-class FragmentMissing(Karma8Error):
-    """The bucket does not hold the requested fragment."""
-
-    code = "not_found"
-
-
-class FragmentCorrupt(Karma8Error):
-    """A fragment's data does not match its footer."""
-
-    code = "checksum_mismatch"
-
-
-class NoSpace(Karma8Error):
-    """The fragment does not fit in the bucket's free space."""
-
-    code = "no_space"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -222,7 +215,10 @@ class FragmentWriter:
         if self.written != self.size:
             raise BadRequest(f"{self.fragment_id}: got {self.written} of {self.size} bytes")
         final = self._store._path(self.fragment_id)
-        return await anyio.to_thread.run_sync(self._commit, final, self._store.fsync)
+        stored = await anyio.to_thread.run_sync(self._commit, final, self._store.fsync)
+        # The file is the fragment now: a needle of the same id would shadow it.
+        await self._store.volumes.delete([self.fragment_id])
+        return stored
 
     def _discard(self) -> None:
         self._f.close()
@@ -233,11 +229,12 @@ class FragmentWriter:
 class FragmentStore:
     """Fragments of one bucket on its filesystem. Open with :func:`open_store`."""
 
-    def __init__(self, root: Path, bucket_id: str, capacity: int, fsync: bool) -> None:
+    def __init__(self, root: Path, bucket_id: str, capacity: int, fsync: bool, volume_size: int) -> None:
         self.root = root
         self.bucket_id = bucket_id
         self.capacity = capacity
         self.fsync = fsync
+        self.volumes = Volumes(root / "volumes", fsync=fsync, volume_size=volume_size)
         self._fragments = root / "fragments"
         self._tmp = root / "tmp"
         self._counters = _Counters()
@@ -274,6 +271,11 @@ class FragmentStore:
             counters.used += _data_size(path)
             counters.fragments += 1
         self._counters = counters
+        self.volumes.open()
+
+    def close(self) -> None:
+        """Close the volumes' descriptors (the store is not used afterwards)."""
+        self.volumes.close()
 
     def _iter_files(self, upload_id: str = "") -> Iterator[Path]:
         if upload_id:
@@ -287,14 +289,15 @@ class FragmentStore:
     def usage(self) -> Usage:
         """Bytes used by fragment data, bytes free, capacity, fragment count."""
         disk = shutil.disk_usage(self.root)
-        used = self._counters.used
+        used = self._counters.used + self.volumes.used
         if self.capacity:
             capacity = self.capacity
             free = max(0, min(disk.free, capacity - used))
         else:
             capacity = disk.total
             free = disk.free
-        return Usage(used=used, free=free, capacity=capacity, fragments=self._counters.fragments)
+        fragments = self._counters.fragments + self.volumes.count
+        return Usage(used=used, free=free, capacity=capacity, fragments=fragments)
 
     @contextlib.asynccontextmanager
     async def open_writer(self, fragment_id: str, size: int, unit: int = 0) -> AsyncIterator[FragmentWriter]:
@@ -318,32 +321,35 @@ class FragmentStore:
             if not f.closed:  # not committed
                 writer._discard()
 
-    def _put_whole(self, fragment_id: str, data: bytes, unit: int, crcs: Sequence[int]) -> StoredFragment:
-        tmp = self._tmp / f"{fragment_id}.{uuid.uuid4().hex}"
-        writer = FragmentWriter(self, fragment_id, len(data), unit, tmp, tmp.open("xb"))
-        try:
-            writer._write(data, crcs)
-            return writer._commit(self._path(fragment_id), self.fsync)
-        except BaseException:
-            writer._discard()
-            raise
-
     async def put_whole(
         self, fragment_id: str, data: bytes, unit: int = 0, crcs: Sequence[int] = ()
     ) -> StoredFragment:
-        """Store a whole fragment: create, write, fsync and rename in one worker-thread call.
+        """Store a whole fragment as a needle in the active volume (group commit: it
+        returns once the needle is on disk, with those of the Puts queued beside it).
 
-        Nothing touches the disk in the event loop thread: creating a file there can wait
-        on the filesystem journal behind other fragments' fsyncs, and so block every call.
-        The temporary file exists only inside the thread call, which removes it on failure.
+        Raises:
+            BadRequest: unit checksums without a unit, or a malformed id.
+            FragmentCorrupt: a unit does not match its checksum.
+            NoSpace: the fragment does not fit.
         """
         self._path(fragment_id)  # validates the id before anything touches the disk
         if len(data) > self.usage().free:
             raise NoSpace(f"{fragment_id}: {len(data)} bytes do not fit")
-        return await anyio.to_thread.run_sync(self._put_whole, fragment_id, data, unit, crcs)
+        if len(data) > INLINE_WRITE_MAX:
+            digest = await anyio.to_thread.run_sync(_check_whole, fragment_id, data, unit, crcs)
+        else:
+            digest = _check_whole(fragment_id, data, unit, crcs)
+        await self.volumes.put(fragment_id, data, unit, crcs, digest)
+        path = self._path(fragment_id)
+        if path.exists():  # written as a file before: the needle is the fragment now
+            await anyio.to_thread.run_sync(self._delete, [path])
+        return StoredFragment(fragment_id, len(data), digest.hex())
 
     def _read_whole(self, fragment_id: str, limit: int, first_unit: int) -> Piece | None:
         path = self._path(fragment_id)
+        if self.volumes.locate(fragment_id) is not None:
+            piece = self._read_needle(fragment_id, first_unit)
+            return piece if len(piece.data) <= limit else None
         try:
             f = path.open("rb")
         except FileNotFoundError:
@@ -373,10 +379,25 @@ class FragmentStore:
         """
         return await anyio.to_thread.run_sync(self._read_whole, fragment_id, limit, first_unit)
 
+    def _read_needle(self, fragment_id: str, first_unit: int) -> Piece:
+        """A fragment held in the volumes, from ``first_unit`` on (checked whole)."""
+        piece, _ = self.volumes.read(fragment_id)
+        loc = self.volumes.locate(fragment_id)
+        unit = loc.unit if loc is not None else 0
+        if not unit:
+            _check_first_unit(fragment_id, first_unit)
+            return piece
+        return Piece(piece.data[first_unit * unit :], piece.crcs[first_unit:])
+
     @contextlib.asynccontextmanager
-    async def open_reader(self, fragment_id: str) -> AsyncIterator[FragmentReader]:
+    async def open_reader(self, fragment_id: str) -> AsyncIterator[FragmentReader | NeedleReader]:
         """A reader that checks the data against the fragment's checksums as it goes."""
         path = self._path(fragment_id)
+        loc = self.volumes.locate(fragment_id)
+        if loc is not None:
+            piece = await anyio.to_thread.run_sync(self._read_needle, fragment_id, 0)
+            yield NeedleReader(fragment_id, piece, loc.unit)
+            return
         try:
             f = await anyio.to_thread.run_sync(path.open, "rb")
         except FileNotFoundError:
@@ -416,12 +437,19 @@ class FragmentStore:
                 if parse_fragment_id(fid)[0] != upload_id:
                     raise BadRequest(f"fragment {fid} is not part of upload {upload_id}")
                 paths.append(self._path(fid))
+            needles = list(fragment_ids)
         else:
             paths = await anyio.to_thread.run_sync(lambda: list(self._iter_files(upload_id)))
-        return await anyio.to_thread.run_sync(self._delete, paths)
+            needles = self.volumes.of_upload(upload_id)
+        deleted = await self.volumes.delete(needles)
+        count, freed = await anyio.to_thread.run_sync(self._delete, paths)
+        return count + len(deleted), freed + sum(size for _, size in deleted)
 
     def _list(self, upload_id: str) -> list[StoredFragment]:
-        return self._describe(list(self._iter_files(upload_id)))
+        needles = self.volumes.of_upload(upload_id)
+        paths = [p for p in self._iter_files(upload_id) if p.name not in needles]
+        listed = self._describe(paths) + self.volumes.describe(needles, time.time())
+        return sorted(listed, key=lambda f: f.fragment_id)
 
     def _shard_names(self, shard: str, after: str) -> list[str]:
         """The names in one fan-out directory, in order, of uploads after ``after``.
@@ -451,6 +479,14 @@ class FragmentStore:
         # "<after>/" sorts after every "<after>.<part>" and before any later upload id.
         return names[bisect.bisect_right(names, after + "/") :] if after else list(names)
 
+    def _describe_names(self, shard: str, names: list[str]) -> list[StoredFragment]:
+        """``names`` (fragment ids of one shard, in order) described, needles or files."""
+        needles = [n for n in names if self.volumes.locate(n) is not None]
+        held = set(needles)
+        files = self._describe([self._fragments / shard / n for n in names if n not in held])
+        listed = files + self.volumes.describe(needles, time.time())
+        return sorted(listed, key=lambda f: f.fragment_id) if files and needles else listed
+
     def _describe(self, paths: Sequence[Path]) -> list[StoredFragment]:
         out = []
         now = time.time()
@@ -470,6 +506,15 @@ class FragmentStore:
 
     def _verify(self, fragment_id: str) -> tuple[str, int, str]:
         path = self._path(fragment_id)
+        loc = self.volumes.locate(fragment_id)
+        if loc is not None:
+            try:
+                piece, _ = self.volumes.read(fragment_id)
+            except FragmentMissing:
+                return "missing", 0, ""
+            except FragmentCorrupt as exc:
+                return f"corrupt: {exc.message.removeprefix(fragment_id + ': ')}", loc.size, ""
+            return "", len(piece.data), hashlib.sha256(piece.data).hexdigest()
         try:
             f = path.open("rb")
         except FileNotFoundError:
@@ -510,6 +555,15 @@ class FragmentStore:
             check_upload_id(upload_id)
         return await anyio.to_thread.run_sync(self._list, upload_id)
 
+    async def compact(self, garbage: float) -> int:
+        """Compact every sealed volume whose dead share is at least ``garbage``; returns the
+        bytes reclaimed."""
+        reclaimed = 0
+        for number, dead in sorted(self.volumes.garbage().items()):
+            if dead >= garbage:
+                reclaimed += await anyio.to_thread.run_sync(self.volumes.compact, number)
+        return reclaimed
+
     async def iter_fragments(
         self, after: str = "", limit: int = 0, batch: int = 1000
     ) -> AsyncIterator[list[StoredFragment]]:
@@ -520,13 +574,17 @@ class FragmentStore:
         fragments. Memory holds one fan-out directory's names at most (the fragments
         spread over 256 of them), never the whole listing.
         """
-        shards = await anyio.to_thread.run_sync(lambda: sorted(p.name for p in self._fragments.iterdir()))
+        dirs = await anyio.to_thread.run_sync(lambda: [p.name for p in self._fragments.iterdir()])
         listed = 0
         last = ""
-        for shard in shards:
+        for shard in sorted({*dirs, *self.volumes.shards()}):
             if shard < after[:2]:
                 continue  # every upload in it sorts before ``after``
             names = await anyio.to_thread.run_sync(self._shard_names, shard, after)
+            needles = self.volumes.ids(shard)
+            if needles:
+                needles = needles[bisect.bisect_right(needles, after + "/") :] if after else needles
+                names = sorted({*names, *needles})
             for i in range(0, len(names), batch):
                 chunk = names[i : i + batch]
                 if limit:
@@ -537,11 +595,22 @@ class FragmentStore:
                             break
                         last = upload
                 if chunk:
-                    paths = [self._fragments / shard / n for n in chunk]
-                    yield await anyio.to_thread.run_sync(self._describe, paths)
+                    yield await anyio.to_thread.run_sync(self._describe_names, shard, chunk)
                 listed += len(chunk)
                 if limit and listed >= limit and len(chunk) < len(names[i : i + batch]):
                     return
+
+
+def _check_whole(fragment_id: str, data: bytes, unit: int, crcs: Sequence[int]) -> bytes:
+    """Check a whole fragment against its unit checksums; return the sha256 of its data."""
+    if not unit:
+        if crcs:
+            raise BadRequest(f"{fragment_id}: unit checksums without a unit")
+    else:
+        bad = first_bad_unit(data, unit, crcs)
+        if bad is not None:
+            raise FragmentCorrupt(f"{fragment_id}: unit {bad} arrived with a wrong checksum")
+    return hashlib.sha256(data).digest()
 
 
 def _check_first_unit(fragment_id: str, first_unit: int) -> None:
@@ -619,6 +688,35 @@ class FragmentReader:
             yield Piece(pending, [])
 
 
+class NeedleReader:
+    """Serves a fragment read whole from a volume (checked) in pieces, as
+    :class:`FragmentReader` serves a file."""
+
+    def __init__(self, fragment_id: str, piece: Piece, unit: int) -> None:
+        self.fragment_id = fragment_id
+        self.size = len(piece.data)
+        self.unit = unit
+        self._piece = piece
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        """Yield the data in chunks of ``chunk_size`` (whole units when there are units)."""
+        async for piece in self.pieces(chunk_size):
+            yield piece.data
+
+    async def pieces(self, chunk_size: int, first_unit: int = 0) -> AsyncIterator[Piece]:
+        """Yield the data from ``first_unit`` on, at most ``chunk_size`` bytes at a time
+        (with units: whole units, at least one, with their crc32c)."""
+        data, crcs = self._piece.data, self._piece.crcs
+        if not self.unit:
+            _check_first_unit(self.fragment_id, first_unit)
+            for i in range(0, len(data), chunk_size):
+                yield Piece(data[i : i + chunk_size], [])
+            return
+        per = max(1, chunk_size // self.unit)
+        for first in range(first_unit, len(crcs), per):
+            yield Piece(data[first * self.unit : (first + per) * self.unit], crcs[first : first + per])
+
+
 def _load_identity(root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "bucket-id"
@@ -636,9 +734,12 @@ def _load_identity(root: Path) -> str:
     return bucket_id
 
 
-async def open_store(root: Path, *, capacity: int = 0, fsync: bool = True) -> FragmentStore:
-    """Open (creating on first start) the store at ``root``; clears unfinished Puts."""
+async def open_store(
+    root: Path, *, capacity: int = 0, fsync: bool = True, volume_size: int = VOLUME_SIZE
+) -> FragmentStore:
+    """Open (creating on first start) the store at ``root``; clears unfinished Puts and
+    rebuilds the volumes' index."""
     bucket_id = await anyio.to_thread.run_sync(_load_identity, root)
-    store = FragmentStore(root, bucket_id, capacity, fsync)
+    store = FragmentStore(root, bucket_id, capacity, fsync, volume_size)
     await anyio.to_thread.run_sync(store._scan)
     return store

@@ -126,6 +126,19 @@ class Portal:
             raise PortalClosed("the asyncio loop cancelled the call") from value
         raise value
 
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """From trio: run ``fn()`` as a task of the portal's own, which no caller's
+        cancellation reaches (it ends with the portal). For work done on behalf of
+        several callers, such as a batched call: it must bound its own time.
+
+        Raises:
+            PortalClosed: the portal is closing.
+        """
+        try:
+            self._nursery.start_soon(fn)
+        except RuntimeError:
+            raise PortalClosed("the portal is closing") from None
+
     async def run_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """From the asyncio loop: run ``await fn(*args)`` in trio and return its result.
 

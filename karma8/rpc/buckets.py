@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpclib.client
 import grpclib.config
@@ -29,6 +29,7 @@ from karma8.core.records import Piece, StoredFragment, Usage
 from karma8.errors import BucketUnavailable, ChecksumMismatch, FragmentNotFound, Internal, Karma8Error
 from karma8.rpc.auth import ChannelSecurity, attach_secret
 from karma8.rpc.bridge import Portal, PortalClosed
+from karma8.rpc.coalesce import Coalescer
 from karma8.rpc.gen.karma8 import v1 as pb
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,12 @@ _PUT = "/karma8.v1.Bucket/Put"
 _GET = "/karma8.v1.Bucket/Get"
 _LIST = "/karma8.v1.Bucket/List"
 _S = grpclib.const.Status
+#: Fragments in one PutMany or GetMany, at most (a bucket takes up to 256) ...
+BATCH_ITEMS = 64
+#: ... and their bytes (one fragment bigger than this goes alone).
+BATCH_BYTES = 4 * 1024 * 1024
+Q = TypeVar("Q")
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -132,13 +139,41 @@ class FragmentReader:
 class BucketClient:
     """gRPC client of one bucket. Create with :func:`connect_bucket`; ``aclose()`` it."""
 
-    def __init__(self, portal: Portal, bucket_id: str, address: str, channel: Any, close_timeout: float):
+    def __init__(
+        self,
+        portal: Portal,
+        bucket_id: str,
+        address: str,
+        channel: Any,
+        close_timeout: float,
+        call_timeout: float = 60.0,
+    ):
         self._portal = portal
         self.bucket_id = bucket_id
         self.address = address
         self._channel = channel
         self._stub = pb.BucketStub(channel)
         self._close_timeout = close_timeout
+        #: False once the bucket answered UNIMPLEMENTED to PutMany/GetMany (an older one).
+        self.batches = True
+        self.puts: Coalescer[pb.PutRequest, StoredFragment] = Coalescer(
+            self._put_many,
+            portal.start_soon,
+            bucket_id=bucket_id,
+            max_items=BATCH_ITEMS,
+            max_bytes=BATCH_BYTES,
+            timeout=call_timeout,
+            cancel_wait=close_timeout,
+        )
+        self.gets: Coalescer[pb.GetRequest, Piece] = Coalescer(
+            self._get_many,
+            portal.start_soon,
+            bucket_id=bucket_id,
+            max_items=BATCH_ITEMS,
+            max_bytes=BATCH_BYTES,
+            timeout=call_timeout,
+            cancel_wait=close_timeout,
+        )
 
     @contextlib.asynccontextmanager
     async def _open_stream(
@@ -193,21 +228,82 @@ class BucketClient:
     async def put_whole(
         self, fragment_id: str, data: bytes, unit: int = 0, crcs: Sequence[int] = ()
     ) -> StoredFragment:
-        """Put a whole fragment in one call: one trio/asyncio crossing instead of five.
+        """Put a whole fragment (a small one, where the calls cost more than the data),
+        in one PutMany with the other puts queued for this bucket meanwhile.
 
-        For small fragments, where the crossings cost more than the data. A cancelled
-        caller resets the stream before this returns, as with :meth:`open_put`.
+        A cancelled caller takes its fragment back if it has not gone yet; if it has, the
+        call goes on for the others, and the caller returns once it ended (at most the
+        close timeout later), so that a cleanup after it finds what it stored.
         """
+        request = pb.PutRequest(
+            fragment_id=fragment_id, size=len(data), data=data, unit=unit, crc32c=list(crcs)
+        )
+        if not self.batches:
+            return await self._put_one(request)
+        return await self.puts.call(request, len(data))
+
+    async def _put_one(self, request: pb.PutRequest) -> StoredFragment:
+        """One whole fragment in a Put of its own: one trio/asyncio crossing."""
         with translate_errors(self.bucket_id):
-            reply: pb.PutReply | None = await self._portal.run(
-                self._put_whole,
-                pb.PutRequest(
-                    fragment_id=fragment_id, size=len(data), data=data, unit=unit, crc32c=list(crcs)
-                ),
-            )
+            reply: pb.PutReply | None = await self._portal.run(self._put_whole, request)
         if reply is None:
             raise BucketUnavailable(self.bucket_id, "Put ended without a reply")
         return StoredFragment(reply.fragment_id, reply.size, reply.sha256.hex())
+
+    async def _put_many(self, requests: list[pb.PutRequest]) -> list[StoredFragment | BaseException]:
+        try:
+            reply: pb.PutManyReply = await self._portal.run(
+                self._stub.put_many, pb.PutManyRequest(items=requests)
+            )
+        except grpclib.exceptions.GRPCError as exc:
+            if exc.status is not _S.UNIMPLEMENTED:
+                raise self._error(exc) from None
+            self._older_bucket()
+            return await _each(self._put_one, requests)
+        except Exception as exc:
+            raise self._error(exc) from None
+        return [
+            StoredFragment(r.fragment_id, r.size, r.sha256.hex()) if not s.code else self._item_error(s)
+            for r, s in zip(reply.results, reply.statuses, strict=True)
+        ]
+
+    async def _get_many(self, requests: list[pb.GetRequest]) -> list[Piece | BaseException]:
+        try:
+            reply: pb.GetManyReply = await self._portal.run(
+                self._stub.get_many, pb.GetManyRequest(items=requests)
+            )
+        except grpclib.exceptions.GRPCError as exc:
+            if exc.status is not _S.UNIMPLEMENTED:
+                raise self._error(exc) from None
+            self._older_bucket()
+            return await _each(self._get_joined, requests)
+        except Exception as exc:
+            raise self._error(exc) from None
+        return [
+            Piece(r.data, r.crc32c) if not s.code else self._get_error(q, s)
+            for q, r, s in zip(requests, reply.results, reply.statuses, strict=True)
+        ]
+
+    def _older_bucket(self) -> None:
+        if self.batches:
+            log.info("bucket=%s has no PutMany/GetMany (older release): a call per fragment", self.bucket_id)
+        self.batches = False
+
+    def _error(self, exc: Exception) -> Exception:
+        """``exc`` as :func:`translate_errors` turns it into a karma8 error."""
+        try:
+            with translate_errors(self.bucket_id):
+                raise exc
+        except Exception as translated:
+            return translated
+
+    def _get_error(self, request: pb.GetRequest, status: pb.ItemStatus) -> Exception:
+        if status.code == _S.OUT_OF_RANGE.value:  # more than its recorded size: not ours
+            return BucketUnavailable(self.bucket_id, f"{request.fragment_id} is longer than recorded")
+        return self._item_error(status)
+
+    def _item_error(self, status: pb.ItemStatus) -> Exception:
+        return self._error(grpclib.exceptions.GRPCError(_S(status.code), status.message))
 
     async def _put_whole(self, request: pb.PutRequest) -> pb.PutReply | None:
         stream = self._channel.request(
@@ -222,15 +318,30 @@ class BucketClient:
     async def get_whole(
         self, fragment_id: str, size: int, chunk_size: int, first_unit: int = 0
     ) -> list[Piece]:
-        """Get the ``size`` bytes of a fragment from ``first_unit`` on in one call (small
-        fragments, as :meth:`put_whole`)."""
-        request = pb.GetRequest(fragment_id=fragment_id, chunk_size=chunk_size, first_unit=first_unit)
-        with translate_errors(self.bucket_id):
-            chunks: list[Piece] = await self._portal.run(self._get_whole, request, size)
+        """Get the ``size`` bytes of a fragment from ``first_unit`` on (small fragments, as
+        :meth:`put_whole`): in one GetMany with the other gets queued for this bucket."""
+        if not self.batches:
+            request = pb.GetRequest(fragment_id=fragment_id, chunk_size=chunk_size, first_unit=first_unit)
+            chunks = await self._get_one(request, size)
+        else:
+            # One piece of the whole remainder: the bucket reads it in one go or refuses.
+            request = pb.GetRequest(fragment_id=fragment_id, chunk_size=max(1, size), first_unit=first_unit)
+            chunks = [await self.gets.call(request, size)]
         received = sum(len(c.data) for c in chunks)
         if received != size:
             raise BucketUnavailable(self.bucket_id, f"{fragment_id}: {received} of {size} bytes")
         return chunks
+
+    async def _get_one(self, request: pb.GetRequest, size: int) -> list[Piece]:
+        """One fragment's ``size`` bytes in a Get of its own (a piece per reply)."""
+        with translate_errors(self.bucket_id):
+            pieces: list[Piece] = await self._portal.run(self._get_whole, request, size)
+        return pieces
+
+    async def _get_joined(self, request: pb.GetRequest) -> Piece:
+        """A GetMany item (``chunk_size``: the whole remainder) in a Get of its own."""
+        pieces = await self._get_one(request, request.chunk_size)
+        return Piece(b"".join(p.data for p in pieces), [c for p in pieces for c in p.crcs])
 
     async def _get_whole(self, request: pb.GetRequest, size: int) -> list[Piece]:
         stream = self._channel.request(
@@ -318,6 +429,22 @@ class BucketClient:
             await self._portal.run(_close_channel, self._channel)
 
 
+async def _each(call: Callable[[Q], Awaitable[R]], requests: list[Q]) -> list[R | BaseException]:
+    """``call`` for every request at once; each one's result or error, in order."""
+    out: list[R | BaseException] = [BucketUnavailable("?", "not run")] * len(requests)
+
+    async def one(i: int, request: Q) -> None:
+        try:
+            out[i] = await call(request)
+        except Karma8Error as exc:
+            out[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i, request in enumerate(requests):
+            nursery.start_soon(one, i, request)
+    return out
+
+
 async def _send_last(stream: Any, message: Any) -> None:
     await stream.send_message(message, end=True)
 
@@ -370,6 +497,7 @@ async def connect_bucket(
     security: ChannelSecurity,
     stream_window: int = 4 * 1024 * 1024,
     connection_window: int = 16 * 1024 * 1024,
+    call_timeout: float = 60.0,
 ) -> BucketClient:
     """A client for the bucket at ``address`` (``host:port``); connects lazily.
 
@@ -378,6 +506,8 @@ async def connect_bucket(
 
     The HTTP/2 receive windows bound how much a bucket can push ahead of what we consume
     (grpclib acknowledges data as it is read); the 64 KiB default would stall 1 MiB chunks.
+    ``call_timeout`` bounds a batched call (PutMany, GetMany), which serves several callers
+    and so runs whatever happens to one of them.
     """
     speedups.apply()
     host, _, port = address.rpartition(":")
@@ -387,4 +517,4 @@ async def connect_bucket(
         http2_connection_window_size=connection_window, http2_stream_window_size=stream_window
     )
     channel = await portal.run(_new_channel, host.strip("[]"), int(port), config, security)
-    return BucketClient(portal, bucket_id, address, channel, close_timeout)
+    return BucketClient(portal, bucket_id, address, channel, close_timeout, call_timeout)

@@ -25,6 +25,8 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 import karma8.stack
 from karma8.api.app import ApiEndpoints, serve_api
+from karma8.bucket.store import _data_size
+from karma8.bucket.volumes import Needle, scan
 from karma8.client import Client
 from karma8.config import ApiConfig, ClientConfig
 from karma8.registry.db import RegistryDB
@@ -92,6 +94,16 @@ def make_file(path: Path, size: int, seed: int = 0) -> str:
     return h.hexdigest()
 
 
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
+    """Flip the bits ``mask`` of the byte at ``offset`` of ``path`` (bit rot, in place)."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        assert len(byte) == 1, f"{path} has no byte at {offset}"
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -114,16 +126,47 @@ class BucketProcess:
     port: int = 0
 
     def fragment_files(self) -> list[Path]:
+        """The fragment files under ``fragments/`` (fragments streamed in pieces); the
+        fragments that arrived whole are needles in ``volumes/``: see :meth:`fragment_ids`."""
         root = self.data_dir / "fragments"
         return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+    def needles(self) -> dict[str, Needle]:
+        """The live needles of the bucket's volumes, by fragment id (read, never changed)."""
+        root = self.data_dir / "volumes"
+        return scan(root) if root.exists() else {}
+
+    def fragment_ids(self) -> list[str]:
+        """The ids of every fragment the bucket's disk holds, as a needle or as a file."""
+        return sorted({p.name for p in self.fragment_files()} | self.needles().keys())
+
+    def fragment_at(self, fragment_id: str) -> tuple[Path, int, int]:
+        """Where a fragment's data lies on disk: (volume or fragment file, offset of its first
+        data byte, data size). A needle shadows a file of the same id, as in the store."""
+        needle = self.needles().get(fragment_id)
+        if needle is not None:
+            return needle.path, needle.data_offset, needle.size
+        path = self.data_dir / "fragments" / fragment_id[:2] / fragment_id
+        if not path.exists():
+            raise AssertionError(f"no fragment {fragment_id} on {self.data_dir}")
+        return path, 0, _data_size(path)
+
+    def flip(self, fragment_id: str, at: int = 0, mask: int = 0xFF) -> None:
+        """Flip the bits ``mask`` of byte ``at`` of a fragment's data, wherever it lies on disk."""
+        path, offset, size = self.fragment_at(fragment_id)
+        if not 0 <= at < size:
+            raise AssertionError(f"{fragment_id} has {size} data bytes, none at {at}")
+        flip_byte(path, offset + at, mask)
 
     def tmp_files(self) -> list[Path]:
         root = self.data_dir / "tmp"
         return sorted(root.iterdir()) if root.exists() else []
 
-    def files_of(self, upload_id: str) -> list[Path]:
-        """Committed and in-progress files of one upload on this bucket."""
-        return [p for p in self.fragment_files() + self.tmp_files() if p.name.startswith(upload_id)]
+    def files_of(self, upload_id: str) -> list[str]:
+        """Names of one upload's committed fragments (needles or files: their ids) and of its
+        in-progress files on this bucket."""
+        tmp = [p.name for p in self.tmp_files()]
+        return [n for n in self.fragment_ids() + tmp if n.startswith(upload_id)]
 
     def kill(self) -> None:
         if self.proc.returncode is None:
@@ -272,11 +315,12 @@ class Cluster:
     def bucket(self, bucket_id: str) -> BucketProcess:
         return next(b for b in self.buckets if b.bucket_id == bucket_id)
 
-    def all_files(self) -> list[Path]:
-        return [p for b in self.buckets for p in b.fragment_files() + b.tmp_files()]
+    def all_files(self) -> list[str]:
+        """Names of every fragment (needle or file) and in-progress file on every bucket."""
+        return [n for b in self.buckets for n in b.fragment_ids() + [p.name for p in b.tmp_files()]]
 
-    def files_of(self, upload_id: str) -> list[Path]:
-        return [p for b in self.buckets for p in b.files_of(upload_id)]
+    def files_of(self, upload_id: str) -> list[str]:
+        return [n for b in self.buckets for n in b.files_of(upload_id)]
 
     async def aclose(self) -> None:
         for b in self.buckets:

@@ -113,14 +113,14 @@ async def test_cancelled_put_resets_the_grpc_stream(tmp_path: Path, uvloop: bool
                     await writer.send(b"z" * MiB)
             assert scope.cancelled_caught
             await wait_until(lambda: not bucket.tmp_files(), "the bucket to drop the Put", within=5)
-            assert not bucket.fragment_files()
+            assert not bucket.fragment_ids()
 
             # The channel is still usable: the same fragment can be stored afterwards.
             async with client.open_put(fid, 3) as writer:
                 await writer.send(b"abc")
                 stored = await writer.finish()
             assert stored.size == 3
-            assert [p.name for p in bucket.fragment_files()] == [fid]
+            assert bucket.fragment_ids() == [fid]
             await client.aclose()
     finally:
         await stop_process(bucket.proc)
@@ -168,7 +168,9 @@ async def test_a_bucket_refuses_malformed_fragment_ids(tmp_path: Path, bad: str)
                 await client.delete_upload(bad)
             await client.aclose()
         left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-        assert left == [Path("b/bucket-id"), Path("b.ready")]
+        # The bucket's first volume is created at its start, and stays empty.
+        assert left == [Path("b/bucket-id"), Path("b/volumes/v00000001.dat"), Path("b.ready")]
+        assert (tmp_path / "b/volumes/v00000001.dat").stat().st_size == 0
     finally:
         await stop_process(bucket.proc)
 
@@ -217,10 +219,14 @@ async def test_whole_fragments_in_one_call(tmp_path: Path) -> None:
             stored = await client.put_whole(fid, data)
             assert (stored.fragment_id, stored.size) == (fid, len(data))
             assert stored.sha256 == hashlib.sha256(data).hexdigest()
-            assert [p.name for p in bucket.fragment_files()] == [fid]
+            assert bucket.fragment_ids() == [fid]
+            chunks = await client.get_whole(fid, len(data), 30_000)
+            assert [c.data for c in chunks] == [data]  # one piece: a GetMany item is whole
+            client.batches = False  # as with a bucket of an earlier release: a Get each
             chunks = await client.get_whole(fid, len(data), 30_000)
             assert [len(c.data) for c in chunks] == [30_000, 30_000, 30_000, 10_000]
             assert b"".join(c.data for c in chunks) == data
+            client.batches = True
             with pytest.raises(BucketUnavailable, match="longer than recorded"):
                 await client.get_whole(fid, len(data) - 1, 30_000)
             with pytest.raises(BucketUnavailable, match="100000 of 100001 bytes"):
@@ -231,11 +237,13 @@ async def test_whole_fragments_in_one_call(tmp_path: Path) -> None:
 
 
 async def test_cancelled_put_whole_resets_the_grpc_stream(tmp_path: Path) -> None:
-    """A cancelled put_whole returns at once and leaves nothing once the bucket reads on."""
+    """A cancelled single-Put put_whole (to a bucket without PutMany) returns at once and
+    leaves nothing once the bucket reads on."""
     bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
     try:
         async with open_portal() as portal:
             client = await connect_test_bucket(portal, bucket)
+            client.batches = False
             await client.put_whole(fragment_id(new_upload_id(), 0), b"warm")  # connected
             fid = fragment_id(new_upload_id(), 0)
             bucket.proc.send_signal(signal.SIGSTOP)  # it reads nothing: the call hangs
@@ -250,7 +258,40 @@ async def test_cancelled_put_whole_resets_the_grpc_stream(tmp_path: Path) -> Non
             # keep the half-sent Put's temporary file open forever.
             assert (await client.put_whole(fragment_id(new_upload_id(), 1), b"abc")).size == 3
             await wait_until(lambda: not bucket.tmp_files(), "the bucket to drop the Put", within=5)
-            assert fid not in [p.name for p in bucket.fragment_files()]
+            assert fid not in bucket.fragment_ids()
+            await client.aclose()
+    finally:
+        await stop_process(bucket.proc)
+
+
+async def test_a_cancelled_batched_put_is_back_once_its_call_ended(tmp_path: Path) -> None:
+    """put_whole in a PutMany: the call goes on for the others; the cancelled caller is
+    back once it ended, so the fragment is stored whole (never half) before the caller's
+    cleanup could look for it."""
+    bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
+    try:
+        async with open_portal() as portal, trio.open_nursery() as nursery:
+            client = await connect_test_bucket(portal, bucket)
+            await client.put_whole(fragment_id(new_upload_id(), 0), b"warm")  # connected
+            fid = fragment_id(new_upload_id(), 0)
+            data = bytes(range(256)) * 4096
+            bucket.proc.send_signal(signal.SIGSTOP)  # it reads nothing: the call hangs
+
+            async def resume() -> None:
+                await trio.sleep(1)
+                bucket.proc.send_signal(signal.SIGCONT)
+
+            nursery.start_soon(resume)
+            try:
+                with trio.move_on_after(0.2) as scope:
+                    await client.put_whole(fid, data)
+                assert scope.cancelled_caught
+                assert fid in bucket.fragment_ids()  # the call ended before the caller was back
+            finally:
+                bucket.proc.send_signal(signal.SIGCONT)
+            assert [p.data for p in await client.get_whole(fid, len(data), len(data))] == [data]
+            assert not bucket.tmp_files()
+            assert (client.puts.calls, client.puts.requests) == (2, 2)
             await client.aclose()
     finally:
         await stop_process(bucket.proc)
@@ -267,7 +308,7 @@ async def test_a_complete_first_message_followed_by_more_is_streamed(tmp_path: P
                 await writer.send(b"abc")
                 await writer.send(b"")  # nothing more, but another message
                 assert (await writer.finish()).size == 3
-            assert [c.data for c in await client.get_whole(fid, 3, 1)] == [b"a", b"b", b"c"]
+            assert [c.data for c in await client.get_whole(fid, 3, 1)] == [b"abc"]  # a file, read whole
 
             async def too_much() -> None:
                 async with client.open_put(fragment_id(new_upload_id(), 0), 3) as writer:
@@ -278,7 +319,7 @@ async def test_a_complete_first_message_followed_by_more_is_streamed(tmp_path: P
             with pytest.raises(Internal, match="more than the announced 3 bytes"):
                 await too_much()
             await wait_until(lambda: not bucket.tmp_files(), "the bucket to drop the refused Put")
-            assert [p.name for p in bucket.fragment_files()] == [fid]
+            assert bucket.fragment_ids() == [fid]
             await client.aclose()
     finally:
         await stop_process(bucket.proc)
@@ -303,7 +344,7 @@ async def test_a_stalled_put_is_dropped_by_the_bucket(tmp_path: Path) -> None:
 
             with pytest.raises(BucketUnavailable, match=r"nothing received for 0\.5 s"):
                 await stall()
-            assert not bucket.fragment_files()
+            assert not bucket.fragment_ids()
             await client.aclose()
     finally:
         await stop_process(bucket.proc)

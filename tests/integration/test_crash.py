@@ -87,7 +87,7 @@ async def test_api_killed_mid_upload(tmp_path: Path) -> None:
             keep_id = str((await client.stat("keep"))["upload_id"])
             await wait_until(
                 lambda: (
-                    all(p.name.startswith(keep_id) for b in buckets for p in b.fragment_files())
+                    all(fid.startswith(keep_id) for b in buckets for fid in b.fragment_ids())
                     and not any(b.tmp_files() for b in buckets)
                 ),
                 "the interrupted uploads' data to be gone from every bucket",
@@ -151,7 +151,7 @@ async def test_api_killed_mid_repair_loses_nothing_and_resumes(tmp_path: Path) -
                     db.close()
 
             await wait_until(repaired, "the repair resumed and finished", within=60)
-            every = [p.name for b in buckets for p in b.fragment_files()]
+            every = [fid for b in buckets for fid in b.fragment_ids()]
             assert sorted(every) == sorted(f"{upload_id}.{p}" for p in range(8)), "garbage left"
             assert not any(b.tmp_files() for b in buckets)
             assert (await client.download("file", tmp_path / "out")).sha256 == digest

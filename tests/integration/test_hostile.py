@@ -74,4 +74,4 @@ async def test_thousands_of_abandoned_connections(tmp_path: Path) -> None:
         await wait_until(lambda: open_fds() <= baseline + 10, "the server to free its descriptors")
         assert [f["name"] for f in await cluster.client.list()] == ["served"]
         served_id = str((await cluster.client.stat("served"))["upload_id"])
-        assert all(p.name.startswith(served_id) for p in cluster.all_files())
+        assert all(n.startswith(served_id) for n in cluster.all_files())

@@ -13,12 +13,6 @@ from karma8.errors import RemoteError
 from tests.integration.harness import Cluster, karma8_cmd, make_file
 
 
-def flip(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 async def test_a_flipped_byte_is_caught_by_download_verify_and_stat(cluster: Cluster, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_file(src, 3 * MiB + 17)
@@ -26,8 +20,9 @@ async def test_a_flipped_byte_is_caught_by_download_verify_and_stat(cluster: Clu
     await cluster.client.upload(src, "sound")
     stat = await cluster.client.stat("fragile")
     victim = stat["parts"][2]
-    (path,) = cluster.bucket(victim["bucket"]).files_of(stat["upload_id"])
-    flip(path, 1000)
+    holder = cluster.bucket(victim["bucket"])
+    (fid,) = holder.files_of(stat["upload_id"])
+    holder.flip(fid, 1000)  # a byte of the data, in a volume's needle or in a file
 
     dst = tmp_path / "dst"
     with pytest.raises(RemoteError) as info:
@@ -54,7 +49,7 @@ async def test_a_flipped_byte_is_caught_by_download_verify_and_stat(cluster: Clu
     assert cli.returncode == 1
     assert b"DAMAGED fragile part 2" in cli.stdout
 
-    flip(path, 1000)  # repaired by hand: the next scrub clears the mark
+    holder.flip(fid, 1000)  # repaired by hand: the next scrub clears the mark
     assert (await cluster.client.verify("fragile"))["damaged"] == []
     assert (await cluster.client.stat("fragile"))["damaged"] is False
     got = await cluster.client.download("fragile", dst)
@@ -63,11 +58,16 @@ async def test_a_flipped_byte_is_caught_by_download_verify_and_stat(cluster: Clu
 
 async def test_a_lost_fragment_is_reported_by_verify(cluster: Cluster, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    make_file(src, 100_000)
+    # Every part is 2 stripe units (512 KiB each): bigger than a fragment sent whole, so
+    # streamed, a file of its own (a needle in a volume cannot be lost alone behind the
+    # bucket's back).
+    make_file(src, 12 * 512 * 1024)
     await cluster.client.upload(src, "lossy")
     stat = await cluster.client.stat("lossy")
     part = stat["parts"][0]
-    (path,) = cluster.bucket(part["bucket"]).files_of(stat["upload_id"])
+    holder = cluster.bucket(part["bucket"])
+    (path,) = [p for p in holder.fragment_files() if p.name.startswith(stat["upload_id"])]
+    assert holder.files_of(stat["upload_id"]) == [path.name]
     path.unlink()
     report = await cluster.client.verify("lossy")
     assert [(d["part"], d["problem"]) for d in report["damaged"]] == [(0, "missing")]
@@ -87,8 +87,9 @@ async def test_a_scrub_of_every_file_walks_the_names_page_by_page(
         await cluster.client.upload(src, name)
     stat = await cluster.client.stat(names[5])
     victim = stat["parts"][0]
-    (path,) = cluster.bucket(victim["bucket"]).files_of(stat["upload_id"])
-    flip(path, 10)
+    holder = cluster.bucket(victim["bucket"])
+    (fid,) = holder.files_of(stat["upload_id"])
+    holder.flip(fid, 10)
 
     report = await cluster.client.verify()
     assert (report["files"], report["fragments"]) == (7, 7 * 6)

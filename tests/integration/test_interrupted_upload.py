@@ -42,7 +42,7 @@ async def wait_cleaned(cluster: Cluster, name: str, keep: tuple[str, ...] = ()) 
 
     await wait_until(cleaned, f"the interrupted upload of {name!r} to be cleaned up")
     await wait_until(
-        lambda: all(p.name.startswith(keep) for p in cluster.all_files()),
+        lambda: all(n.startswith(keep) for n in cluster.all_files()),
         f"the interrupted upload's bucket files to go: {cluster.all_files()}",
     )
     db = cluster.registry()
@@ -168,7 +168,7 @@ async def test_bucket_failure_mid_upload(tmp_path: Path, how: str) -> None:
 
         others = [b for b in cluster.buckets if b is not victim]
         await wait_until(
-            lambda: not any(b.fragment_files() or b.tmp_files() for b in others),
+            lambda: not any(b.fragment_ids() or b.tmp_files() for b in others),
             "the other buckets' parts to be deleted",
         )
         db = cluster.registry()

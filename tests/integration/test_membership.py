@@ -32,7 +32,7 @@ async def test_a_bucket_that_joins_later_is_used(cluster: Cluster, tmp_path: Pat
     # the newcomer is (1/7)**12 with equal free space.
     for i in range(12):
         await cluster.client.upload(src, f"after-{i}")
-    assert newcomer.fragment_files(), "the new bucket received no fragment"
+    assert newcomer.fragment_ids(), "the new bucket received no fragment"
     used_by = {p["bucket"] for i in range(12) for p in (await cluster.client.stat(f"after-{i}"))["parts"]}
     assert newcomer.bucket_id in used_by
 

@@ -81,10 +81,7 @@ def _disks_match_registry(root: Path, buckets: list[BucketProcess]) -> bool:
         homes = _homes(db)
     finally:
         db.close()
-    return all(
-        {p.name for p in b.fragment_files()} == homes.get(b.bucket_id, set()) and not b.tmp_files()
-        for b in buckets
-    )
+    return all(set(b.fragment_ids()) == homes.get(b.bucket_id, set()) and not b.tmp_files() for b in buckets)
 
 
 async def _all_intact(client: Client, digests: dict[str, str], root: Path) -> None:
@@ -158,7 +155,7 @@ async def test_a_download_succeeds_while_its_fragments_move(tmp_path: Path) -> N
                 db.close()
             # The sources are still on disk: this download may still be reading them.
             for part, (src, _) in moving.items():
-                assert fragment_id(upload_id, part) in {p.name for p in cluster.bucket(src).fragment_files()}
+                assert fragment_id(upload_id, part) in cluster.bucket(src).fragment_ids()
 
             while (data := await ws.get_message()) != b"":
                 assert isinstance(data, bytes)
@@ -168,7 +165,7 @@ async def test_a_download_succeeds_while_its_fragments_move(tmp_path: Path) -> N
         # Once the download is done, the source copies go.
         await wait_until(lambda: _disks_match_registry(tmp_path, cluster.buckets), "stale copies to go")
         for part, (src, _) in moving.items():
-            assert fragment_id(upload_id, part) not in {p.name for p in cluster.bucket(src).fragment_files()}
+            assert fragment_id(upload_id, part) not in cluster.bucket(src).fragment_ids()
         await _all_intact(client, digests, tmp_path)
         status = await client.status()
         assert all(b["fragments"] for b in status["buckets"])
@@ -211,7 +208,7 @@ async def test_api_killed_mid_move_loses_nothing_and_leaves_nothing(tmp_path: Pa
             assert (await _call(url, "/rebalance"))["started"] is True
             await wait_until(lambda: _rebalanced(client, 0.0), "the rebalance to finish")
             await wait_until(lambda: _disks_match_registry(tmp_path, buckets), "stale copies to go")
-            assert all(b.fragment_files() for b in buckets[6:])
+            assert all(b.fragment_ids() for b in buckets[6:])
             await _all_intact(client, digests, tmp_path)
     finally:
         for b in buckets:

@@ -67,7 +67,7 @@ def fragment_rows(cluster: Cluster) -> list[tuple[Any, ...]]:
 
 def disks(cluster: Cluster) -> dict[str, set[str]]:
     """bucket id -> the fragment files on its disk (and any temporary file)."""
-    return {b.bucket_id: {p.name for p in b.fragment_files() + b.tmp_files()} for b in cluster.buckets}
+    return {b.bucket_id: {*b.fragment_ids(), *(p.name for p in b.tmp_files())} for b in cluster.buckets}
 
 
 async def interrupt_a_watch(tmp_path: Path, env: dict[str, str]) -> None:

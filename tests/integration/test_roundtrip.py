@@ -10,6 +10,7 @@ from karma8.bucket.store import overhead
 from karma8.config import MiB
 from karma8.core.fragments import parse_fragment_id
 from karma8.core.layout import Layout
+from karma8.core.needles import HEADER_SIZE, decode_header, needle_size
 from tests.integration.harness import Cluster, make_file, sha256_of, wait_until
 
 
@@ -35,11 +36,28 @@ async def test_round_trip(cluster: Cluster, tmp_path: Path, size: int) -> None:
         assert all(p["size"] > 0 for p in parts)
 
     # On disk: each bucket named in the registry holds exactly its part, with a crc32c
-    # per unit and the footer.
+    # per unit: a needle in a volume (a part sent whole: up to the [api] stripe_unit), or a file
+    # with its footer (a bigger part, streamed).
+    unit = stat["stripe_unit"]
+    assert cluster.api_config is not None
+    whole = cluster.api_config.stripe_unit  # fragments up to this size are sent whole
     for p in parts:
-        files = cluster.bucket(p["bucket"]).files_of(stat["upload_id"])
-        assert [parse_fragment_id(f.name) for f in files] == [(stat["upload_id"], p["part"])]
-        assert files[0].stat().st_size == p["size"] + overhead(p["size"], stat["stripe_unit"])
+        holder = cluster.bucket(p["bucket"])
+        names = holder.files_of(stat["upload_id"])
+        assert [parse_fragment_id(n) for n in names] == [(stat["upload_id"], p["part"])]
+        path, offset, data_size = holder.fragment_at(names[0])
+        assert data_size == p["size"]
+        if names[0] in holder.needles():
+            assert p["size"] <= whole
+            with path.open("rb") as f:
+                f.seek(offset - HEADER_SIZE)
+                header = decode_header(f.read(HEADER_SIZE))
+            assert header is not None
+            assert (header.fragment_id, header.size, header.unit) == (names[0], p["size"], unit)
+            assert header.length == needle_size(p["size"], unit)
+        else:
+            assert p["size"] > whole
+            assert path.stat().st_size == p["size"] + overhead(p["size"], unit)
     assert not any(b.tmp_files() for b in cluster.buckets)
 
 

@@ -138,8 +138,8 @@ class Servers:
     ) -> bool:
         return await self.query(sql, args) == expected
 
-    def files_of(self, upload_id: str) -> list[Path]:
-        return [p for b in self.buckets for p in b.files_of(upload_id)]
+    def files_of(self, upload_id: str) -> list[str]:
+        return [n for b in self.buckets for n in b.files_of(upload_id)]
 
     async def disks_match(self) -> bool:
         """Every disk holds exactly its fragments; no move or stale copy is pending."""
@@ -152,8 +152,7 @@ class Servers:
         ):
             homes.setdefault(str(bucket_id), set()).add(fragment_id(str(upload_id), int(str(part))))
         return all(
-            {p.name for p in b.fragment_files()} == homes.get(b.bucket_id, set()) and not b.tmp_files()
-            for b in self.buckets
+            set(b.fragment_ids()) == homes.get(b.bucket_id, set()) and not b.tmp_files() for b in self.buckets
         )
 
     async def intact(self, client: Client, digests: dict[str, str], root: Path) -> None:

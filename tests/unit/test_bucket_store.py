@@ -22,6 +22,7 @@ from karma8.bucket.store import (
     open_store,
     overhead,
 )
+from karma8.bucket.volumes import scan
 from karma8.core.checksums import unit_crcs
 from karma8.core.records import Piece, StoredFragment
 from karma8.errors import BadRequest
@@ -43,8 +44,13 @@ HOSTILE_IDS = [
 
 
 def _files(root: Path) -> set[str]:
-    """Every regular file under ``root``, relative to it."""
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    """Every regular file under ``root``, relative to it, but the volumes (see _needles)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "volumes"}
+
+
+def _needles(root: Path) -> list[str]:
+    """The fragment ids held as needles in the volumes under ``root``, as read from disk."""
+    return sorted(scan(root / "volumes"))
 
 
 def _data(size: int, seed: int = 0) -> bytes:
@@ -486,10 +492,11 @@ async def test_put_whole_then_read_whole(store: FragmentStore) -> None:
     stored = await store.put_whole(f"{UID}.2", data)
 
     assert stored == StoredFragment(f"{UID}.2", len(data), hashlib.sha256(data).hexdigest())
-    assert _files(store.root) == {"bucket-id", f"fragments/01/{UID}.2"}
+    assert _files(store.root) == {"bucket-id"}
+    assert _needles(store.root) == [f"{UID}.2"]
     assert (await store.read_whole(f"{UID}.2", len(data))) == Piece(data, [])
     assert await store.read_whole(f"{UID}.2", len(data) - 1) is None  # too big: stream it
-    assert await _get(store, f"{UID}.2") == data  # the same file as a streamed Put's
+    assert await _get(store, f"{UID}.2") == data  # read as a streamed Put's file is
     assert (store.usage().used, store.usage().fragments) == (len(data), 1)
 
     await store.put_whole(f"{UID}.2", b"shorter")  # replaces, and the counters follow
@@ -508,11 +515,18 @@ async def test_put_whole_refusals_leave_nothing(tmp_path: Path) -> None:
     assert _paths(store.root) == before
 
 
-async def test_put_whole_failing_on_disk_leaves_no_temporary_file(store: FragmentStore) -> None:
-    (store.root / "fragments" / UID[:2]).write_bytes(b"not a directory")
-    with pytest.raises(FileExistsError):
-        await store.put_whole(f"{UID}.0", b"data")
-    assert _files(store.root) == {"bucket-id", f"fragments/{UID[:2]}"}
+async def test_put_whole_failing_on_disk_leaves_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "bucket"
+    store = await open_store(root, fsync=False)
+    await store.put_whole(f"{UID}.0", b"kept")
+    os.close(store.volumes._writer)  # the next write fails (EBADF), as a failing disk would
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        await store.put_whole(f"{UID}.1", b"data")
+    assert (store.usage().used, store.usage().fragments) == (4, 1)
+    with pytest.raises(FragmentMissing):
+        await store.read_whole(f"{UID}.1", 100)
+    assert _files(root) == {"bucket-id"}
+    assert _needles(root) == [f"{UID}.0"]
 
 
 async def test_cancelled_put_whole_commits_or_leaves_nothing(store: FragmentStore) -> None:
@@ -525,23 +539,25 @@ async def test_cancelled_put_whole_commits_or_leaves_nothing(store: FragmentStor
                 nursery.start_soon(store.put_whole, fid, b"x" * 100_000)
                 await trio.lowlevel.checkpoint()
                 scope.cancel()
-        files = _files(store.root)
-        assert not any(f.startswith("tmp/") for f in files)
-        if f"fragments/01/{fid}" in files:
+        assert _files(store.root) == {"bucket-id"}
+        if fid in _needles(store.root):
             assert (await store.read_whole(fid, 100_000)) == Piece(b"x" * 100_000, [])
+        else:
+            assert store.volumes.locate(fid) is None
 
 
 async def test_read_whole_checks_the_data(store: FragmentStore) -> None:
     with pytest.raises(FragmentMissing):
         await store.read_whole(f"{UID}.0", 100)
     await store.put_whole(f"{UID}.0", b"hello")
-    path = _fragment_path(store.root, f"{UID}.0")
+    path, offset, _ = scan(store.root / "volumes")[f"{UID}.0"]
     raw = bytearray(path.read_bytes())
-    raw[1] ^= 0x20
+    raw[offset + 1] ^= 0x20
     path.write_bytes(raw)
     with pytest.raises(FragmentCorrupt, match="checksum"):
         await store.read_whole(f"{UID}.0", 100)
-    path.write_bytes(raw[:3])
+    assert (await store.verify(f"{UID}.0"))[0] == "corrupt: checksum mismatch"
+    path.write_bytes(raw[: offset + 3])
     with pytest.raises(FragmentCorrupt):
         await store.read_whole(f"{UID}.0", 100)
 
@@ -619,5 +635,6 @@ async def test_a_unit_with_a_wrong_checksum_is_refused_on_arrival(store: Fragmen
     await store.put_whole(f"{UID}.4", data)
     with pytest.raises(BadRequest, match="format 1"):
         await store.read_whole(f"{UID}.4", 3000, first_unit=1)
-    assert _files(store.root) == {"bucket-id", f"fragments/01/{UID}.4"}
+    assert _files(store.root) == {"bucket-id"}
+    assert _needles(store.root) == [f"{UID}.4"]
     assert store.usage().used == 3000

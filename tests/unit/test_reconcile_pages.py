@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from karma8.api.metrics import ApiMetrics
 from karma8.api.reconcile import Inventory, Reconciler
 from karma8.bucket.store import FragmentStore, open_store
+from karma8.bucket.volumes import scan
 from karma8.config import ApiConfig
 from karma8.core.fragments import fragment_id
 from karma8.core.records import StoredFragment
@@ -76,10 +77,16 @@ def _uid(n: int) -> str:
 
 
 async def _write(store: FragmentStore, fid: str, age: float = 0.0) -> None:
-    await store.put_whole(fid, b"data")
-    if age:
-        then = time.time() - age
-        os.utime(store.root / "fragments" / fid[:2] / fid, (then, then))
+    """A fragment of 4 bytes: a needle in a volume, or (``age``: one backdated) a file, so
+    a listing merges both kinds."""
+    if not age:
+        await store.put_whole(fid, b"data")
+        return
+    async with store.open_writer(fid, 4) as writer:
+        await writer.write(b"data")
+        await writer.commit()
+    then = time.time() - age
+    os.utime(store.root / "fragments" / fid[:2] / fid, (then, then))
 
 
 async def _setup(registry: Registry, store: FragmentStore) -> dict[str, set[str]]:
@@ -139,7 +146,7 @@ def _reconciler(registry: Registry, bucket: StoreBucket, page: int) -> Reconcile
 
 
 def _on_disk(store: FragmentStore) -> set[str]:
-    return {p.name for p in (store.root / "fragments").rglob("*.*")}
+    return {p.name for p in (store.root / "fragments").rglob("*.*")} | set(scan(store.root / "volumes"))
 
 
 @pytest.mark.parametrize("page", [1, 3, 1000])

@@ -9,14 +9,19 @@ __all__ = (
     "DeleteReply",
     "DeleteRequest",
     "FragmentInfo",
+    "GetManyReply",
+    "GetManyRequest",
     "GetReply",
     "GetRequest",
     "Heartbeat",
     "HeartbeatReply",
+    "ItemStatus",
     "ListReply",
     "ListRequest",
     "MembershipBase",
     "MembershipStub",
+    "PutManyReply",
+    "PutManyRequest",
     "PutReply",
     "PutRequest",
     "Usage",
@@ -91,6 +96,39 @@ default_message_pool.register_message("karma8.v1", "FragmentInfo", FragmentInfo)
 
 
 @dataclass(eq=False, repr=False)
+class GetManyReply(betterproto2.Message):
+    results: "list[GetReply]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    One per item, in the order of the items: the data from `first_unit` on, and the
+    crc32c of each unit in it (format 2).
+    """
+
+    statuses: "list[ItemStatus]" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("karma8.v1", "GetManyReply", GetManyReply)
+
+
+@dataclass(eq=False, repr=False)
+class GetManyRequest(betterproto2.Message):
+    """
+    Several whole fragments read in one call: each item's `chunk_size` must cover what is
+    read of its fragment (else that item fails with OUT_OF_RANGE: read it with Get).
+    """
+
+    items: "list[GetRequest]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("karma8.v1", "GetManyRequest", GetManyRequest)
+
+
+@dataclass(eq=False, repr=False)
 class GetReply(betterproto2.Message):
     data: "bytes" = betterproto2.field(1, betterproto2.TYPE_BYTES)
 
@@ -161,6 +199,21 @@ default_message_pool.register_message("karma8.v1", "HeartbeatReply", HeartbeatRe
 
 
 @dataclass(eq=False, repr=False)
+class ItemStatus(betterproto2.Message):
+    """
+    The outcome of one item of a PutMany or GetMany: OK (0), or the gRPC status code and
+    message a single call for that item would have ended with.
+    """
+
+    code: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    message: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("karma8.v1", "ItemStatus", ItemStatus)
+
+
+@dataclass(eq=False, repr=False)
 class ListReply(betterproto2.Message):
     fragments: "list[FragmentInfo]" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, repeated=True
@@ -197,6 +250,39 @@ class ListRequest(betterproto2.Message):
 
 
 default_message_pool.register_message("karma8.v1", "ListRequest", ListRequest)
+
+
+@dataclass(eq=False, repr=False)
+class PutManyReply(betterproto2.Message):
+    results: "list[PutReply]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    One per item, in the order of the items.
+    """
+
+    statuses: "list[ItemStatus]" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("karma8.v1", "PutManyReply", PutManyReply)
+
+
+@dataclass(eq=False, repr=False)
+class PutManyRequest(betterproto2.Message):
+    """
+    Several whole fragments in one call (buckets from the release of issue 15 on; an older
+    bucket answers UNIMPLEMENTED and the caller falls back to one Put each). Each item is a
+    whole fragment as a single-message Put carries it: `size` equal to the data's length.
+    """
+
+    items: "list[PutRequest]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("karma8.v1", "PutManyRequest", PutManyRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -409,6 +495,42 @@ class BucketStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def put_many(
+        self,
+        message: "PutManyRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "PutManyReply":
+
+        return await self._unary_unary(
+            "/karma8.v1.Bucket/PutMany",
+            message,
+            PutManyReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_many(
+        self,
+        message: "GetManyRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetManyReply":
+
+        return await self._unary_unary(
+            "/karma8.v1.Bucket/GetMany",
+            message,
+            GetManyReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class MembershipStub(betterproto2_grpclib.ServiceStub):
     async def beat(
@@ -454,6 +576,14 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def verify(self, message: "VerifyRequest") -> "VerifyReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def put_many(self, message: "PutManyRequest") -> "PutManyReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def get_many(self, message: "GetManyRequest") -> "GetManyReply":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -510,6 +640,22 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
         response = await self.verify(request)
         await stream.send_message(response)
 
+    async def __rpc_put_many(
+        self, stream: "grpclib.server.Stream[PutManyRequest, PutManyReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.put_many(request)
+        await stream.send_message(response)
+
+    async def __rpc_get_many(
+        self, stream: "grpclib.server.Stream[GetManyRequest, GetManyReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_many(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/karma8.v1.Bucket/Put": grpclib.const.Handler(
@@ -547,6 +693,18 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 VerifyRequest,
                 VerifyReply,
+            ),
+            "/karma8.v1.Bucket/PutMany": grpclib.const.Handler(
+                self.__rpc_put_many,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                PutManyRequest,
+                PutManyReply,
+            ),
+            "/karma8.v1.Bucket/GetMany": grpclib.const.Handler(
+                self.__rpc_get_many,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetManyRequest,
+                GetManyReply,
             ),
         }
 
