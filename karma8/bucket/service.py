@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import TypeVar
 
 import anyio
 from grpclib import GRPCError
@@ -57,9 +58,28 @@ def _as_grpc(bucket_id: str, what: str) -> Iterator[None]:
         raise GRPCError(Status.RESOURCE_EXHAUSTED, exc.message) from None
 
 
-def _item_status(exc: GRPCError) -> pb.ItemStatus:
-    """An item's failure: the status a call of its own would have ended with."""
-    return pb.ItemStatus(code=exc.status.value, message=exc.message or "")
+Item = TypeVar("Item")
+
+
+async def _each_item(
+    items: Sequence[Item], one: Callable[[int, Item], Awaitable[None]]
+) -> list[pb.ItemStatus]:
+    """``one(i, item)`` for every item at once; the status of each: OK, or the gRPC status
+    a call of its own would have ended with."""
+    if len(items) > MANY_MAX:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"more than {MANY_MAX} items")
+    statuses = [pb.ItemStatus() for _ in items]
+
+    async def run(i: int, item: Item) -> None:
+        try:
+            await one(i, item)
+        except GRPCError as exc:
+            statuses[i] = pb.ItemStatus(code=exc.status.value, message=exc.message or "")
+
+    async with anyio.create_task_group() as tasks:
+        for i, item in enumerate(items):
+            tasks.start_soon(run, i, item)
+    return statuses
 
 
 def _info(stored: StoredFragment) -> pb.FragmentInfo:
@@ -172,57 +192,37 @@ class BucketService(pb.BucketBase):
         # Every item is stored at once: the volume's group commit writes them with one
         # fdatasync (and those of other calls queued beside them).
         bid = self._store.bucket_id
-        if len(message.items) > MANY_MAX:
-            raise GRPCError(Status.INVALID_ARGUMENT, f"more than {MANY_MAX} items")
         results = [pb.PutReply() for _ in message.items]
-        statuses = [pb.ItemStatus() for _ in message.items]
 
         async def one(i: int, item: pb.PutRequest) -> None:
-            try:
-                what = f"put {_about(item.fragment_id)}"
-                with self._metrics.count(self._metrics.puts), _as_grpc(bid, what):
-                    if len(item.data) != item.size:
-                        raise BadRequest(f"{item.fragment_id[:100]}: {len(item.data)} of {item.size} bytes")
-                    self._check_chunk(item.data)
-                    stored = await self._store.put_whole(item.fragment_id, item.data, item.unit, item.crc32c)
-            except GRPCError as exc:
-                statuses[i] = _item_status(exc)
-                return
+            with self._metrics.count(self._metrics.puts), _as_grpc(bid, f"put {_about(item.fragment_id)}"):
+                if len(item.data) != item.size:
+                    raise BadRequest(f"{item.fragment_id[:100]}: {len(item.data)} of {item.size} bytes")
+                self._check_chunk(item.data)
+                stored = await self._store.put_whole(item.fragment_id, item.data, item.unit, item.crc32c)
             self._metrics.written_bytes.inc(stored.size)
             results[i] = _put_reply(stored)
 
+        statuses = await _each_item(message.items, one)
         self._metrics.batches.labels("put_many").inc()
-        async with anyio.create_task_group() as tasks:
-            for i, item in enumerate(message.items):
-                tasks.start_soon(one, i, item)
         return pb.PutManyReply(results=results, statuses=statuses)
 
     async def get_many(self, message: pb.GetManyRequest) -> pb.GetManyReply:
         bid = self._store.bucket_id
-        if len(message.items) > MANY_MAX:
-            raise GRPCError(Status.INVALID_ARGUMENT, f"more than {MANY_MAX} items")
         results = [pb.GetReply() for _ in message.items]
-        statuses = [pb.ItemStatus() for _ in message.items]
 
         async def one(i: int, item: pb.GetRequest) -> None:
-            try:
-                what = f"get {_about(item.fragment_id)}"
-                with self._metrics.count(self._metrics.gets), _as_grpc(bid, what):
-                    if not 0 < item.chunk_size <= self._read_chunk_max:
-                        raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
-                    piece = await self._store.read_whole(item.fragment_id, item.chunk_size, item.first_unit)
-                    if piece is None:
-                        raise GRPCError(Status.OUT_OF_RANGE, f"{item.fragment_id} is bigger than chunk_size")
-            except GRPCError as exc:
-                statuses[i] = _item_status(exc)
-                return
+            with self._metrics.count(self._metrics.gets), _as_grpc(bid, f"get {_about(item.fragment_id)}"):
+                if not 0 < item.chunk_size <= self._read_chunk_max:
+                    raise BadRequest(f"chunk_size must be in 1..{self._read_chunk_max}")
+                piece = await self._store.read_whole(item.fragment_id, item.chunk_size, item.first_unit)
+                if piece is None:
+                    raise GRPCError(Status.OUT_OF_RANGE, f"{item.fragment_id} is bigger than chunk_size")
             self._metrics.read_bytes.inc(len(piece.data))
             results[i] = pb.GetReply(data=piece.data, crc32c=piece.crcs)
 
+        statuses = await _each_item(message.items, one)
         self._metrics.batches.labels("get_many").inc()
-        async with anyio.create_task_group() as tasks:
-            for i, item in enumerate(message.items):
-                tasks.start_soon(one, i, item)
         return pb.GetManyReply(results=results, statuses=statuses)
 
     async def get(self, message: pb.GetRequest) -> AsyncIterator[pb.GetReply]:

@@ -49,7 +49,7 @@ import anyio
 import anyio.to_thread
 
 from karma8.bucket.errors import FragmentCorrupt, FragmentMissing, NoSpace
-from karma8.bucket.volumes import Volumes
+from karma8.bucket.volumes import Volumes, fsync_dir
 from karma8.core.checksums import CRC_SIZE, first_bad_unit
 from karma8.core.fragments import check_upload_id, parse_fragment_id
 from karma8.core.records import Piece, StoredFragment, Usage
@@ -70,14 +70,6 @@ _FOOTER = struct.Struct("<8sQ32s")
 FOOTER_SIZE = _FOOTER.size
 _FOOTER_UNITS = struct.Struct("<QQ32s8s")
 FOOTER_UNITS_SIZE = _FOOTER_UNITS.size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def overhead(size: int, unit: int) -> int:
@@ -206,7 +198,7 @@ class FragmentWriter:
         replaced = _data_size(final) if final.exists() else None
         os.replace(self._tmp, final)
         if fsync:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         self._store._account(self.size, replaced)
         return StoredFragment(self.fragment_id, self.size, digest.hex())
 
@@ -422,7 +414,7 @@ class FragmentStore:
         if count:
             if self.fsync:
                 for parent in {p.parent for p in paths}:
-                    _fsync_dir(parent)
+                    fsync_dir(parent)
             with self._lock:
                 self._counters.used -= freed
                 self._counters.fragments -= count
@@ -730,7 +722,7 @@ def _load_identity(root: Path) -> str:
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(root)
+    fsync_dir(root)
     return bucket_id
 
 

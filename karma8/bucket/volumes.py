@@ -250,7 +250,7 @@ class Volumes:
         fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         if self.fsync:
             os.fsync(fd)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         if self._writer >= 0:
             os.close(self._writer)
         self._writer, self._active = fd, number
@@ -498,7 +498,7 @@ class Volumes:
                 os.close(reader)
             self.stats.compactions += 1
             self.stats.reclaimed += reclaimed
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._close_retired()
         log.info("volume %s compacted: %d bytes reclaimed, %d kept", path.name, reclaimed, out)
         return reclaimed
@@ -518,7 +518,8 @@ class Volumes:
         return len(vols), sum(v.end for v in vols), sum(v.live for v in vols)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (what a create, rename or unlink in it changed)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

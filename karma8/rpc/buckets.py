@@ -251,38 +251,43 @@ class BucketClient:
         return StoredFragment(reply.fragment_id, reply.size, reply.sha256.hex())
 
     async def _put_many(self, requests: list[pb.PutRequest]) -> list[StoredFragment | BaseException]:
-        try:
-            reply: pb.PutManyReply = await self._portal.run(
-                self._stub.put_many, pb.PutManyRequest(items=requests)
-            )
-        except grpclib.exceptions.GRPCError as exc:
-            if exc.status is not _S.UNIMPLEMENTED:
-                raise self._error(exc) from None
-            self._older_bucket()
-            return await _each(self._put_one, requests)
-        except Exception as exc:
-            raise self._error(exc) from None
+        message = pb.PutManyRequest(items=requests)
+        reply, each = await self._many(self._stub.put_many, message, self._put_one, requests)
+        if each is not None:
+            return each
         return [
             StoredFragment(r.fragment_id, r.size, r.sha256.hex()) if not s.code else self._item_error(s)
             for r, s in zip(reply.results, reply.statuses, strict=True)
         ]
 
     async def _get_many(self, requests: list[pb.GetRequest]) -> list[Piece | BaseException]:
-        try:
-            reply: pb.GetManyReply = await self._portal.run(
-                self._stub.get_many, pb.GetManyRequest(items=requests)
-            )
-        except grpclib.exceptions.GRPCError as exc:
-            if exc.status is not _S.UNIMPLEMENTED:
-                raise self._error(exc) from None
-            self._older_bucket()
-            return await _each(self._get_joined, requests)
-        except Exception as exc:
-            raise self._error(exc) from None
+        message = pb.GetManyRequest(items=requests)
+        reply, each = await self._many(self._stub.get_many, message, self._get_joined, requests)
+        if each is not None:
+            return each
         return [
             Piece(r.data, r.crc32c) if not s.code else self._get_error(q, s)
             for q, r, s in zip(requests, reply.results, reply.statuses, strict=True)
         ]
+
+    async def _many(
+        self,
+        call: Callable[[Any], Awaitable[Any]],
+        message: Any,
+        one: Callable[[Q], Awaitable[R]],
+        requests: list[Q],
+    ) -> tuple[Any, list[R | BaseException] | None]:
+        """(the batched call's reply, None); from a bucket without the call, (None, the
+        outcome of each request sent on its own)."""
+        try:
+            return await self._portal.run(call, message), None
+        except grpclib.exceptions.GRPCError as exc:
+            if exc.status is not _S.UNIMPLEMENTED:
+                raise self._error(exc) from None
+            self._older_bucket()
+            return None, await _each(one, requests)
+        except Exception as exc:
+            raise self._error(exc) from None
 
     def _older_bucket(self) -> None:
         if self.batches:

@@ -13,8 +13,9 @@ import trio.lowlevel
 
 from karma8 import speedups
 from karma8.config import MiB
+from karma8.core.checksums import unit_crcs
 from karma8.core.fragments import fragment_id, new_upload_id
-from karma8.errors import BucketUnavailable, Internal
+from karma8.errors import BucketUnavailable, ChecksumMismatch, FragmentNotFound, Internal
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.buckets import BucketClient, connect_bucket
@@ -345,6 +346,54 @@ async def test_a_stalled_put_is_dropped_by_the_bucket(tmp_path: Path) -> None:
             with pytest.raises(BucketUnavailable, match=r"nothing received for 0\.5 s"):
                 await stall()
             assert not bucket.fragment_ids()
+            await client.aclose()
+    finally:
+        await stop_process(bucket.proc)
+
+
+async def test_a_batch_answers_each_fragment_on_its_own(tmp_path: Path) -> None:
+    """Concurrent put_whole calls share PutMany calls; a damaged or missing one fails alone."""
+    bucket = await start_bucket(tmp_path / "b", membership_port=free_port())
+    try:
+        async with open_portal() as portal:
+            client = await connect_test_bucket(portal, bucket)
+            upload = new_upload_id()
+            good = {fragment_id(upload, p): bytes([p]) * 3000 for p in range(6)}
+            bad = fragment_id(upload, 6)
+            outcomes: dict[str, object] = {}
+
+            async def put(fid: str, data: bytes, crcs: list[int]) -> None:
+                try:
+                    outcomes[fid] = (await client.put_whole(fid, data, 1000, crcs)).size
+                except ChecksumMismatch as exc:
+                    outcomes[fid] = exc
+
+            async with trio.open_nursery() as nursery:
+                for fid, data in good.items():
+                    nursery.start_soon(put, fid, data, unit_crcs(data, 1000))
+                crcs = unit_crcs(b"x" * 3000, 1000)
+                crcs[2] ^= 1  # damaged on the way
+                nursery.start_soon(put, bad, b"x" * 3000, crcs)
+            assert {fid: outcomes[fid] for fid in good} == dict.fromkeys(good, 3000)
+            assert isinstance(outcomes[bad], ChecksumMismatch)
+            assert client.puts.requests == 7
+            assert client.puts.calls < 7, "concurrent puts should have shared calls"
+            assert bucket.fragment_ids() == sorted(good)
+
+            missing = fragment_id(upload, 7)
+            got: dict[str, object] = {}
+
+            async def get(fid: str) -> None:
+                try:
+                    got[fid] = b"".join(p.data for p in await client.get_whole(fid, 3000, 1000))
+                except FragmentNotFound as exc:
+                    got[fid] = exc
+
+            async with trio.open_nursery() as nursery:
+                for fid in [*good, missing]:
+                    nursery.start_soon(get, fid)
+            assert {fid: got[fid] for fid in good} == good
+            assert isinstance(got[missing], FragmentNotFound)
             await client.aclose()
     finally:
         await stop_process(bucket.proc)
