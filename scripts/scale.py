@@ -212,7 +212,7 @@ def prepare(options: Options, root: Path, files: int, url: str | None) -> tuple[
         "files": files,
         "seed": options.seed,
         "registry": options.registry,
-        "fragment_files": fragment_files,
+        "with_fragment_files": fragment_files,
     }
     marker = _marker(root)
     if options.keep and url is None and marker.exists():
