@@ -86,14 +86,22 @@ class Result:
 
     def summary(self) -> str:
         i = self.info
+        behind = (
+            f"but bucket 0's {i['fragment_files']:,} empty fragment files"
+            if i.get("fragment_files")
+            else "nor fragment files"
+        )
+        reconciled = (
+            f"reconciliation listed {i['reconcile_listed']:,} fragments, {i.get('reconcile_unknown', '?')}"
+            f" unknown, {i.get('reconcile_missing', '?')} missing"
+            if i.get("reconcile_listed") is not None
+            else "no reconciliation pass"
+        )
+        plan = "not done" if "plan_s" in self.unfinished else format(i.get("plan_moves", 0), ",")
         return (
             f"{self.files:,} files: {i.get('bytes', 0) / 1e9:,.1f} GB stored (no data behind the bulk"
-            f" files but bucket 0's {i.get('fragment_files', 0):,} empty fragment files),"
-            f" {i.get('fragments', 0):,} fragment rows; listed {i.get('walk_names', 0):,} names;"
-            f" plan: {'not done' if 'plan_s' in self.unfinished else format(i.get('plan_moves', 0), ',')}"
-            " moves; reconciliation listed"
-            f" {i.get('reconcile_listed', 0):,} fragments, {i.get('reconcile_unknown', '?')} unknown,"
-            f" {i.get('reconcile_missing', '?')} missing"
+            f" files {behind}), {i.get('fragments', 0):,} fragment rows; listed {i.get('walk_names', 0):,}"
+            f" names; plan: {plan} moves; {reconciled}"
         )
 
     def as_dict(self) -> dict[str, Any]:
