@@ -13,6 +13,7 @@ grpclib errors never leave this module: they become :class:`BucketUnavailable` (
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -156,24 +157,17 @@ class BucketClient:
         self._close_timeout = close_timeout
         #: False once the bucket answered UNIMPLEMENTED to PutMany/GetMany (an older one).
         self.batches = True
-        self.puts: Coalescer[pb.PutRequest, StoredFragment] = Coalescer(
-            self._put_many,
-            portal.start_soon,
+        limits = functools.partial(
+            Coalescer,
+            spawn=portal.start_soon,
             bucket_id=bucket_id,
             max_items=BATCH_ITEMS,
             max_bytes=BATCH_BYTES,
             timeout=call_timeout,
             cancel_wait=close_timeout,
         )
-        self.gets: Coalescer[pb.GetRequest, Piece] = Coalescer(
-            self._get_many,
-            portal.start_soon,
-            bucket_id=bucket_id,
-            max_items=BATCH_ITEMS,
-            max_bytes=BATCH_BYTES,
-            timeout=call_timeout,
-            cancel_wait=close_timeout,
-        )
+        self.puts: Coalescer[pb.PutRequest, StoredFragment] = limits(self._put_many)
+        self.gets: Coalescer[pb.GetRequest, Piece] = limits(self._get_many)
 
     @contextlib.asynccontextmanager
     async def _open_stream(
