@@ -340,7 +340,7 @@ class FragmentStore:
     def _read_whole(self, fragment_id: str, limit: int, first_unit: int) -> Piece | None:
         path = self._path(fragment_id)
         if self.volumes.locate(fragment_id) is not None:
-            piece = self._read_needle(fragment_id, first_unit)
+            piece, _ = self._read_needle(fragment_id, first_unit)
             return piece if len(piece.data) <= limit else None
         try:
             f = path.open("rb")
@@ -371,24 +371,23 @@ class FragmentStore:
         """
         return await anyio.to_thread.run_sync(self._read_whole, fragment_id, limit, first_unit)
 
-    def _read_needle(self, fragment_id: str, first_unit: int) -> Piece:
-        """A fragment held in the volumes, from ``first_unit`` on (checked whole)."""
-        piece, _ = self.volumes.read(fragment_id)
-        loc = self.volumes.locate(fragment_id)
-        unit = loc.unit if loc is not None else 0
+    def _read_needle(self, fragment_id: str, first_unit: int) -> tuple[Piece, int]:
+        """A fragment held in the volumes, from ``first_unit`` on (checked whole), and its
+        unit (0: none), both from the one needle read."""
+        piece, header = self.volumes.read(fragment_id)
+        unit = header.unit
         if not unit:
             _check_first_unit(fragment_id, first_unit)
-            return piece
-        return Piece(piece.data[first_unit * unit :], piece.crcs[first_unit:])
+            return piece, unit
+        return Piece(piece.data[first_unit * unit :], piece.crcs[first_unit:]), unit
 
     @contextlib.asynccontextmanager
     async def open_reader(self, fragment_id: str) -> AsyncIterator[FragmentReader | NeedleReader]:
         """A reader that checks the data against the fragment's checksums as it goes."""
         path = self._path(fragment_id)
-        loc = self.volumes.locate(fragment_id)
-        if loc is not None:
-            piece = await anyio.to_thread.run_sync(self._read_needle, fragment_id, 0)
-            yield NeedleReader(fragment_id, piece, loc.unit)
+        if self.volumes.locate(fragment_id) is not None:
+            piece, unit = await anyio.to_thread.run_sync(self._read_needle, fragment_id, 0)
+            yield NeedleReader(fragment_id, piece, unit)
             return
         try:
             f = await anyio.to_thread.run_sync(path.open, "rb")

@@ -384,8 +384,8 @@ class Volumes:
             raise FragmentCorrupt(f"{fragment_id}: bad needle header")
         return header, raw[HEADER_SIZE:], loc
 
-    def read(self, fragment_id: str) -> tuple[Piece, bytes]:
-        """The whole fragment, checked, and the sha256 its header holds (synchronous).
+    def read(self, fragment_id: str) -> tuple[Piece, Header]:
+        """The whole fragment, checked, and its needle's header (synchronous).
 
         Raises:
             FragmentMissing: not in the volumes.
@@ -393,7 +393,7 @@ class Volumes:
         """
         header, body, _ = self._pread(fragment_id, whole=True)
         data, crcs = check_body(header, body)
-        return Piece(data, crcs), header.sha256
+        return Piece(data, crcs), header
 
     def describe(self, fragment_ids: Sequence[str], now: float) -> list[StoredFragment]:
         """Size, sha256 and age of each of ``fragment_ids`` still held (synchronous)."""

@@ -28,6 +28,7 @@ import trio
 from karma8 import speedups
 from karma8.core.records import Piece, StoredFragment, Usage
 from karma8.errors import BucketUnavailable, ChecksumMismatch, FragmentNotFound, Internal, Karma8Error
+from karma8.rpc import grpcfix
 from karma8.rpc.auth import ChannelSecurity, attach_secret
 from karma8.rpc.bridge import Portal, PortalClosed
 from karma8.rpc.coalesce import Coalescer
@@ -509,6 +510,7 @@ async def connect_bucket(
     and so runs whatever happens to one of them.
     """
     speedups.apply()
+    grpcfix.apply()  # so that an older bucket's UNIMPLEMENTED (to PutMany) reads as such
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise BucketUnavailable(bucket_id, f"bad address {address!r}")

@@ -16,7 +16,6 @@ what the call stores is stored, and a cleanup that follows deletes it.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from typing import Generic, TypeVar
 import trio
 
 from karma8.errors import BucketUnavailable
-
-log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")

@@ -1,4 +1,5 @@
-"""Fixes for what hostile peers do to grpclib 0.4.9 and betterproto2 0.10 servers (pinned).
+"""Fixes for grpclib 0.4.9 and betterproto2 0.10 (pinned): what hostile peers do to servers, and
+one client-side misreading of a status.
 
 Found by ``scripts/fuzz.py --raw`` (docs/fuzzing.md). None of them stopped a server, but
 each made one log a traceback for something a peer sent, with no secret needed (the
@@ -21,6 +22,12 @@ buckets' health service and every connection's frames come before any check):
 4. A request HEADERS frame without ``:method`` or ``:path`` (h2 does not insist, grpclib
    looks them up with ``[]``) is logged by grpclib as "Server error" with a ``KeyError``
    traceback. :func:`apply` answers it with HTTP 400, as grpclib does a wrong method.
+5. A grpclib server answers a method it does not have (a bucket of an earlier release
+   asked for PutMany) with a trailers-only response: ``grpc-status: 12`` and no
+   ``content-type``. grpclib's client checks the content-type before the status and
+   raises UNKNOWN "Missing content-type header", so the caller never learns the call is
+   UNIMPLEMENTED. :func:`apply` skips that check on a trailers-only response, whose
+   status says what happened (the gRPC spec lets it carry no content-type).
 
 tests/unit/test_grpcfix.py checks that each is still needed, so an upgrade that fixes them
 upstream shows up as a failing test.
@@ -34,6 +41,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import grpclib.client
 import grpclib.exceptions
 import grpclib.protocol
 import grpclib.server
@@ -46,6 +54,7 @@ _original_process: Any = grpclib.protocol.EventsProcessor.process
 _original_deadline_start: Any = grpclib.utils.DeadlineWrapper.start
 _original_recv_message: Any = grpclib.server.Stream.recv_message
 _original_request_handler: Any = grpclib.server.request_handler
+_original_content_type: Any = grpclib.client.Stream._raise_for_content_type
 
 #: What a field's ``proto_type`` must decode to (``message`` fields are checked recursively).
 _PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -142,12 +151,19 @@ async def _request_handler(
         release_stream()
 
 
+def _raise_for_content_type(self: grpclib.client.Stream[Any, Any], headers_map: dict[str, str]) -> None:
+    if "grpc-status" in headers_map:  # trailers-only: its status is read next
+        return
+    _original_content_type(self, headers_map)
+
+
 def apply() -> None:
-    """Install the four fixes (idempotent; before a server or channel starts)."""
+    """Install the five fixes (idempotent; before a server or channel starts)."""
     grpclib.protocol.EventsProcessor.process = _process  # type: ignore[method-assign]
     grpclib.utils.DeadlineWrapper.start = _deadline_start  # type: ignore[method-assign]
     grpclib.server.Stream.recv_message = _recv_message  # type: ignore[method-assign]
     grpclib.server.request_handler = _request_handler  # type: ignore[assignment]
+    grpclib.client.Stream._raise_for_content_type = _raise_for_content_type  # type: ignore[method-assign]
 
 
 def applied() -> bool:
@@ -157,4 +173,5 @@ def applied() -> bool:
         and grpclib.server.Stream.recv_message is _recv_message
         and grpclib.utils.DeadlineWrapper.start is _deadline_start
         and grpclib.server.request_handler is _request_handler
+        and grpclib.client.Stream._raise_for_content_type is _raise_for_content_type
     )

@@ -6,12 +6,18 @@ import asyncio
 import hashlib
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
+from prometheus_client import CollectorRegistry
 
 from karma8 import speedups
+from karma8.bucket.metrics import BucketMetrics
+from karma8.bucket.service import BucketService
+from karma8.bucket.store import FragmentStore, open_store
+from karma8.bucket.volumes import scan
 from karma8.config import MiB
 from karma8.core.checksums import unit_crcs
 from karma8.core.fragments import fragment_id, new_upload_id
@@ -19,6 +25,7 @@ from karma8.errors import BucketUnavailable, ChecksumMismatch, FragmentNotFound,
 from karma8.rpc.auth import ChannelSecurity
 from karma8.rpc.bridge import open_portal
 from karma8.rpc.buckets import BucketClient, connect_bucket
+from karma8.rpc.servers import start_grpc_server
 from tests.integration.harness import connect_test_bucket, free_port, start_bucket, stop_process, wait_until
 
 
@@ -397,3 +404,47 @@ async def test_a_batch_answers_each_fragment_on_its_own(tmp_path: Path) -> None:
             await client.aclose()
     finally:
         await stop_process(bucket.proc)
+
+
+class _OlderBucket(BucketService):
+    """A bucket of the release before PutMany/GetMany: grpclib answers UNIMPLEMENTED."""
+
+    def __mapping__(self) -> dict[str, Any]:
+        routes = super().__mapping__()
+        return {k: v for k, v in routes.items() if not k.endswith(("/PutMany", "/GetMany"))}
+
+
+async def _serve_older(root: Path) -> tuple[FragmentStore, Any, int]:
+    store = await open_store(root, fsync=False)
+    metrics = BucketMetrics(CollectorRegistry())
+    service = _OlderBucket(store, max_chunk=4 * MiB, read_chunk_max=4 * MiB, metrics=metrics)
+    server, port = await start_grpc_server([service], "127.0.0.1", 0, secret="", who="older")
+    return store, server, port
+
+
+async def _stop_older(server: Any) -> None:
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_bucket_without_batched_calls_gets_a_call_per_fragment(tmp_path: Path) -> None:
+    async with open_portal() as portal:
+        store, server, port = await portal.run(_serve_older, tmp_path / "older")
+        try:
+            client = await connect_bucket(
+                portal, store.bucket_id, f"127.0.0.1:{port}", close_timeout=5, security=ChannelSecurity()
+            )
+            upload = new_upload_id()
+            data = {fragment_id(upload, p): bytes([p + 1]) * 2000 for p in range(4)}
+            async with trio.open_nursery() as nursery:
+                for fid, d in data.items():
+                    nursery.start_soon(client.put_whole, fid, d)
+            assert not client.batches  # told once, then a Put per fragment
+            assert sorted(scan(tmp_path / "older" / "volumes")) == sorted(data)
+            for fid, d in data.items():
+                assert b"".join(p.data for p in await client.get_whole(fid, len(d), len(d))) == d
+            assert client.gets.calls == 0  # no GetMany tried once the bucket said so
+            await client.aclose()
+        finally:
+            await portal.run(_stop_older, server)
+            store.close()

@@ -11,6 +11,8 @@ import asyncio
 import inspect
 from types import SimpleNamespace
 
+import grpclib.const
+import grpclib.exceptions
 import grpclib.protocol
 import grpclib.utils
 import h2.events
@@ -81,3 +83,15 @@ async def test_a_request_without_method_is_a_server_error_upstream_and_a_400_onc
     assert sent == [[(":status", "400")]]
     assert released == [True, True]
     assert caplog.text == ""
+
+
+def test_a_trailers_only_status_is_misread_upstream_and_read_once_applied() -> None:
+    headers = {":status": "200", "grpc-status": "12", "grpc-message": "Method not found"}
+    stream = SimpleNamespace()
+    with pytest.raises(grpclib.exceptions.GRPCError) as upstream:
+        grpcfix._original_content_type(stream, headers)
+    assert upstream.value.status is grpclib.const.Status.UNKNOWN  # not UNIMPLEMENTED
+    grpcfix.apply()
+    grpcfix._raise_for_content_type(stream, headers)  # type: ignore[arg-type]
+    with pytest.raises(grpclib.exceptions.GRPCError, match="Missing content-type"):
+        grpcfix._raise_for_content_type(stream, {":status": "200"})  # type: ignore[arg-type]

@@ -142,61 +142,49 @@ async def test_a_torn_tail_is_truncated_at_start(tmp_path: Path) -> None:
     assert sorted(scan(root / "volumes")) == [_fid(i) for i in (0, 1, 2, 4, 8)]
 
 
-async def test_a_damaged_last_needle_is_kept_and_reported(tmp_path: Path) -> None:
-    """A sound header over bad data may be rot in an acknowledged needle: never truncated."""
+def _flip(root: Path, fid: str, at: int) -> Path:
+    """Flip one bit of byte ``at`` of a needle's data, in place (bit rot); its volume."""
+    needle = scan(root / "volumes")[fid]
+    with needle.path.open("r+b") as f:
+        f.seek(needle.data_offset + at)
+        byte = f.read(1)
+        f.seek(needle.data_offset + at)
+        f.write(bytes([byte[0] ^ 1]))
+    return needle.path
+
+
+@pytest.mark.parametrize(("damaged", "at", "unit"), [(2, 10, 0), (1, 1500, 1)], ids=["last", "middle"])
+async def test_a_damaged_needle_is_kept_and_reported(
+    tmp_path: Path, damaged: int, at: int, unit: int
+) -> None:
+    """A sound header over bad data may be rot in an acknowledged needle: never truncated,
+    nor the needles after it."""
     root = tmp_path / "b"
     store = await _open(root)
     for i in range(3):
         await _put(store, i)
     store.close()
-    needle = scan(root / "volumes")[_fid(2)]
-    size = needle.path.stat().st_size
-    raw = bytearray(needle.path.read_bytes())
-    raw[needle.data_offset + 10] ^= 1
-    needle.path.write_bytes(raw)
+    size = (root / "volumes" / volume_name(1)).stat().st_size
+    path = _flip(root, _fid(damaged), at)
 
     reopened = await _open(root)
 
-    assert needle.path.stat().st_size == size
-    assert (await reopened.verify(_fid(2)))[0] == "corrupt: unit 0 fails its checksum"
+    assert path.stat().st_size == size, "acknowledged needles truncated as a torn tail"
     assert sorted(scan(root / "volumes")) == [_fid(0), _fid(1), _fid(2)]
-    await _put(reopened, 2)  # repair writes it again: a new needle shadows the damaged one
-    assert (await reopened.read_whole(_fid(2), 1 << 20)) == Piece(_data(2), unit_crcs(_data(2), UNIT))
-
-
-async def test_a_damaged_needle_followed_by_sound_ones_keeps_them(tmp_path: Path) -> None:
-    root = tmp_path / "b"
-    store = await _open(root)
-    for i in range(4):
-        await _put(store, i)
-    store.close()
-    needle = scan(root / "volumes")[_fid(1)]
-    size = needle.path.stat().st_size
-    with needle.path.open("r+b") as f:  # bit rot in the data of an acknowledged needle
-        f.seek(needle.data_offset + 1500)
-        byte = f.read(1)
-        f.seek(needle.data_offset + 1500)
-        f.write(bytes([byte[0] ^ 1]))
-
-    reopened = await _open(root)
-
-    assert needle.path.stat().st_size == size, "acknowledged needles truncated as a torn tail"
-    assert sorted(scan(root / "volumes")) == [_fid(i) for i in range(4)]
-    assert (await reopened.verify(_fid(1)))[0] == "corrupt: unit 1 fails its checksum"
-    for i in (0, 2, 3):
+    assert (await reopened.verify(_fid(damaged)))[0] == f"corrupt: unit {unit} fails its checksum"
+    for i in {0, 1, 2} - {damaged}:
         piece = await reopened.read_whole(_fid(i), 1 << 20)
         assert piece is not None
         assert piece.data == _data(i)
-    reopened.close()
+    await _put(reopened, damaged)  # repair writes it again: a new needle shadows the damaged one
+    good = Piece(_data(damaged), unit_crcs(_data(damaged), UNIT))
+    assert (await reopened.read_whole(_fid(damaged), 1 << 20)) == good
 
 
 async def test_a_damaged_needle_is_reported_not_served(tmp_path: Path) -> None:
     store = await _open(tmp_path / "b")
     await _put(store, 1)
-    needle = scan(tmp_path / "b" / "volumes")[_fid(1)]
-    with needle.path.open("r+b") as f:
-        f.seek(needle.data_offset + 1500)
-        f.write(b"\xff")
+    _flip(tmp_path / "b", _fid(1), 1500)
     with pytest.raises(FragmentCorrupt, match="unit 1 fails its checksum"):
         await store.read_whole(_fid(1), 1 << 20)
     assert (await store.verify(_fid(1)))[0] == "corrupt: unit 1 fails its checksum"
