@@ -47,7 +47,7 @@ class BucketMetrics:
         )
         self.batches = Counter(
             "karma8_bucket_batch_calls",
-            "PutMany and GetMany calls (each item is counted under puts or gets too).",
+            "Batches: PutMany and GetMany calls and stream messages (items count under puts or gets too).",
             ["call"],
             registry=registry,
         )

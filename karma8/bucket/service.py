@@ -76,6 +76,9 @@ async def _each_item(
         except GRPCError as exc:
             statuses[i] = pb.ItemStatus(code=exc.status.value, message=exc.message or "")
 
+    if len(items) == 1:  # the usual case when the API is not busy: no task group
+        await run(0, items[0])
+        return statuses
     async with anyio.create_task_group() as tasks:
         for i, item in enumerate(items):
             tasks.start_soon(run, i, item)
@@ -188,7 +191,7 @@ class BucketService(pb.BucketBase):
         log.debug("bucket=%s stored %s (%d bytes)", bid, _about(stored.fragment_id), stored.size)
         return stored
 
-    async def put_many(self, message: pb.PutManyRequest) -> pb.PutManyReply:
+    async def put_many(self, message: pb.PutManyRequest, call: str = "put_many") -> pb.PutManyReply:
         # Every item is stored at once: the volume's group commit writes them with one
         # fdatasync (and those of other calls queued beside them).
         bid = self._store.bucket_id
@@ -204,10 +207,10 @@ class BucketService(pb.BucketBase):
             results[i] = _put_reply(stored)
 
         statuses = await _each_item(message.items, one)
-        self._metrics.batches.labels("put_many").inc()
+        self._metrics.batches.labels(call).inc()
         return pb.PutManyReply(results=results, statuses=statuses)
 
-    async def get_many(self, message: pb.GetManyRequest) -> pb.GetManyReply:
+    async def get_many(self, message: pb.GetManyRequest, call: str = "get_many") -> pb.GetManyReply:
         bid = self._store.bucket_id
         results = [pb.GetReply() for _ in message.items]
 
@@ -222,8 +225,23 @@ class BucketService(pb.BucketBase):
             results[i] = pb.GetReply(data=piece.data, crc32c=piece.crcs)
 
         statuses = await _each_item(message.items, one)
-        self._metrics.batches.labels("get_many").inc()
+        self._metrics.batches.labels(call).inc()
         return pb.GetManyReply(results=results, statuses=statuses)
+
+    # The pipes: a PutMany or GetMany per message of a long-lived stream, one at a time
+    # (the API sends the next one once it has the reply to the last).
+
+    async def put_many_stream(
+        self, messages: AsyncIterator[pb.PutManyRequest]
+    ) -> AsyncIterator[pb.PutManyReply]:
+        async for message in messages:
+            yield await self.put_many(message, "put_many_stream")
+
+    async def get_many_stream(
+        self, messages: AsyncIterator[pb.GetManyRequest]
+    ) -> AsyncIterator[pb.GetManyReply]:
+        async for message in messages:
+            yield await self.get_many(message, "get_many_stream")
 
     async def get(self, message: pb.GetRequest) -> AsyncIterator[pb.GetReply]:
         sent = 0
@@ -246,6 +264,23 @@ class BucketService(pb.BucketBase):
                         yield pb.GetReply(data=piece.data, crc32c=piece.crcs)
         finally:
             self._metrics.read_bytes.inc(sent)
+
+    async def delete_many_stream(
+        self, messages: AsyncIterator[pb.DeleteManyRequest]
+    ) -> AsyncIterator[pb.DeleteManyReply]:
+        async for message in messages:
+            yield await self._delete_many(message)
+
+    async def _delete_many(self, message: pb.DeleteManyRequest) -> pb.DeleteManyReply:
+        # The deletes run at once: their tombstones share group commits.
+        results = [pb.DeleteReply() for _ in message.items]
+
+        async def one(i: int, item: pb.DeleteRequest) -> None:
+            results[i] = await self.delete(item)
+
+        statuses = await _each_item(message.items, one)
+        self._metrics.batches.labels("delete_many_stream").inc()
+        return pb.DeleteManyReply(results=results, statuses=statuses)
 
     async def delete(self, message: pb.DeleteRequest) -> pb.DeleteReply:
         bid = self._store.bucket_id

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 _PUT = "/karma8.v1.Bucket/Put"
 _GET = "/karma8.v1.Bucket/Get"
 _LIST = "/karma8.v1.Bucket/List"
+_PUT_PIPE = "/karma8.v1.Bucket/PutManyStream"
+_GET_PIPE = "/karma8.v1.Bucket/GetManyStream"
+_DELETE_PIPE = "/karma8.v1.Bucket/DeleteManyStream"
 _S = grpclib.const.Status
 #: Fragments in one PutMany or GetMany, at most (a bucket takes up to 256) ...
 BATCH_ITEMS = 64
@@ -138,6 +141,67 @@ class FragmentReader:
         return None if reply is None else Piece(reply.data, reply.crc32c)
 
 
+class _Pipe:
+    """A long-lived bidirectional stream to a bucket that carries one batched call per
+    message: a request, then its reply (PutManyStream, GetManyStream).
+
+    Profiled on this machine: a unary grpclib call costs ~1 ms of CPU on each end (a
+    stream set up, headers and trailers encoded and parsed), a message on an open stream
+    ~0.05 ms on the client and ~0.1 ms on the bucket. Lives on the asyncio side; its one
+    user (a coalescer's drain) sends a message only once it has the reply to the last.
+    Any failure resets the stream; the next call opens a new one. A call that fails on a
+    stream opened earlier (whose connection may have died meanwhile: a restarted bucket)
+    is sent once more on a new stream; batched puts and gets may run twice.
+    """
+
+    def __init__(self, channel: Any, route: str, request: type, reply: type) -> None:
+        self._channel = channel
+        self._route = route
+        self._request = request
+        self._reply = reply
+        self._stream: Any = None
+
+    async def call(self, message: Any) -> Any:
+        if self._stream is not None:
+            try:
+                return await self._exchange(message)
+            except grpclib.exceptions.GRPCError:
+                raise  # the bucket's answer, not a dead connection
+            except Exception as exc:
+                log.debug("pipe %s broke (%r): once more on a new stream", self._route, exc)
+        return await self._exchange(message)
+
+    async def _exchange(self, message: Any) -> Any:
+        if self._stream is None:
+            stream = self._channel.request(
+                self._route, grpclib.const.Cardinality.STREAM_STREAM, self._request, self._reply
+            )
+            await stream.__aenter__()
+            try:
+                await stream.send_request()
+            except BaseException as exc:
+                await stream.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            self._stream = stream
+        stream = self._stream
+        try:
+            await stream.send_message(message)
+            reply = await stream.recv_message()
+            if reply is None:  # the bucket ended the stream: its status says why
+                raise grpclib.exceptions.StreamTerminatedError("the bucket ended the stream")
+        except BaseException as exc:
+            self._stream = None
+            await stream.__aexit__(type(exc), exc, exc.__traceback__)  # resets it; raises a status
+            raise
+        return reply
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            closing = ConnectionAbortedError("the client is closing")
+            await stream.__aexit__(type(closing), closing, None)  # resets the stream
+
+
 class BucketClient:
     """gRPC client of one bucket. Create with :func:`connect_bucket`; ``aclose()`` it."""
 
@@ -158,6 +222,11 @@ class BucketClient:
         self._close_timeout = close_timeout
         #: False once the bucket answered UNIMPLEMENTED to PutMany/GetMany (an older one).
         self.batches = True
+        #: False once it answered UNIMPLEMENTED to PutManyStream/GetManyStream.
+        self.pipes = True
+        self._put_pipe = _Pipe(channel, _PUT_PIPE, pb.PutManyRequest, pb.PutManyReply)
+        self._get_pipe = _Pipe(channel, _GET_PIPE, pb.GetManyRequest, pb.GetManyReply)
+        self._delete_pipe = _Pipe(channel, _DELETE_PIPE, pb.DeleteManyRequest, pb.DeleteManyReply)
         limits = functools.partial(
             Coalescer,
             spawn=portal.start_soon,
@@ -169,6 +238,7 @@ class BucketClient:
         )
         self.puts: Coalescer[pb.PutRequest, StoredFragment] = limits(self._put_many)
         self.gets: Coalescer[pb.GetRequest, Piece] = limits(self._get_many)
+        self.deletes: Coalescer[pb.DeleteRequest, int] = limits(self._delete_many)
 
     @contextlib.asynccontextmanager
     async def _open_stream(
@@ -247,7 +317,7 @@ class BucketClient:
 
     async def _put_many(self, requests: list[pb.PutRequest]) -> list[StoredFragment | BaseException]:
         message = pb.PutManyRequest(items=requests)
-        reply, each = await self._many(self._stub.put_many, message, self._put_one, requests)
+        reply, each = await self._many(self._put_pipe, self._stub.put_many, message, self._put_one, requests)
         if each is not None:
             return each
         return [
@@ -257,7 +327,9 @@ class BucketClient:
 
     async def _get_many(self, requests: list[pb.GetRequest]) -> list[Piece | BaseException]:
         message = pb.GetManyRequest(items=requests)
-        reply, each = await self._many(self._stub.get_many, message, self._get_joined, requests)
+        reply, each = await self._many(
+            self._get_pipe, self._stub.get_many, message, self._get_joined, requests
+        )
         if each is not None:
             return each
         return [
@@ -267,24 +339,36 @@ class BucketClient:
 
     async def _many(
         self,
-        call: Callable[[Any], Awaitable[Any]],
+        pipe: _Pipe,
+        call: Callable[[Any], Awaitable[Any]] | None,
         message: Any,
         one: Callable[[Q], Awaitable[R]],
         requests: list[Q],
     ) -> tuple[Any, list[R | BaseException] | None]:
-        """(the batched call's reply, None); from a bucket without the call, (None, the
-        outcome of each request sent on its own)."""
-        try:
-            return await self._portal.run(call, message), None
-        except grpclib.exceptions.GRPCError as exc:
-            if exc.status is not _S.UNIMPLEMENTED:
+        """(the batched call's reply, None): a message on ``pipe``, or from a bucket
+        without the pipes the unary ``call`` (if any); from a bucket without either, (None,
+        the outcome of each request sent on its own)."""
+        for piped, batched in ((True, pipe.call), (False, call)):
+            if batched is None or (piped and not self.pipes):
+                continue
+            try:
+                return await self._portal.run(batched, message), None
+            except grpclib.exceptions.GRPCError as exc:
+                if exc.status is not _S.UNIMPLEMENTED:
+                    raise self._error(exc) from None
+                self._older_bucket(pipes_only=piped)
+            except Exception as exc:
                 raise self._error(exc) from None
-            self._older_bucket()
-            return None, await _each(one, requests)
-        except Exception as exc:
-            raise self._error(exc) from None
+        return None, await _each(one, requests)
 
-    def _older_bucket(self) -> None:
+    def _older_bucket(self, *, pipes_only: bool) -> None:
+        if self.pipes:
+            log.info(
+                "bucket=%s has no PutManyStream/GetManyStream (older release): a call each", self.bucket_id
+            )
+        self.pipes = False
+        if pipes_only:
+            return
         if self.batches:
             log.info("bucket=%s has no PutMany/GetMany (older release): a call per fragment", self.bucket_id)
         self.batches = False
@@ -360,11 +444,27 @@ class BucketClient:
         return chunks
 
     async def delete_upload(self, upload_id: str, fragment_ids: Sequence[str] = ()) -> int:
-        """Delete the fragments of ``upload_id`` on this bucket (all, or the named ones)."""
+        """Delete the fragments of ``upload_id`` on this bucket (all, or the named ones),
+        in one message with the other deletes queued for this bucket meanwhile."""
         request = pb.DeleteRequest(upload_id=upload_id, fragment_ids=list(fragment_ids))
+        if not self.pipes:
+            return await self._delete_one(request)
+        return await self.deletes.call(request, 0)
+
+    async def _delete_one(self, request: pb.DeleteRequest) -> int:
         with translate_errors(self.bucket_id):
             reply = await self._portal.run(self._stub.delete, request)
         return int(reply.deleted)
+
+    async def _delete_many(self, requests: list[pb.DeleteRequest]) -> list[int | BaseException]:
+        message = pb.DeleteManyRequest(items=requests)
+        reply, each = await self._many(self._delete_pipe, None, message, self._delete_one, requests)
+        if each is not None:
+            return each
+        return [
+            int(r.deleted) if not s.code else self._item_error(s)
+            for r, s in zip(reply.results, reply.statuses, strict=True)
+        ]
 
     async def list_fragments(self, upload_id: str = "") -> list[StoredFragment]:
         """What the bucket stores (of one upload, or everything)."""
@@ -424,9 +524,15 @@ class BucketClient:
         return Usage(used=u.used, free=u.free, capacity=u.capacity, fragments=u.fragments)
 
     async def aclose(self) -> None:
-        """Close the channel (on the asyncio side, where it lives)."""
+        """Close the pipes and the channel (on the asyncio side, where they live)."""
         with trio.CancelScope(shield=True):
-            await self._portal.run(_close_channel, self._channel)
+            await self._portal.run(self._close)
+
+    async def _close(self) -> None:
+        await self._put_pipe.close()
+        await self._get_pipe.close()
+        await self._delete_pipe.close()
+        self._channel.close()
 
 
 async def _each(call: Callable[[Q], Awaitable[R]], requests: list[Q]) -> list[R | BaseException]:
@@ -482,10 +588,6 @@ async def _new_channel(
     channel = grpclib.client.Channel(host, port, config=config, ssl=security.ssl)
     attach_secret(channel, security.secret)
     return channel
-
-
-async def _close_channel(channel: Any) -> None:
-    channel.close()
 
 
 async def connect_bucket(

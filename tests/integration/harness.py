@@ -174,9 +174,10 @@ class BucketProcess:
 
 
 async def start_bucket(
-    data_dir: Path, membership_port: int, env: dict[str, str] | None = None
+    data_dir: Path, membership_port: int, env: dict[str, str] | None = None, port: int = 0
 ) -> BucketProcess:
-    """Start a bucket process and wait until it serves (``env``: extra variables)."""
+    """Start a bucket process and wait until it serves (``env``: extra variables; ``port``
+    0: any free one)."""
     ready = data_dir.with_name(data_dir.name + ".ready")
     ready.unlink(missing_ok=True)
     proc = await trio.lowlevel.open_process(
@@ -185,7 +186,7 @@ async def start_bucket(
             "--data-dir",
             str(data_dir),
             "--port",
-            "0",
+            str(port),
             "--api",
             f"127.0.0.1:{membership_port}",
             "--ready-file",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from karma8.rpc.bridge import open_portal
 from karma8.rpc.buckets import BucketClient, connect_bucket
 from karma8.rpc.servers import start_grpc_server
 from tests.integration.harness import connect_test_bucket, free_port, start_bucket, stop_process, wait_until
+from tests.integration.test_observability import scrape, value
 
 
 async def test_run_returns_results_and_raises_errors() -> None:
@@ -406,18 +408,61 @@ async def test_a_batch_answers_each_fragment_on_its_own(tmp_path: Path) -> None:
         await stop_process(bucket.proc)
 
 
+async def test_the_pipes_outlive_a_bucket_restart(tmp_path: Path) -> None:
+    """Batched calls travel as messages on long-lived streams; when the bucket restarts,
+    the next batch finds its stream dead and goes once more on a new one (no error)."""
+    membership = free_port()
+    bucket = await start_bucket(tmp_path / "b", membership_port=membership)
+    try:
+        async with open_portal() as portal:
+            client = await connect_test_bucket(portal, bucket)
+            try:
+                upload = new_upload_id()
+                fid = fragment_id(upload, 0)
+                await client.put_whole(fid, b"before" * 1000)
+                assert [p.data for p in await client.get_whole(fid, 6000, 6000)] == [b"before" * 1000]
+                assert (client.puts.calls, client.gets.calls) == (1, 1)
+                bucket.proc.kill()  # its streams die with it
+                await bucket.proc.wait()
+                bucket = await start_bucket(tmp_path / "b", membership_port=membership, port=bucket.port)
+                assert [p.data for p in await client.get_whole(fid, 6000, 6000)] == [b"before" * 1000]
+                other = new_upload_id()
+                await client.put_whole(fragment_id(other, 1), b"after" * 1000)
+                assert await client.delete_upload(other) == 1
+                assert bucket.fragment_ids() == [fid]
+                assert client.pipes
+                assert client.batches
+                port = json.loads(bucket.data_dir.with_name("b.ready").read_text())["metrics_port"]
+                samples = await scrape(port)  # the restarted bucket's: a message of each pipe
+                for call in ("get_many_stream", "put_many_stream", "delete_many_stream"):
+                    assert value(samples, "karma8_bucket_batch_calls_total", call=call) == 1
+                assert value(samples, "karma8_bucket_batch_calls_total", call="get_many") == 0
+            finally:
+                await client.aclose()
+    finally:
+        await stop_process(bucket.proc)
+
+
+#: The bucket routes each earlier release lacked.
+_BEFORE_BATCHES = ("/PutMany", "/GetMany", "/PutManyStream", "/GetManyStream", "/DeleteManyStream")
+_BEFORE_PIPES = ("/PutManyStream", "/GetManyStream", "/DeleteManyStream")
+
+
 class _OlderBucket(BucketService):
-    """A bucket of the release before PutMany/GetMany: grpclib answers UNIMPLEMENTED."""
+    """A bucket of an earlier release: grpclib answers UNIMPLEMENTED to the routes it lacks."""
+
+    missing: tuple[str, ...] = ()
 
     def __mapping__(self) -> dict[str, Any]:
         routes = super().__mapping__()
-        return {k: v for k, v in routes.items() if not k.endswith(("/PutMany", "/GetMany"))}
+        return {k: v for k, v in routes.items() if not k.endswith(self.missing)}
 
 
-async def _serve_older(root: Path) -> tuple[FragmentStore, Any, int]:
+async def _serve_older(root: Path, missing: tuple[str, ...]) -> tuple[FragmentStore, Any, int]:
     store = await open_store(root, fsync=False)
     metrics = BucketMetrics(CollectorRegistry())
     service = _OlderBucket(store, max_chunk=4 * MiB, read_chunk_max=4 * MiB, metrics=metrics)
+    service.missing = missing
     server, port = await start_grpc_server([service], "127.0.0.1", 0, secret="", who="older")
     return store, server, port
 
@@ -427,24 +472,35 @@ async def _stop_older(server: Any) -> None:
     await server.wait_closed()
 
 
-async def test_a_bucket_without_batched_calls_gets_a_call_per_fragment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("missing", [_BEFORE_BATCHES, _BEFORE_PIPES], ids=["before-batches", "before-pipes"])
+async def test_a_bucket_of_an_earlier_release_gets_the_calls_it_has(
+    tmp_path: Path, missing: tuple[str, ...]
+) -> None:
+    batches = "/PutMany" not in missing
     async with open_portal() as portal:
-        store, server, port = await portal.run(_serve_older, tmp_path / "older")
+        store, server, port = await portal.run(_serve_older, tmp_path / "older", missing)
         try:
             client = await connect_bucket(
                 portal, store.bucket_id, f"127.0.0.1:{port}", close_timeout=5, security=ChannelSecurity()
             )
-            upload = new_upload_id()
-            data = {fragment_id(upload, p): bytes([p + 1]) * 2000 for p in range(4)}
-            async with trio.open_nursery() as nursery:
+            try:
+                upload = new_upload_id()
+                data = {fragment_id(upload, p): bytes([p + 1]) * 2000 for p in range(4)}
+                async with trio.open_nursery() as nursery:
+                    for fid, d in data.items():
+                        nursery.start_soon(client.put_whole, fid, d)
+                # Told once, then PutMany calls, or a Put per fragment.
+                assert not client.pipes
+                assert client.batches is batches
+                assert sorted(scan(tmp_path / "older" / "volumes")) == sorted(data)
                 for fid, d in data.items():
-                    nursery.start_soon(client.put_whole, fid, d)
-            assert not client.batches  # told once, then a Put per fragment
-            assert sorted(scan(tmp_path / "older" / "volumes")) == sorted(data)
-            for fid, d in data.items():
-                assert b"".join(p.data for p in await client.get_whole(fid, len(d), len(d))) == d
-            assert client.gets.calls == 0  # no GetMany tried once the bucket said so
-            await client.aclose()
+                    assert b"".join(p.data for p in await client.get_whole(fid, len(d), len(d))) == d
+                # No GetMany tried once the bucket said it has none.
+                assert (client.gets.calls > 0) is batches
+                assert await client.delete_upload(upload) == len(data)  # a Delete, not the pipe
+                assert scan(tmp_path / "older" / "volumes") == {}
+            finally:
+                await client.aclose()
         finally:
             await portal.run(_stop_older, server)
             store.close()

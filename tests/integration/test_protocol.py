@@ -106,3 +106,26 @@ async def test_files_reply_with_many_names_fits_the_client(cluster: Cluster, tmp
         await cluster.client.upload(src, f"{long}/{i:03}")
     names = [f["name"] for f in await cluster.client.list(long)]
     assert names == [f"{long}/{i:03}" for i in range(40)]
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 3 * MiB + 5])
+async def test_a_download_gathers_small_units_into_frames(
+    cluster: Cluster, tmp_path: Path, size: int
+) -> None:
+    """A small file's fragments (a unit each) arrive in one frame; units of a big file as
+    they are, no frame above max_frame (1 MiB)."""
+    src = tmp_path / "f"
+    make_file(src, size)
+    await cluster.client.upload(src, "framed")
+    async with open_raw(cluster.url, "/download/framed") as ws:
+        assert json.loads(await ws.get_message())["size"] == size
+        frames = []
+        while message := await ws.get_message():
+            assert isinstance(message, bytes)
+            frames.append(message)
+    assert b"".join(frames) == src.read_bytes()
+    if size <= 64 * 1024:
+        assert len(frames) == 1
+    else:
+        assert max(len(f) for f in frames) <= MiB
+        assert len(frames) > size // MiB

@@ -18,6 +18,7 @@ from karma8.bucket.volumes import scan
 from karma8.core.checksums import unit_crcs
 from karma8.core.needles import encode_put, needle_size, volume_name
 from karma8.core.records import Piece
+from tests.polling import poll_until
 
 UNIT = 1000
 
@@ -190,6 +191,38 @@ async def test_a_damaged_needle_is_reported_not_served(tmp_path: Path) -> None:
     assert (await store.verify(_fid(1)))[0] == "corrupt: unit 1 fails its checksum"
     (listed,) = await store.list_fragments(_uid(1))
     assert listed.size == 2500
+
+
+async def test_a_needle_is_read_from_the_page_cache_or_else_in_a_thread(tmp_path: Path) -> None:
+    store = await _open(tmp_path / "b")
+    await _put(store, 1)
+    piece, _ = store.volumes.read(_fid(1), cached=True)  # just written: in the page cache
+    assert piece.data == _data(1)
+
+    def evicted() -> bool:
+        for volume in (tmp_path / "b" / "volumes").glob("*.dat"):
+            fd = os.open(volume, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        try:
+            store.volumes.read(_fid(1), cached=True)
+        except BlockingIOError:
+            return True
+        return False
+
+    try:  # the kernel may keep a page it just wrote back for a moment
+        poll_until(evicted, "the volume to leave the page cache", deadline=5)
+        dropped = True
+    except AssertionError:
+        dropped = False
+    again = await store.read_whole(_fid(1), 1 << 20)  # from the disk, in a worker thread
+    assert again is not None
+    assert again.data == _data(1)
+    store.close()
+    if not dropped:
+        pytest.skip("this filesystem keeps the volume in memory (tmpfs?): nothing to read around")
 
 
 # -- compaction ------------------------------------------------------------------------

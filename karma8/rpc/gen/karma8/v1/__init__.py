@@ -6,6 +6,8 @@
 __all__ = (
     "BucketBase",
     "BucketStub",
+    "DeleteManyReply",
+    "DeleteManyRequest",
     "DeleteReply",
     "DeleteRequest",
     "FragmentInfo",
@@ -47,6 +49,39 @@ if TYPE_CHECKING:
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+@dataclass(eq=False, repr=False)
+class DeleteManyReply(betterproto2.Message):
+    results: "list[DeleteReply]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    One per item, in the order of the items.
+    """
+
+    statuses: "list[ItemStatus]" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("karma8.v1", "DeleteManyReply", DeleteManyReply)
+
+
+@dataclass(eq=False, repr=False)
+class DeleteManyRequest(betterproto2.Message):
+    """
+    Several Deletes in one message of DeleteManyStream (there is no unary DeleteMany).
+    """
+
+    items: "list[DeleteRequest]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message(
+    "karma8.v1", "DeleteManyRequest", DeleteManyRequest
+)
 
 
 @dataclass(eq=False, repr=False)
@@ -531,6 +566,73 @@ class BucketStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def put_many_stream(
+        self,
+        messages: "AsyncIterable[PutManyRequest] | Iterable[PutManyRequest]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[PutManyReply]":
+        """
+        PutMany and GetMany as messages on one long-lived stream (buckets from the release of
+        the pipes on; an older bucket answers UNIMPLEMENTED and the caller makes the calls
+        above): each request message gets one reply message, in order. A message on an open
+        stream costs both ends a small fraction of a call (no stream set up, no headers).
+        A request the bucket refuses as a whole ends the stream with that call's status.
+        """
+
+        async for response in self._stream_stream(
+            "/karma8.v1.Bucket/PutManyStream",
+            messages,
+            PutManyRequest,
+            PutManyReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def get_many_stream(
+        self,
+        messages: "AsyncIterable[GetManyRequest] | Iterable[GetManyRequest]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[GetManyReply]":
+
+        async for response in self._stream_stream(
+            "/karma8.v1.Bucket/GetManyStream",
+            messages,
+            GetManyRequest,
+            GetManyReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def delete_many_stream(
+        self,
+        messages: "AsyncIterable[DeleteManyRequest] | Iterable[DeleteManyRequest]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[DeleteManyReply]":
+
+        async for response in self._stream_stream(
+            "/karma8.v1.Bucket/DeleteManyStream",
+            messages,
+            DeleteManyRequest,
+            DeleteManyReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
 
 class MembershipStub(betterproto2_grpclib.ServiceStub):
     async def beat(
@@ -586,6 +688,34 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
     async def get_many(self, message: "GetManyRequest") -> "GetManyReply":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def put_many_stream(
+        self, messages: "AsyncIterator[PutManyRequest]"
+    ) -> "AsyncIterator[PutManyReply]":
+        """
+        PutMany and GetMany as messages on one long-lived stream (buckets from the release of
+        the pipes on; an older bucket answers UNIMPLEMENTED and the caller makes the calls
+        above): each request message gets one reply message, in order. A message on an open
+        stream costs both ends a small fraction of a call (no stream set up, no headers).
+        A request the bucket refuses as a whole ends the stream with that call's status.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield PutManyReply()
+
+    async def get_many_stream(
+        self, messages: "AsyncIterator[GetManyRequest]"
+    ) -> "AsyncIterator[GetManyReply]":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield GetManyReply()
+
+    async def delete_many_stream(
+        self, messages: "AsyncIterator[DeleteManyRequest]"
+    ) -> "AsyncIterator[DeleteManyReply]":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield DeleteManyReply()
 
     async def __rpc_put(
         self, stream: "grpclib.server.Stream[PutRequest, PutReply]"
@@ -656,6 +786,36 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
         response = await self.get_many(request)
         await stream.send_message(response)
 
+    async def __rpc_put_many_stream(
+        self, stream: "grpclib.server.Stream[PutManyRequest, PutManyReply]"
+    ) -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.put_many_stream,
+            stream,
+            request,
+        )
+
+    async def __rpc_get_many_stream(
+        self, stream: "grpclib.server.Stream[GetManyRequest, GetManyReply]"
+    ) -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.get_many_stream,
+            stream,
+            request,
+        )
+
+    async def __rpc_delete_many_stream(
+        self, stream: "grpclib.server.Stream[DeleteManyRequest, DeleteManyReply]"
+    ) -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.delete_many_stream,
+            stream,
+            request,
+        )
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/karma8.v1.Bucket/Put": grpclib.const.Handler(
@@ -705,6 +865,24 @@ class BucketBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 GetManyRequest,
                 GetManyReply,
+            ),
+            "/karma8.v1.Bucket/PutManyStream": grpclib.const.Handler(
+                self.__rpc_put_many_stream,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                PutManyRequest,
+                PutManyReply,
+            ),
+            "/karma8.v1.Bucket/GetManyStream": grpclib.const.Handler(
+                self.__rpc_get_many_stream,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                GetManyRequest,
+                GetManyReply,
+            ),
+            "/karma8.v1.Bucket/DeleteManyStream": grpclib.const.Handler(
+                self.__rpc_delete_many_stream,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                DeleteManyRequest,
+                DeleteManyReply,
             ),
         }
 
