@@ -80,16 +80,21 @@ class System:
 # -- karma8 ----------------------------------------------------------------------------
 
 
-async def _each(count: int, concurrency: int, op: Callable[[int], Awaitable[object]]) -> list[float]:
-    """``await op(i)`` for i in range(count), ``concurrency`` tasks at a time; each op's seconds."""
+async def _each(
+    client: Client, count: int, concurrency: int, op: Callable[[Client, int], Awaitable[object]]
+) -> list[float]:
+    """``await op(session, i)`` for i in range(count), ``concurrency`` tasks at a time, each
+    with a session of its own (as the Swift case keeps a connection per thread); each
+    op's seconds."""
     indexes = iter(range(count))
     seconds = [0.0] * count
 
     async def worker() -> None:
-        for i in indexes:  # shared: each index goes to one worker
-            start = time.perf_counter()
-            await op(i)
-            seconds[i] = time.perf_counter() - start
+        async with client.session() as session:
+            for i in indexes:  # shared: each index goes to one worker
+                start = time.perf_counter()
+                await op(session, i)
+                seconds[i] = time.perf_counter() - start
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(concurrency, count)):
@@ -103,15 +108,16 @@ async def used_bytes(client: Client) -> int:
 
 
 class Karma8Target:
-    """The benchmark cases against karma8, through the client library (one WebSocket per transfer)."""
+    """The benchmark cases against karma8, through the client library: a connection per
+    large transfer, a session per worker for the small files."""
 
     name = "karma8"
 
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    async def upload(self, src: Source, name: str) -> None:
-        info = await self.client.upload(src.path, name)
+    async def upload(self, src: Source, name: str, client: Client | None = None) -> None:
+        info = await (client or self.client).upload(src.path, name)
         if info.sha256 != src.sha256 or info.size != src.size:
             raise BenchError(
                 f"upload of {name}: server has {info.size} B sha256 {info.sha256}, source {src.sha256}"
@@ -121,19 +127,19 @@ class Karma8Target:
         await self.client.download(name, dst)
 
     async def upload_many(self, src: Source, names: Sequence[str], concurrency: int) -> list[float]:
-        return await _each(len(names), concurrency, lambda i: self.upload(src, names[i]))
+        return await _each(self.client, len(names), concurrency, lambda s, i: self.upload(src, names[i], s))
 
     async def download_many(
         self, src: Source, names: Sequence[str], dsts: Sequence[Path], concurrency: int
     ) -> list[float]:
-        return await _each(len(names), concurrency, lambda i: self.client.download(names[i], dsts[i]))
+        return await _each(self.client, len(names), concurrency, lambda s, i: s.download(names[i], dsts[i]))
 
     @contextlib.asynccontextmanager
     async def stored(self, names: Sequence[str], concurrency: int) -> AsyncIterator[None]:
         """Delete ``names`` afterwards and wait until the buckets report their space freed."""
         baseline = await used_bytes(self.client)
         yield
-        await _each(len(names), concurrency, lambda i: self.client.delete(names[i]))
+        await _each(self.client, len(names), concurrency, lambda s, i: s.delete(names[i]))
         with trio.move_on_after(RECLAIM_TIMEOUT) as scope:
             # Usage arrives with bucket heartbeats: there is no event to wait on.
             while await used_bytes(self.client) > baseline:  # noqa: ASYNC110

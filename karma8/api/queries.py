@@ -42,11 +42,10 @@ async def handle_files(session: Session, query: ListQuery) -> None:
 async def handle_stat(session: Session, name: str) -> None:
     """``/stat/{name}``: a file and where each of its parts lives."""
     services = session.services
-    found = await services.registry.lookup(name)
+    found, repairing = await services.registry.lookup_repairing(name)
     if found is None:
         raise NotFound(name)
     corrupt = services.reconciler.corrupt
-    repairing = await services.registry.repairing(found.upload.upload_id)
     parts: list[dict[str, object]] = []
     scheme = found.upload.scheme
     rows = {f.part: f for f in found.fragments}

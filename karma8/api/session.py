@@ -62,7 +62,7 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
 
 @dataclass
 class Session:
-    """One WebSocket connection being served."""
+    """One WebSocket connection being served (one operation, or several in a session)."""
 
     ws: WebSocketConnection
     services: Services
@@ -70,6 +70,8 @@ class Session:
     log: SessionLog
     #: File bytes that crossed the WebSocket so far (the edge counts them when it ends).
     transferred: int = 0
+    #: Frames sent so far (of the current operation, in a session).
+    frames: int = 0
 
     @property
     def config(self) -> ApiConfig:
@@ -116,6 +118,7 @@ class Session:
         that explains why the transfer stopped. Cancellation arrives once the frame is out;
         a client that stops reading still ends it through the idle timeout.
         """
+        self.frames += 1
         try:
             with trio.CancelScope(shield=True), trio.fail_after(self.config.idle_timeout):
                 await self.ws.send_message(message)

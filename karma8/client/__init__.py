@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import heapq
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +23,7 @@ from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
+    connect_websocket_url,
     open_websocket_url,
 )
 
@@ -31,7 +32,7 @@ from karma8.config import ClientConfig
 from karma8.core.auth import AUTHORIZATION, bearer
 from karma8.core.listing import MAX_PAGE
 from karma8.core.names import encode_name, validate_name
-from karma8.core.protocol import UploadHeader, decode_reply, encode_upload_header
+from karma8.core.protocol import UploadHeader, decode_reply, encode_session_request, encode_upload_header
 from karma8.errors import BadRequest, ChecksumMismatch, ConnectionFailed
 from karma8.tls import client_tls
 from karma8.wsfix import close_transport
@@ -167,7 +168,7 @@ class Client:
     async def _connect(self, path: str) -> AsyncIterator[WebSocketConnection]:
         url = self.config.api.rstrip("/") + path
         connected = False
-        try:
+        with self._translated(lambda: connected):
             async with open_websocket_url(
                 url,
                 self._ssl,
@@ -181,14 +182,32 @@ class Client:
                     yield ws
                 finally:
                     await close_transport(ws)
+
+    @contextlib.contextmanager
+    def _translated(self, connected: Callable[[], bool]) -> Iterator[None]:
+        """Connection errors as :class:`ConnectionFailed`."""
+        try:
+            yield
         except (OSError, HandshakeError) as exc:
-            if connected and isinstance(exc, OSError):
+            if connected() and isinstance(exc, OSError):
                 raise  # a local error of the caller's (writing the download), not the connection
             # trio-websocket wraps the socket error in a HandshakeError with no message.
             reason = str(exc) or str(exc.__cause__ or "") or type(exc).__name__
             raise ConnectionFailed(f"cannot reach the API server at {self.config.api}: {reason}") from None
         except ConnectionClosed as exc:
             raise ConnectionFailed(f"the API server closed the connection ({exc.reason})") from None
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Client]:
+        """A client whose operations share one connection (``/session``), one at a time:
+        no connection set up per operation. A connection that an error ended is opened
+        again for the next operation."""
+        async with trio.open_nursery() as nursery:
+            shared = _SessionClient(self.config, nursery)
+            try:
+                yield shared
+            finally:
+                await shared.aclose()
 
     async def _reply(self, ws: WebSocketConnection) -> dict[str, Any]:
         """The next frame, which must be a reply; raises the server's error."""
@@ -348,3 +367,52 @@ class Client:
     async def rebalance(self, dry_run: bool = False) -> dict[str, Any]:
         """Ask for a rebalance now (it runs in the server); with ``dry_run``, only its plan."""
         return await self._query("/rebalance?dry_run=1" if dry_run else "/rebalance")
+
+
+class _SessionClient(Client):
+    """A :class:`Client` whose operations go over one ``/session`` connection."""
+
+    def __init__(self, config: ClientConfig, nursery: trio.Nursery) -> None:
+        super().__init__(config)
+        self._nursery = nursery
+        self._ws: WebSocketConnection | None = None
+        self._lock = trio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def _connect(self, path: str) -> AsyncIterator[WebSocketConnection]:
+        async with self._lock:
+            connected = False
+            with self._translated(lambda: connected):
+                ws = self._ws
+                if ws is None or ws.closed is not None:
+                    self._ws = None
+                    ws = self._ws = await self._open()
+                connected = True
+                try:
+                    await ws.send_message(encode_session_request(path))
+                    yield ws
+                except BaseException:
+                    # The operation failed, perhaps half-way: the connection is out of
+                    # step (or the server closed it). The next operation opens another.
+                    self._ws = None
+                    await close_transport(ws)
+                    raise
+
+    async def _open(self) -> WebSocketConnection:
+        with trio.fail_after(self.config.connect_timeout):
+            return await connect_websocket_url(
+                self._nursery,
+                self.config.api.rstrip("/") + "/session",
+                self._ssl,
+                extra_headers=self._headers,
+                max_message_size=self.config.max_message,
+                receive_buffer_size=self.config.receive_buffer,
+            )
+
+    async def aclose(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with trio.move_on_after(self.config.connect_timeout, shield=True):
+                with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+                    await ws.aclose()
+            await close_transport(ws)

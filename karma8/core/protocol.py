@@ -32,6 +32,7 @@ class Op(enum.Enum):
     VERIFY = "verify"
     REBALANCE = "rebalance"
     REPAIR = "repair"
+    SESSION = "session"
 
 
 _NAMED = {Op.UPLOAD, Op.DOWNLOAD, Op.STAT, Op.DELETE}
@@ -118,6 +119,29 @@ def parse_path(path: str) -> Request:
     if op is Op.FILES:
         return Request(op, listing=parse_list_query(query))
     return Request(op)
+
+
+def parse_session_request(text: str) -> Request:
+    """Parse the text frame that starts an operation in a session: ``{"path": P}``, with
+    P what the path of the operation's own connection would be.
+
+    Raises:
+        BadRequest: not such an object, or a path that is not an operation.
+        BadName: the name breaks the naming rules.
+    """
+    obj = _json_object(text)
+    path = obj.get("path")
+    if set(obj) != {"path"} or not isinstance(path, str):
+        raise BadRequest('a session request is {"path": "/<operation>..."}')
+    req = parse_path(path)
+    if req.op is Op.SESSION:
+        raise BadRequest("a session cannot start another session")
+    return req
+
+
+def encode_session_request(path: str) -> str:
+    """The text frame a client sends to start an operation in a session."""
+    return json.dumps({"path": path})
 
 
 def _query(text: str) -> dict[str, list[str]]:

@@ -157,9 +157,6 @@ class Registry:
     async def retry_repairs_now(self) -> None:
         await self._run(self.db.retry_repairs_now, time.time())
 
-    async def repairing(self, upload_id: str) -> set[int]:
-        return await self._run(self.db.repairing, upload_id)
-
     async def stale_buckets(self, upload_id: str) -> set[str]:
         return await self._run(self.db.stale_buckets, upload_id)
 
@@ -281,6 +278,16 @@ class Registry:
 
     async def lookup(self, name: str) -> FileRow | None:
         return await self._run(self.db.lookup, name)
+
+    async def lookup_repairing(self, name: str) -> tuple[FileRow | None, set[int]]:
+        """:meth:`lookup` and, for what it found, :meth:`repairing`, in one worker-thread
+        call (a stat's two reads: the hand-off costs about what a read does)."""
+
+        def both() -> tuple[FileRow | None, set[int]]:
+            found = self.db.lookup(name)
+            return found, self.db.repairing(found.upload.upload_id) if found is not None else set()
+
+        return await self._run(both)
 
     async def list_page(self, query: ListQuery) -> Page:
         return await self._run(self.db.list_page, query)

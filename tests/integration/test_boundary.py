@@ -89,7 +89,7 @@ async def test_errors_inside_sessions_and_the_reader_task_end_only_their_connect
 
         # 2. Past the handler's edge (its error reply itself fails): the boundary.
         with monkeypatch.context() as m:
-            m.setattr(karma8.api.server, "_send_error", _raise)
+            m.setattr(karma8.api.server, "_reply_error", _raise)
             async with open_raw(cluster.url, "/download/missing") as ws:
                 assert await _close_code(ws) == 1011
         await wait_until(lambda: len(_escape_records(caplog)) == 1, "the escape to be logged")

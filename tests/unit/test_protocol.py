@@ -18,8 +18,10 @@ from karma8.core.protocol import (
     decode_reply,
     encode_error,
     encode_ok,
+    encode_session_request,
     encode_upload_header,
     parse_path,
+    parse_session_request,
     parse_upload_header,
 )
 from karma8.errors import (
@@ -75,6 +77,18 @@ def test_repair_takes_nothing() -> None:
         parse_path("/repair/x")
 
 
+def test_a_session_request_is_the_path_of_an_operation() -> None:
+    assert parse_path("/session") == Request(Op.SESSION)
+    assert parse_session_request(encode_session_request("/stat/a%20b")) == Request(Op.STAT, name="a b")
+    listing = parse_session_request('{"path": "/files?prefix=d%2F&limit=5"}').listing
+    assert listing == ListQuery("d/", limit=5, paged=True)
+    for bad in ("[]", "{}", '{"path": 1}', '{"path": "/stat/x", "x": 1}', '{"path": "/session"}', "nope"):
+        with pytest.raises(BadRequest):
+            parse_session_request(bad)
+    with pytest.raises(BadName):
+        parse_session_request('{"path": "/stat/a/../b"}')
+
+
 def test_every_op_is_covered() -> None:
     # The tests above between them name every Op; a new one needs a test.
     covered = {
@@ -87,6 +101,7 @@ def test_every_op_is_covered() -> None:
         Op.VERIFY,
         Op.REBALANCE,
         Op.REPAIR,
+        Op.SESSION,
     }
     assert covered == set(Op)
 
