@@ -42,6 +42,7 @@ _LIST = "/karma8.v1.Bucket/List"
 _PUT_PIPE = "/karma8.v1.Bucket/PutManyStream"
 _GET_PIPE = "/karma8.v1.Bucket/GetManyStream"
 _DELETE_PIPE = "/karma8.v1.Bucket/DeleteManyStream"
+_BOTH_WAYS = grpclib.const.Cardinality.STREAM_STREAM
 _S = grpclib.const.Status
 #: Fragments in one PutMany or GetMany, at most (a bucket takes up to 256) ...
 BATCH_ITEMS = 64
@@ -173,16 +174,9 @@ class _Pipe:
 
     async def _exchange(self, message: Any) -> Any:
         if self._stream is None:
-            stream = self._channel.request(
-                self._route, grpclib.const.Cardinality.STREAM_STREAM, self._request, self._reply
+            self._stream = await _start_stream(
+                self._channel, self._route, _BOTH_WAYS, self._request, self._reply
             )
-            await stream.__aenter__()
-            try:
-                await stream.send_request()
-            except BaseException as exc:
-                await stream.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            self._stream = stream
         stream = self._stream
         try:
             await stream.send_message(message)
@@ -260,14 +254,7 @@ class BucketClient:
     async def _start_stream(
         self, route: str, cardinality: grpclib.const.Cardinality, req: type, rep: type
     ) -> Any:
-        stream = self._channel.request(route, cardinality, req, rep)
-        await stream.__aenter__()
-        try:
-            await stream.send_request()
-        except BaseException as exc:
-            await stream.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        return stream
+        return await _start_stream(self._channel, route, cardinality, req, rep)
 
     @contextlib.asynccontextmanager
     async def open_put(self, fragment_id: str, size: int, unit: int = 0) -> AsyncIterator[FragmentWriter]:
@@ -549,6 +536,20 @@ async def _each(call: Callable[[Q], Awaitable[R]], requests: list[Q]) -> list[R 
         for i, request in enumerate(requests):
             nursery.start_soon(one, i, request)
     return out
+
+
+async def _start_stream(
+    channel: Any, route: str, cardinality: grpclib.const.Cardinality, req: type, rep: type
+) -> Any:
+    """A grpclib stream, entered and its request headers sent (on the asyncio side)."""
+    stream = channel.request(route, cardinality, req, rep)
+    await stream.__aenter__()
+    try:
+        await stream.send_request()
+    except BaseException as exc:
+        await stream.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    return stream
 
 
 async def _send_last(stream: Any, message: Any) -> None:
