@@ -61,7 +61,6 @@ class ApiHandler:
             slog.info("client went away during the handshake (%s)", exc.reason)
             return
         session = Session(ws, self._services, conn.session_id, slog)
-        within = self._services.config.handshake_timeout
         try:
             self._authorize(request)
             req = parse_path(request.path)
@@ -75,7 +74,7 @@ class ApiHandler:
             return
         error = await self._serve(session, req, request.path)
         if error is None:
-            with trio.move_on_after(within):
+            with trio.move_on_after(self._services.config.handshake_timeout):
                 await ws.aclose(CloseCode.NORMAL)
         elif not isinstance(error, _Gone):
             await _close(ws, error, self._services.config.idle_timeout)
@@ -105,9 +104,9 @@ class ApiHandler:
             session.transferred = session.frames = 0
             session.log.upload_id = ""
             error = await self._serve(session, req, message)
-            if error is None or isinstance(error, _Gone):
-                if error is None:
-                    continue
+            if error is None:
+                continue
+            if isinstance(error, _Gone):
                 return
             if req.op is Op.UPLOAD or session.frames or isinstance(error, (_Unexpected, Timeout)):
                 # The client may be sending data, or reading a transfer cut short: the

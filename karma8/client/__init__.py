@@ -1,9 +1,10 @@
 """The karma8 client library (trio), used by the CLI and by the tests.
 
 Every operation opens one WebSocket connection to the API server, as docs/protocol.md
-describes. Uploads and downloads stream with constant memory and verify sha256 end to
-end; a download is written to a temporary file beside its destination and renamed into
-place only once complete and verified.
+describes, or goes over a session's (``Client.session()``). Uploads and downloads
+stream with constant memory and verify sha256 end to end; a download is written to a
+temporary file beside its destination and renamed into place only once complete and
+verified.
 """
 
 from __future__ import annotations

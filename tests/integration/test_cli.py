@@ -290,7 +290,7 @@ async def test_connection_failed_says_why(tmp_path: Path) -> None:
 async def test_interrupted_upload_leaves_nothing(cluster: Cluster, tmp_path: Path, sig: int) -> None:
     src = tmp_path / "big"
     with src.open("wb") as f:
-        f.truncate(GiB)  # sparse: instant, yet a long upload
+        f.truncate(4 * GiB)  # sparse: instant, yet a long upload (1 GiB once ended first in a full run)
     name = "big/interrupted"
     out_log, err_log = tmp_path / "upload.out", tmp_path / "upload.err"
     with out_log.open("wb") as out, err_log.open("wb") as err:
@@ -308,7 +308,9 @@ async def test_interrupted_upload_leaves_nothing(cluster: Cluster, tmp_path: Pat
 
     await signal_when(proc, data_on_a_bucket, "upload data to reach a bucket", sig)
 
-    assert out_log.read_text() == "", "the upload reported success"
+    assert out_log.read_text() == "", (
+        f"the upload reported success (exit {proc.returncode}, stderr {err_log.read_text()!r})"
+    )
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         assert err_log.read_text() == "karma8: interrupted\n"
