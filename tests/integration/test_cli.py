@@ -302,14 +302,21 @@ async def test_interrupted_upload_leaves_nothing(cluster: Cluster, tmp_path: Pat
             cwd=tmp_path,
         )
 
+    masks: list[str] = []
+
     def data_on_a_bucket() -> bool:
         assert proc.poll() is None, f"upload exited early ({proc.returncode}): {err_log.read_text()}"
-        return any(size_of(p) > 0 for b in cluster.buckets for p in b.tmp_files())
+        if any(size_of(p) > 0 for b in cluster.buckets for p in b.tmp_files()):
+            # The child's signal masks as the signal goes (blocked or ignored SIGINT?).
+            status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            masks.extend(line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+            return True
+        return False
 
     await signal_when(proc, data_on_a_bucket, "upload data to reach a bucket", sig)
 
     assert out_log.read_text() == "", (
-        f"the upload reported success (exit {proc.returncode}, stderr {err_log.read_text()!r})"
+        f"the upload reported success (exit {proc.returncode}, stderr {err_log.read_text()!r}, {masks})"
     )
     if sig == signal.SIGINT:
         assert proc.returncode == 130
