@@ -204,7 +204,7 @@ class Client:
         no connection set up per operation. A connection that an error ended is opened
         again for the next operation."""
         async with trio.open_nursery() as nursery:
-            shared = _SessionClient(self.config, nursery)
+            shared = _SessionClient(self, nursery)
             try:
                 yield shared
             finally:
@@ -373,8 +373,11 @@ class Client:
 class _SessionClient(Client):
     """A :class:`Client` whose operations go over one ``/session`` connection."""
 
-    def __init__(self, config: ClientConfig, nursery: trio.Nursery) -> None:
-        super().__init__(config)
+    def __init__(self, parent: Client, nursery: trio.Nursery) -> None:
+        # The parent's settings as they are (no second TLS context, no patches again).
+        self.config = parent.config
+        self._ssl = parent._ssl
+        self._headers = parent._headers
         self._nursery = nursery
         self._ws: WebSocketConnection | None = None
         self._lock = trio.Lock()

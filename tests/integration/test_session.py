@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 from trio_websocket import ConnectionClosed
 
 from karma8.core.protocol import UploadHeader, encode_session_request, encode_upload_header
 from karma8.errors import RemoteError
-from tests.integration.harness import Cluster, expect_error, make_file, open_raw
+from tests.integration.harness import Cluster, expect_error, make_file, open_cluster, open_raw
 
 
 async def test_a_session_serves_every_operation_on_one_connection(cluster: Cluster, tmp_path: Path) -> None:
@@ -99,3 +100,16 @@ async def test_a_session_client_opens_a_new_connection_after_an_error(
         assert not (tmp_path / "nothing").exists()
         await session.upload(src, "after")
         assert (await session.stat("after"))["size"] == 5000
+
+
+async def test_an_idle_session_is_closed_normally(tmp_path: Path) -> None:
+    async with (
+        open_cluster(tmp_path, buckets=0, idle_timeout=1.0) as cluster,
+        open_raw(cluster.url, "/session") as ws,
+    ):
+        await ws.send_message(encode_session_request("/status"))
+        assert json.loads(await ws.get_message())["ok"] is True
+        with trio.fail_after(10), pytest.raises(ConnectionClosed) as info:
+            await ws.get_message()  # nothing sent for idle_timeout: the server ends it
+        assert info.value.reason is not None
+        assert info.value.reason.code == 1000

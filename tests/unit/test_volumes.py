@@ -222,7 +222,18 @@ async def test_a_needle_is_read_from_the_page_cache_or_else_in_a_thread(tmp_path
     assert again.data == _data(1)
     store.close()
     if not dropped:
-        pytest.skip("this filesystem keeps the volume in memory (tmpfs?): nothing to read around")
+        assert _filesystem(tmp_path) == "tmpfs", "the page cache kept the volume"
+        pytest.skip("tmpfs keeps the volume in memory: no read from the disk to go around")
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
+    best, kind = "", ""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        if str(path).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
 
 
 # -- compaction ------------------------------------------------------------------------
